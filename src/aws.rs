@@ -1,0 +1,315 @@
+//! AWS SDK plumbing shared by every module that calls AWS: client construction
+//! (region, endpoint, retries, timeouts), request accounting, and errors that
+//! name the operation, the resource and the IAM action at fault.
+//!
+//! Throttling (`ThrottlingException`, `RequestLimitExceeded`, ...) is retried by
+//! the SDK's standard retry strategy, which backs off exponentially with full
+//! jitter; this module only sizes it. Every HTTP attempt is counted per service,
+//! operation and outcome, so a discovery cycle can report what it cost.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::endpoint::EndpointPrefix;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeTransmitInterceptorContextMut, FinalizerInterceptorContextRef,
+};
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// Error codes AWS uses for throttling. The SDK retries these by itself; they are
+/// listed here to count them and to word the final error.
+const THROTTLING_CODES: &[&str] = &[
+    "ThrottlingException",
+    "Throttling",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestThrottled",
+    "RequestThrottledException",
+];
+
+/// How the SDK clients are built.
+#[derive(Clone, Debug)]
+pub struct AwsOptions {
+    /// `None`: the SDK's default chain (environment, profile, ECS/IMDS).
+    pub region: Option<String>,
+    /// A custom endpoint (moto, LocalStack, a VPC endpoint). `None`: AWS itself.
+    pub endpoint_url: Option<String>,
+    /// Limit for one HTTP attempt; a whole call (with retries) gets three times this.
+    pub call_timeout: Duration,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+}
+
+/// The AWS clients shard-sd uses, with their shared request accounting.
+#[derive(Clone, Debug)]
+pub struct AwsClients {
+    pub ssm: aws_sdk_ssm::Client,
+    pub cloudmap: aws_sdk_servicediscovery::Client,
+    pub stats: Arc<RequestStats>,
+    pub region: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AwsSetupError {
+    #[error(
+        "no AWS region configured: set AWS_REGION (ECS sets it for tasks), or AWS_DEFAULT_REGION, \
+         or a region in the AWS profile"
+    )]
+    NoRegion,
+}
+
+/// Builds the clients. Reads credentials lazily: a missing credential shows up as
+/// an error on the first call, naming the call.
+pub async fn connect(opts: &AwsOptions) -> Result<AwsClients, AwsSetupError> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(opts.max_attempts.max(1))
+                .with_initial_backoff(Duration::from_millis(200))
+                .with_max_backoff(Duration::from_secs(5)),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(opts.call_timeout.min(Duration::from_secs(5)))
+                .operation_attempt_timeout(opts.call_timeout)
+                .operation_timeout(opts.call_timeout * 3)
+                .build(),
+        );
+    if let Some(region) = &opts.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &opts.endpoint_url {
+        loader = loader.endpoint_url(url.clone());
+    }
+    let sdk = loader.load().await;
+    let region = sdk.region().ok_or(AwsSetupError::NoRegion)?.to_string();
+    let stats = Arc::new(RequestStats::default());
+    let custom_endpoint = sdk.endpoint_url().is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL_SERVICEDISCOVERY").is_some();
+
+    let ssm = aws_sdk_ssm::config::Builder::from(&sdk)
+        .interceptor(CountRequests(stats.clone()))
+        .build();
+    let mut cloudmap = aws_sdk_servicediscovery::config::Builder::from(&sdk)
+        .interceptor(CountRequests(stats.clone()));
+    if custom_endpoint {
+        // DiscoverInstances is a data-plane call: the SDK prefixes the host with
+        // `data-`, which only resolves on AWS's own endpoints.
+        cloudmap = cloudmap.interceptor(NoHostPrefix);
+    }
+    Ok(AwsClients {
+        ssm: aws_sdk_ssm::Client::from_conf(ssm),
+        cloudmap: aws_sdk_servicediscovery::Client::from_conf(cloudmap.build()),
+        stats,
+        region,
+    })
+}
+
+/// Drops the `data-` host prefix of Cloud Map's data-plane operations. Installed
+/// only with a custom endpoint URL, so real AWS keeps its data-plane hosts.
+#[derive(Debug)]
+struct NoHostPrefix;
+
+impl Intercept for NoHostPrefix {
+    fn name(&self) -> &'static str {
+        "NoHostPrefix"
+    }
+
+    fn modify_before_retry_loop(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state().unset::<EndpointPrefix>();
+        Ok(())
+    }
+}
+
+/// Outcome of one HTTP attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    Ok,
+    Throttled,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Throttled => "throttled",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Attempts per (service, operation, outcome), since start.
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    counts: Mutex<BTreeMap<(String, String, Outcome), u64>>,
+}
+
+impl RequestStats {
+    fn record(&self, service: &str, operation: &str, outcome: Outcome) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *counts
+            .entry((service.to_owned(), operation.to_owned(), outcome))
+            .or_default() += 1;
+    }
+
+    /// A copy of all counters.
+    pub fn snapshot(&self) -> BTreeMap<(String, String, Outcome), u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Total attempts so far.
+    pub fn total(&self) -> u64 {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+
+    /// Throttled attempts so far.
+    pub fn throttled(&self) -> u64 {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((_, _, o), _)| *o == Outcome::Throttled)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+#[derive(Debug)]
+struct CountRequests(Arc<RequestStats>);
+
+impl Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountRequests"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let (service, operation) = cfg
+            .load::<Metadata>()
+            .map(|m| (m.service().to_owned(), m.name().to_owned()))
+            .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+        let outcome = match context.response() {
+            Some(resp) if resp.status().is_success() => Outcome::Ok,
+            Some(resp) => {
+                let body = resp.body().bytes().unwrap_or_default();
+                let text = String::from_utf8_lossy(body);
+                if resp.status().as_u16() == 429
+                    || THROTTLING_CODES.iter().any(|c| text.contains(c))
+                {
+                    Outcome::Throttled
+                } else {
+                    Outcome::Error
+                }
+            }
+            None => Outcome::Error,
+        };
+        self.0.record(&service, &operation, outcome);
+        Ok(())
+    }
+}
+
+/// A failed AWS call, naming the operation, the resource and, for access errors,
+/// the IAM action the task role lacks.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{operation} on {resource} failed: {detail}{hint}")]
+pub struct AwsCallError {
+    pub operation: &'static str,
+    pub resource: String,
+    /// The AWS error code, when the service answered with one.
+    pub code: Option<String>,
+    pub detail: String,
+    hint: String,
+}
+
+impl AwsCallError {
+    /// `iam_action` is the permission the call needs, e.g. `servicediscovery:ListServices`.
+    pub fn new<E, R>(
+        operation: &'static str,
+        iam_action: &'static str,
+        resource: impl Into<String>,
+        err: &SdkError<E, R>,
+    ) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = err.code().map(str::to_owned);
+        let detail = match (&code, err.message()) {
+            (Some(code), Some(msg)) => format!("{code}: {msg}"),
+            (Some(code), None) => code.clone(),
+            _ => DisplayErrorContext(err).to_string(),
+        };
+        let hint = match code.as_deref() {
+            Some(c) if c.contains("AccessDenied") || c == "UnauthorizedOperation" => {
+                format!(" (grant IAM action {iam_action} to the task role)")
+            }
+            Some(c) if THROTTLING_CODES.contains(&c) => {
+                " (throttled after all retries; the previous result is kept)".to_owned()
+            }
+            Some(c)
+                if c.contains("Credential") || c.contains("Token") || c.contains("Signature") =>
+            {
+                " (check the task role or AWS credentials)".to_owned()
+            }
+            Some(_) => String::new(),
+            None => " (check network access to the AWS endpoint)".to_owned(),
+        };
+        AwsCallError {
+            operation,
+            resource: resource.into(),
+            code,
+            detail,
+            hint,
+        }
+    }
+
+    /// An error found in a response rather than returned by AWS.
+    pub fn local(
+        operation: &'static str,
+        resource: impl Into<String>,
+        detail: impl std::fmt::Display,
+    ) -> Self {
+        AwsCallError {
+            operation,
+            resource: resource.into(),
+            code: None,
+            detail: detail.to_string(),
+            hint: String::new(),
+        }
+    }
+
+    pub fn is_throttling(&self) -> bool {
+        self.code
+            .as_deref()
+            .is_some_and(|c| THROTTLING_CODES.contains(&c))
+    }
+}

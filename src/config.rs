@@ -1,0 +1,297 @@
+//! Configuration: every flag has an environment variable (the way ECS task
+//! definitions configure containers), and every value is checked at start-up so a
+//! typo stops the process with a message naming the variable and what it accepts,
+//! instead of surfacing at 3 a.m. as a panic or an empty target list.
+//!
+//! The names of the original sidecar's variables are kept, so its task
+//! definitions work unchanged.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::discovery::namespaces::{parse_namespace_list, NamespaceSource};
+
+/// Name of the file written in `FILE_BASED` mode, as the original sidecar named it.
+pub const FILE_SD_NAME: &str = "ecs-services.json";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryMode {
+    /// Serve targets on `GET /prometheus-targets` (Prometheus `http_sd_configs`).
+    #[value(name = "HTTP_BASED")]
+    HttpBased,
+    /// Also write them to `CONFIG_FILE_DIR/ecs-services.json` (`file_sd_configs`).
+    #[value(name = "FILE_BASED")]
+    FileBased,
+}
+
+/// Which instances `DiscoverInstances` returns, by Cloud Map health status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HealthStatus {
+    #[value(name = "HEALTHY")]
+    Healthy,
+    #[value(name = "UNHEALTHY")]
+    Unhealthy,
+    #[value(name = "ALL")]
+    All,
+    /// Healthy instances, or all of them when none is healthy.
+    #[value(name = "HEALTHY_OR_ELSE_ALL")]
+    HealthyOrElseAll,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Options of the sidecar. Each `--flag` can also be set by the environment
+/// variable shown in `--help`.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "shard-sd", version, about, max_term_width = 100)]
+pub struct Config {
+    /// How targets reach the collector.
+    #[arg(
+        long,
+        env = "SERVICE_DISCOVERY_MODE",
+        value_name = "SERVICE_DISCOVERY_MODE",
+        value_enum,
+        ignore_case = true,
+        default_value = "HTTP_BASED"
+    )]
+    pub service_discovery_mode: DiscoveryMode,
+
+    /// SSM parameter holding the comma-separated Cloud Map namespace names; re-read every cycle.
+    #[arg(
+        long,
+        env = "DISCOVERY_NAMESPACES_PARAMETER_NAME",
+        value_name = "DISCOVERY_NAMESPACES_PARAMETER_NAME",
+        default_value = "ECS-ServiceDiscovery-Namespaces"
+    )]
+    pub discovery_namespaces_parameter_name: String,
+
+    /// Static comma-separated namespace names, used instead of the SSM parameter.
+    #[arg(
+        long,
+        env = "DISCOVERY_NAMESPACES",
+        value_name = "DISCOVERY_NAMESPACES"
+    )]
+    pub discovery_namespaces: Option<String>,
+
+    /// Directory of `ecs-services.json` in FILE_BASED mode (created if missing).
+    #[arg(
+        long,
+        env = "CONFIG_FILE_DIR",
+        value_name = "CONFIG_FILE_DIR",
+        default_value = "/etc/config/"
+    )]
+    pub config_file_dir: PathBuf,
+
+    /// Time between discovery cycles: seconds (`30`) or a duration (`500ms`, `2m`).
+    #[arg(long, env = "CONFIG_RELOAD_FREQUENCY", value_name = "CONFIG_RELOAD_FREQUENCY",
+          default_value = "30", value_parser = parse_interval)]
+    pub config_reload_frequency: Duration,
+
+    /// Which Cloud Map instances are targets, by health status.
+    #[arg(
+        long,
+        env = "HEALTH_STATUS",
+        value_name = "HEALTH_STATUS",
+        value_enum,
+        ignore_case = true,
+        default_value = "HEALTHY_OR_ELSE_ALL"
+    )]
+    pub health_status: HealthStatus,
+
+    /// Address of the HTTP server (targets, health, status).
+    #[arg(
+        long,
+        env = "LISTEN_ADDR",
+        value_name = "LISTEN_ADDR",
+        default_value = "0.0.0.0:9001"
+    )]
+    pub listen_addr: SocketAddr,
+
+    /// AWS region; by default the SDK's chain (ECS sets AWS_REGION).
+    #[arg(long, env = "AWS_REGION", value_name = "AWS_REGION")]
+    pub aws_region: Option<String>,
+
+    /// Custom AWS endpoint for every service (e.g. a local emulator).
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+
+    /// Limit of one HTTP attempt to AWS; a call with its retries gets three times this.
+    #[arg(long, env = "AWS_CALL_TIMEOUT", value_name = "AWS_CALL_TIMEOUT", default_value = "10s",
+          value_parser = parse_interval)]
+    pub aws_call_timeout: Duration,
+
+    /// Attempts per AWS call, the first included (throttling is retried with backoff and jitter).
+    #[arg(long, env = "AWS_MAX_ATTEMPTS", value_name = "AWS_MAX_ATTEMPTS", default_value = "5",
+          value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub aws_max_attempts: u32,
+
+    /// Cloud Map services refreshed concurrently.
+    #[arg(long, env = "DISCOVERY_CONCURRENCY", value_name = "DISCOVERY_CONCURRENCY", default_value = "8",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub discovery_concurrency: u16,
+
+    /// Identity of this replica in status and logs; default hostname and pid.
+    #[arg(long, env = "REPLICA_ID", value_name = "REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Log format: `text` for people, `json` for CloudWatch Logs. Filter with RUST_LOG.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        value_enum,
+        ignore_case = true,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// A configuration error found after parsing; the process exits with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "DISCOVERY_NAMESPACES is set but names no namespace: give comma-separated Cloud Map \
+             namespace names, or unset it to read the SSM parameter"
+    )]
+    EmptyStaticNamespaces,
+    #[error(
+        "DISCOVERY_NAMESPACES_PARAMETER_NAME is empty: name the SSM parameter holding the \
+             namespace list"
+    )]
+    EmptyParameterName,
+}
+
+impl Config {
+    /// Where the namespace list comes from.
+    pub fn namespace_source(&self) -> Result<NamespaceSource, ConfigError> {
+        match &self.discovery_namespaces {
+            Some(raw) => {
+                let names = parse_namespace_list(raw);
+                if names.is_empty() {
+                    return Err(ConfigError::EmptyStaticNamespaces);
+                }
+                Ok(NamespaceSource::Static(names))
+            }
+            None if self.discovery_namespaces_parameter_name.trim().is_empty() => {
+                Err(ConfigError::EmptyParameterName)
+            }
+            None => Ok(NamespaceSource::Ssm {
+                parameter: self.discovery_namespaces_parameter_name.trim().to_owned(),
+            }),
+        }
+    }
+
+    /// Checks what clap cannot check alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.namespace_source().map(drop)
+    }
+
+    pub fn file_sd_path(&self) -> PathBuf {
+        self.config_file_dir.join(FILE_SD_NAME)
+    }
+
+    /// The replica id: `REPLICA_ID`, else hostname and pid.
+    pub fn replica_id(&self) -> String {
+        match &self.replica_id {
+            Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
+            _ => format!("{}-{}", hostname(), std::process::id()),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Parses a positive interval: plain seconds (`30`, as the original sidecar took)
+/// or a humantime duration (`500ms`, `2m`).
+pub fn parse_interval(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let parsed = match raw.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(raw).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(d) if d >= Duration::from_millis(10) => Ok(d),
+        Ok(_) => Err("must be at least 10ms".into()),
+        Err(e) => Err(format!(
+            "{e}: expected a number of seconds (e.g. 30) or a duration (e.g. 500ms, 2m)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("shard-sd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_interval(" 2m "), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_interval("0").is_err());
+        assert!(parse_interval("-1").is_err());
+        assert!(parse_interval("soon")
+            .unwrap_err()
+            .contains("number of seconds"));
+    }
+
+    #[test]
+    fn enums_accept_seed_values_in_any_case() {
+        let cfg = parse(&[
+            "--service-discovery-mode",
+            "file_based",
+            "--health-status",
+            "ALL",
+        ])
+        .unwrap();
+        assert_eq!(cfg.service_discovery_mode, DiscoveryMode::FileBased);
+        assert_eq!(cfg.health_status, HealthStatus::All);
+        let err = parse(&["--health-status", "SICK"]).unwrap_err().to_string();
+        assert!(
+            err.contains("HEALTH_STATUS") && err.contains("HEALTHY_OR_ELSE_ALL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn namespace_source() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(
+            cfg.namespace_source().unwrap(),
+            NamespaceSource::Ssm {
+                parameter: "ECS-ServiceDiscovery-Namespaces".into()
+            }
+        );
+        let cfg = parse(&["--discovery-namespaces", "a, b,a"]).unwrap();
+        assert_eq!(
+            cfg.namespace_source().unwrap(),
+            NamespaceSource::Static(vec!["a".into(), "b".into()])
+        );
+        let cfg = parse(&["--discovery-namespaces", " , "]).unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("DISCOVERY_NAMESPACES"));
+    }
+}

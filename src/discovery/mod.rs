@@ -1,0 +1,455 @@
+//! Cloud Map discovery: one cycle reads the namespace list, resolves the
+//! namespaces, lists their services and refreshes tags and instances, keeping
+//! per-part caches so that an unchanged cycle costs one cheap call per service.
+//!
+//! Failure model: every part (the namespace list, the namespace index, one
+//! namespace's services, one service's tags or instances) keeps its last good
+//! value when a call for it fails. A cycle therefore never turns an AWS error into
+//! a smaller target list; [`CycleReport::complete`] says whether every configured
+//! part has been read at least once, which gates the first publication.
+
+pub mod cloudmap;
+pub mod namespaces;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Instant, SystemTime};
+
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+
+use crate::aws::{AwsCallError, AwsClients};
+use crate::config::HealthStatus;
+use crate::targets::{self, BuildOutput, Instance, ServiceData};
+use cloudmap::{NamespaceRef, ServiceRef, DISCOVER_MAX_RESULTS};
+use namespaces::NamespaceSource;
+
+/// Instances are re-read even with an unchanged revision every this many cycles,
+/// because a health change does not bump the revision.
+pub const FULL_REFRESH_CYCLES: u64 = 5;
+/// Service tags change rarely; they are re-read every this many cycles.
+pub const TAG_REFRESH_CYCLES: u64 = 5;
+
+#[derive(Clone, Debug)]
+pub struct DiscoveryOptions {
+    pub source: NamespaceSource,
+    pub health: HealthStatus,
+    /// Services refreshed at once.
+    pub concurrency: usize,
+}
+
+#[derive(Clone, Debug)]
+struct ServiceState {
+    svc: ServiceRef,
+    tags: Option<BTreeMap<String, String>>,
+    tags_cycle: u64,
+    instances: Option<Vec<Instance>>,
+    revision: Option<i64>,
+    instances_cycle: u64,
+    warned_truncated: bool,
+}
+
+impl ServiceState {
+    fn new(svc: ServiceRef) -> Self {
+        ServiceState {
+            svc,
+            tags: None,
+            tags_cycle: 0,
+            instances: None,
+            revision: None,
+            instances_cycle: 0,
+            warned_truncated: false,
+        }
+    }
+
+    fn is_read(&self) -> bool {
+        self.tags.is_some() && self.instances.is_some()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct NamespaceState {
+    ns: NamespaceRef,
+    /// `None` until the first successful listing.
+    services: Option<BTreeMap<String, ServiceState>>,
+    stale: bool,
+}
+
+/// What one cycle did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CycleReport {
+    pub cycle: u64,
+    #[serde(skip)]
+    pub started: SystemTime,
+    pub duration_ms: u64,
+    /// Every failed call, naming its resource. Empty on a clean cycle.
+    pub errors: Vec<String>,
+    /// Every configured namespace and each of its services has been read at least once.
+    pub complete: bool,
+    /// Services whose instances were re-read this cycle.
+    pub services_refreshed: usize,
+    /// HTTP attempts to AWS this cycle (retries included).
+    pub aws_requests: u64,
+    pub namespaces: Vec<NamespaceReport>,
+}
+
+impl CycleReport {
+    /// `ok`, `partial` (some parts kept their previous value) or `failed`
+    /// (nothing could be read).
+    pub fn outcome(&self) -> &'static str {
+        match (self.errors.is_empty(), self.complete) {
+            (true, _) => "ok",
+            (false, true) => "partial",
+            (false, false) => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NamespaceReport {
+    pub name: String,
+    pub found: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub services: usize,
+    pub instances: usize,
+    /// Some part of it kept a previous result this cycle.
+    pub stale: bool,
+}
+
+/// Discovery state carried from cycle to cycle.
+pub struct Discoverer {
+    aws: AwsClients,
+    opts: DiscoveryOptions,
+    cycle: u64,
+    /// Last good namespace list.
+    names: Option<Vec<String>>,
+    /// Last good index of the account's namespaces, by name.
+    index: Option<HashMap<String, NamespaceRef>>,
+    /// Confirmed namespace id of each service id (services never move).
+    service_namespace: HashMap<String, String>,
+    /// Configured namespaces that exist, by name.
+    namespaces: BTreeMap<String, NamespaceState>,
+    /// Configured names not found, each warned about once.
+    missing: BTreeSet<String>,
+}
+
+impl Discoverer {
+    pub fn new(aws: AwsClients, opts: DiscoveryOptions) -> Self {
+        Discoverer {
+            aws,
+            opts,
+            cycle: 0,
+            names: None,
+            index: None,
+            service_namespace: HashMap::new(),
+            namespaces: BTreeMap::new(),
+            missing: BTreeSet::new(),
+        }
+    }
+
+    pub fn aws(&self) -> &AwsClients {
+        &self.aws
+    }
+
+    /// Runs one discovery cycle and updates the cached state.
+    pub async fn run_cycle(&mut self) -> CycleReport {
+        self.cycle += 1;
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let requests_before = self.aws.stats.total();
+        let mut errors: Vec<AwsCallError> = Vec::new();
+        let mut other_errors: Vec<String> = Vec::new();
+
+        match namespaces::load(&self.opts.source, &self.aws.ssm).await {
+            Ok(names) => {
+                if self.names.as_ref() != Some(&names) {
+                    tracing::info!(namespaces = ?names, "namespace list loaded");
+                }
+                self.names = Some(names);
+            }
+            Err(err) => other_errors.push(err.to_string()),
+        }
+
+        match cloudmap::list_namespaces(&self.aws.cloudmap).await {
+            Ok(list) => {
+                self.index = Some(list.into_iter().map(|ns| (ns.name.clone(), ns)).collect())
+            }
+            Err(err) => errors.push(err),
+        }
+
+        if let (Some(names), Some(index)) = (&self.names, &self.index) {
+            self.resolve_namespaces(names.clone(), index.clone());
+            self.list_services(&mut errors).await;
+            self.refresh_services(&mut errors).await;
+        }
+
+        let mut messages: Vec<String> = other_errors;
+        messages.extend(errors.iter().map(ToString::to_string));
+        for msg in &messages {
+            tracing::warn!(cycle = self.cycle, "{msg}");
+        }
+        CycleReport {
+            cycle: self.cycle,
+            started,
+            duration_ms: clock.elapsed().as_millis() as u64,
+            errors: messages,
+            complete: self.is_complete(),
+            services_refreshed: self.refreshed_this_cycle(),
+            aws_requests: self.aws.stats.total() - requests_before,
+            namespaces: self.namespace_reports(),
+        }
+    }
+
+    /// Aligns the per-namespace state with the configured names and the index.
+    fn resolve_namespaces(&mut self, names: Vec<String>, index: HashMap<String, NamespaceRef>) {
+        let wanted: BTreeSet<&String> = names.iter().collect();
+        self.namespaces.retain(|name, _| wanted.contains(name));
+        self.missing.retain(|name| wanted.contains(name));
+        for name in &names {
+            match index.get(name) {
+                None => {
+                    if self.missing.insert(name.clone()) {
+                        tracing::warn!(
+                            namespace = %name,
+                            "Cloud Map namespace {name:?} does not exist in region {}: check the \
+                             namespace list; it is skipped until it appears",
+                            self.aws.region
+                        );
+                    }
+                    self.namespaces.remove(name);
+                }
+                Some(ns) => {
+                    if self.missing.remove(name) {
+                        tracing::info!(namespace = %name, "Cloud Map namespace {name:?} now exists");
+                    }
+                    let replaced = self
+                        .namespaces
+                        .get(name)
+                        .is_some_and(|state| state.ns.id != ns.id);
+                    if replaced || !self.namespaces.contains_key(name) {
+                        self.namespaces.insert(
+                            name.clone(),
+                            NamespaceState {
+                                ns: ns.clone(),
+                                services: None,
+                                stale: false,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lists the services of every namespace, confirming each new service's namespace.
+    async fn list_services(&mut self, errors: &mut Vec<AwsCallError>) {
+        let cm = self.aws.cloudmap.clone();
+        for state in self.namespaces.values_mut() {
+            let listed = match cloudmap::list_services(&cm, &state.ns).await {
+                Ok(listed) => listed,
+                Err(err) => {
+                    errors.push(err);
+                    state.stale = true;
+                    continue;
+                }
+            };
+            state.stale = false;
+            let mut previous = state.services.take().unwrap_or_default();
+            let mut services = BTreeMap::new();
+            for svc in listed {
+                let ns_id = match self.service_namespace.get(&svc.id) {
+                    Some(id) => id.clone(),
+                    None => match cloudmap::service_namespace(&cm, &svc).await {
+                        Ok(id) => {
+                            self.service_namespace.insert(svc.id.clone(), id.clone());
+                            id
+                        }
+                        Err(err) => {
+                            errors.push(err);
+                            state.stale = true;
+                            continue;
+                        }
+                    },
+                };
+                if ns_id != state.ns.id {
+                    continue;
+                }
+                let entry = match previous.remove(&svc.id) {
+                    Some(mut known) => {
+                        known.svc = svc;
+                        known
+                    }
+                    None => ServiceState::new(svc),
+                };
+                services.insert(entry.svc.id.clone(), entry);
+            }
+            state.services = Some(services);
+        }
+    }
+
+    /// Refreshes tags and instances of every known service, `concurrency` at a time.
+    async fn refresh_services(&mut self, errors: &mut Vec<AwsCallError>) {
+        let mut work = Vec::new();
+        for (ns_name, state) in &mut self.namespaces {
+            if let Some(services) = state.services.as_mut() {
+                for (id, svc) in std::mem::take(services) {
+                    work.push((ns_name.clone(), id, svc));
+                }
+            }
+        }
+        let cm = &self.aws.cloudmap;
+        let health = self.opts.health;
+        let cycle = self.cycle;
+        let results: Vec<_> = stream::iter(work)
+            .map(|(ns_name, id, svc)| async move {
+                let (svc, errs) = refresh_service(cm, health, &ns_name, svc, cycle).await;
+                (ns_name, id, svc, errs)
+            })
+            .buffer_unordered(self.opts.concurrency.max(1))
+            .collect()
+            .await;
+        for (ns_name, id, svc, errs) in results {
+            if let Some(state) = self.namespaces.get_mut(&ns_name) {
+                state.stale |= !errs.is_empty();
+                state
+                    .services
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(id, svc);
+            }
+            errors.extend(errs);
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.names.is_some()
+            && self.index.is_some()
+            && self.namespaces.values().all(|state| {
+                state
+                    .services
+                    .as_ref()
+                    .is_some_and(|services| services.values().all(ServiceState::is_read))
+            })
+    }
+
+    fn refreshed_this_cycle(&self) -> usize {
+        self.all_services()
+            .filter(|(_, s)| s.instances_cycle == self.cycle)
+            .count()
+    }
+
+    fn all_services(&self) -> impl Iterator<Item = (&str, &ServiceState)> {
+        self.namespaces.iter().flat_map(|(name, state)| {
+            state
+                .services
+                .iter()
+                .flat_map(|m| m.values())
+                .map(move |svc| (name.as_str(), svc))
+        })
+    }
+
+    fn namespace_reports(&self) -> Vec<NamespaceReport> {
+        let mut out: Vec<NamespaceReport> = self
+            .namespaces
+            .iter()
+            .map(|(name, state)| {
+                let services = state.services.as_ref();
+                NamespaceReport {
+                    name: name.clone(),
+                    found: true,
+                    id: Some(state.ns.id.clone()),
+                    kind: Some(state.ns.kind.clone()),
+                    services: services.map_or(0, BTreeMap::len),
+                    instances: services.map_or(0, |m| {
+                        m.values()
+                            .map(|s| s.instances.as_ref().map_or(0, Vec::len))
+                            .sum()
+                    }),
+                    stale: state.stale || services.is_none(),
+                }
+            })
+            .collect();
+        out.extend(self.missing.iter().map(|name| NamespaceReport {
+            name: name.clone(),
+            found: false,
+            id: None,
+            kind: None,
+            services: 0,
+            instances: 0,
+            stale: false,
+        }));
+        // Configured order, as the operator wrote it.
+        if let Some(names) = &self.names {
+            out.sort_by_key(|r| names.iter().position(|n| *n == r.name));
+        }
+        out
+    }
+
+    /// Targets built from everything known now (last good values included).
+    pub fn targets(&self) -> BuildOutput {
+        targets::build_all(self.all_services().filter_map(|(ns, state)| {
+            Some(ServiceData {
+                namespace: ns,
+                service: &state.svc.name,
+                tags: state.tags.as_ref()?,
+                instances: state.instances.as_ref()?,
+            })
+        }))
+    }
+
+    /// Configured namespace names that do not exist.
+    pub fn missing_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.missing.iter().map(String::as_str)
+    }
+}
+
+/// Refreshes one service's tags (every [`TAG_REFRESH_CYCLES`]) and instances (when
+/// the revision moved, or every [`FULL_REFRESH_CYCLES`]). Failed parts keep their value.
+async fn refresh_service(
+    cm: &aws_sdk_servicediscovery::Client,
+    health: HealthStatus,
+    namespace: &str,
+    mut state: ServiceState,
+    cycle: u64,
+) -> (ServiceState, Vec<AwsCallError>) {
+    let mut errors = Vec::new();
+    if state.tags.is_none() || cycle >= state.tags_cycle + TAG_REFRESH_CYCLES {
+        match cloudmap::service_tags(cm, &state.svc).await {
+            Ok(tags) => {
+                state.tags = Some(tags);
+                state.tags_cycle = cycle;
+            }
+            Err(err) => errors.push(err),
+        }
+    }
+    let full = state.instances.is_none() || cycle >= state.instances_cycle + FULL_REFRESH_CYCLES;
+    let changed = full
+        || match cloudmap::instances_revision(cm, namespace, &state.svc.name).await {
+            Ok(rev) => rev.is_none() || rev != state.revision,
+            Err(err) => {
+                errors.push(err);
+                false
+            }
+        };
+    if changed {
+        match cloudmap::discover_instances(cm, namespace, &state.svc.name, health).await {
+            Ok((instances, revision)) => {
+                if instances.len() >= DISCOVER_MAX_RESULTS as usize && !state.warned_truncated {
+                    tracing::warn!(
+                        "service {:?} in namespace {namespace:?} has {} or more instances, the most \
+                         DiscoverInstances returns; instances beyond it are not discovered",
+                        state.svc.name,
+                        DISCOVER_MAX_RESULTS
+                    );
+                    state.warned_truncated = true;
+                }
+                state.instances = Some(instances);
+                state.revision = revision;
+                state.instances_cycle = cycle;
+            }
+            Err(err) => errors.push(err),
+        }
+    }
+    (state, errors)
+}

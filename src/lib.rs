@@ -1,0 +1,15 @@
+//! shard-sd: Prometheus `http_sd` / `file_sd` service discovery of Amazon ECS
+//! workloads registered in AWS Cloud Map.
+//!
+//! Data flow: [`discovery`] reads the namespace list (SSM or static) and Cloud
+//! Map; [`targets`] turns instances and tags into target groups; [`app`]
+//! publishes them into [`state`]; [`output`] serves them to collectors.
+
+pub mod app;
+pub mod aws;
+pub mod config;
+pub mod discovery;
+pub mod output;
+pub mod state;
+pub mod targets;
+pub mod telemetry;

@@ -1,0 +1,106 @@
+//! `FILE_BASED` mode: the published list written to `ecs-services.json` for
+//! Prometheus `file_sd_configs`. Writes go to a temporary file in the same
+//! directory and are renamed over the target, so a reader never sees half a file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Published;
+
+/// Delay before retrying a failed write.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Writes `bytes` to `path` atomically, creating the directory if needed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("targets.json");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes every new published list to `path` until shutdown.
+pub async fn run(
+    path: PathBuf,
+    mut rx: watch::Receiver<Option<Arc<Published>>>,
+    shutdown: CancellationToken,
+) {
+    let mut written: Option<String> = None;
+    loop {
+        let current = rx.borrow_and_update().clone();
+        if let Some(published) = current.filter(|p| written.as_deref() != Some(&p.etag)) {
+            let target = path.clone();
+            let body = published.body.clone();
+            let result = tokio::task::spawn_blocking(move || write_atomic(&target, &body)).await;
+            match result {
+                Ok(Ok(())) => {
+                    tracing::info!(path = %path.display(), targets = published.targets, "wrote file_sd targets");
+                    written = Some(published.etag.clone());
+                }
+                Ok(Err(err)) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        "cannot write {}: {err}; check CONFIG_FILE_DIR and that the directory is \
+                         writable by this user; retrying in {RETRY_AFTER:?}",
+                        path.display()
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY_AFTER) => continue,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+                Err(err) => tracing::error!("file writer task failed: {err}"),
+            }
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_and_replaces_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/ecs-services.json");
+        write_atomic(&path, b"[1]").unwrap();
+        write_atomic(&path, b"[2]").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"[2]");
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary file left behind");
+    }
+
+    #[test]
+    fn reports_unwritable_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"").unwrap();
+        assert!(write_atomic(&blocker.join("ecs-services.json"), b"[]").is_err());
+    }
+}
