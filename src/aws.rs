@@ -93,16 +93,20 @@ pub async fn connect(opts: &AwsOptions) -> Result<AwsClients, AwsSetupError> {
     if let Some(url) = &opts.endpoint_url {
         loader = loader.endpoint_url(url.clone());
     }
-    let sdk = loader.load().await;
+    clients_from(&loader.load().await)
+}
+
+/// Builds the clients from an SDK configuration (tests pass their own).
+pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupError> {
     let region = sdk.region().ok_or(AwsSetupError::NoRegion)?.to_string();
     let stats = Arc::new(RequestStats::default());
     let custom_endpoint = sdk.endpoint_url().is_some()
         || std::env::var_os("AWS_ENDPOINT_URL_SERVICEDISCOVERY").is_some();
 
-    let ssm = aws_sdk_ssm::config::Builder::from(&sdk)
+    let ssm = aws_sdk_ssm::config::Builder::from(sdk)
         .interceptor(CountRequests(stats.clone()))
         .build();
-    let mut cloudmap = aws_sdk_servicediscovery::config::Builder::from(&sdk)
+    let mut cloudmap = aws_sdk_servicediscovery::config::Builder::from(sdk)
         .interceptor(CountRequests(stats.clone()));
     if custom_endpoint {
         // DiscoverInstances is a data-plane call: the SDK prefixes the host with

@@ -1,0 +1,377 @@
+//! Test harness: real protocol peers on loopback. A moto server per test (DynamoDB,
+//! SSM and Cloud Map through the real SDK), an AWS-behaviour proxy in front of it
+//! (paging, result caps, request counting, fault injection), the real `shard-sd`
+//! and `sample-app` binaries as child processes, and a real Prometheus.
+#![allow(dead_code)]
+
+pub mod cloudmap;
+pub mod proxy;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const REGION: &str = "us-east-1";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A directory for child process logs, kept after the test for post-mortems.
+pub fn log_dir() -> PathBuf {
+    let dir = repo_root().join("target/test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn find_tool(env: &str, venv_name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return p.into();
+    }
+    let venv = repo_root().join(".venv/bin").join(venv_name);
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from(venv_name)
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let log = log_dir().join(format!("{name}-{}.log", std::process::id()));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid we own; no memory is involved.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die promptly.
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A moto server on a free loopback port.
+pub struct Moto {
+    pub proc: Proc,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let port = free_port();
+        let proc = Proc::spawn(
+            &format!("moto-{port}"),
+            Command::new(find_tool("MOTO_SERVER", "moto_server")).args([
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ]),
+        );
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let url = format!("{endpoint}/moto-api/");
+        let client = http();
+        wait_for("moto to answer", Duration::from_secs(30), || {
+            let req = client.get(&url).send();
+            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
+        })
+        .await;
+        Moto { proc, endpoint }
+    }
+
+    /// SDK configuration for the test's own setup calls.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        sdk_config(&self.endpoint).await
+    }
+}
+
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_credential_types::Credentials::from_keys(
+            "test", "test", None,
+        ))
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5))
+        .load()
+        .await
+}
+
+/// Environment every shard-sd child gets: credentials for moto, region, fast timeouts.
+pub fn aws_env(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", REGION),
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("RUST_LOG", "info,shard_sd=debug"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .expect("http client")
+}
+
+/// A running `shard-sd` binary.
+pub struct ShardSd {
+    pub proc: Proc,
+    pub addr: String,
+}
+
+impl ShardSd {
+    /// Starts shard-sd with `env` on top of a clean environment, and waits for `/healthz`.
+    pub async fn start(name: &str, env: &[(String, String)]) -> ShardSd {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shard-sd"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LISTEN_ADDR", &addr)
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let proc = Proc::spawn(&format!("shard-sd-{name}-{port}"), &mut cmd);
+        let sd = ShardSd { proc, addr };
+        let client = http();
+        let url = sd.url("/healthz");
+        wait_for("shard-sd /healthz", Duration::from_secs(20), || {
+            let req = client.get(&url).send();
+            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
+        })
+        .await;
+        sd
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        http()
+            .get(self.url("/v1/status"))
+            .send()
+            .await
+            .expect("status request")
+            .json()
+            .await
+            .expect("status json")
+    }
+
+    /// The current target groups, or `None` while the endpoint answers non-200.
+    pub async fn targets(&self) -> Option<Vec<serde_json::Value>> {
+        let resp = http()
+            .get(self.url("/prometheus-targets"))
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json().await.ok()
+    }
+
+    /// Waits until the target list satisfies `pred`, and returns it.
+    pub async fn wait_targets(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        wait_for(what, timeout, || async {
+            self.targets().await.filter(|t| pred(t))
+        })
+        .await
+    }
+}
+
+/// Addresses (`ip:port`) of target groups.
+pub fn addresses(groups: &[serde_json::Value]) -> Vec<String> {
+    let mut out: Vec<String> = groups
+        .iter()
+        .flat_map(|g| g["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A running `sample-app` on `ip`, with the app on `app_port` and the exporter on `exporter_port`.
+pub struct SampleApp {
+    pub proc: Proc,
+}
+
+impl SampleApp {
+    pub async fn start(
+        ip: &str,
+        app_port: u16,
+        exporter_port: Option<u16>,
+        load_rps: f64,
+    ) -> SampleApp {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sample-app"));
+        cmd.args(["--listen", &format!("{ip}:{app_port}")])
+            .args(["--load-rps", &load_rps.to_string()])
+            .args(["--mean-latency-ms", "20"]);
+        if let Some(p) = exporter_port {
+            cmd.args(["--exporter-listen", &format!("{ip}:{p}")]);
+        }
+        let proc = Proc::spawn(&format!("sample-app-{ip}-{app_port}"), &mut cmd);
+        let url = format!("http://{ip}:{app_port}/metrics");
+        let client = http();
+        wait_for("sample-app /metrics", Duration::from_secs(10), || {
+            let req = client.get(&url).send();
+            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
+        })
+        .await;
+        SampleApp { proc }
+    }
+}
+
+/// A real Prometheus server, started with the given scrape configuration.
+pub struct Prometheus {
+    pub proc: Proc,
+    pub url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub async fn start(config_yaml: &str) -> Prometheus {
+        let data = tempfile::tempdir().expect("tempdir");
+        let cfg = data.path().join("prometheus.yml");
+        std::fs::write(&cfg, config_yaml).expect("write prometheus config");
+        let port = free_port();
+        let proc = Proc::spawn(
+            &format!("prometheus-{port}"),
+            Command::new(find_tool("PROMETHEUS", "prometheus")).args([
+                format!("--config.file={}", cfg.display()),
+                format!("--storage.tsdb.path={}", data.path().join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+            ]),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let ready = format!("{url}/-/ready");
+        let client = http();
+        wait_for("prometheus /-/ready", Duration::from_secs(30), || {
+            let req = client.get(&ready).send();
+            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
+        })
+        .await;
+        Prometheus {
+            proc,
+            url,
+            _data: data,
+        }
+    }
+
+    /// `data.activeTargets` of `/api/v1/targets`.
+    pub async fn active_targets(&self) -> Vec<serde_json::Value> {
+        let body: serde_json::Value = http()
+            .get(format!("{}/api/v1/targets?state=active", self.url))
+            .send()
+            .await
+            .expect("targets request")
+            .json()
+            .await
+            .expect("targets json");
+        body["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Result vector of an instant query.
+    pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let body: serde_json::Value = http()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", promql)])
+            .send()
+            .await
+            .expect("query request")
+            .json()
+            .await
+            .expect("query json");
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
