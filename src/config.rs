@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::discovery::namespaces::{parse_namespace_list, NamespaceSource};
 
@@ -47,10 +47,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// Options of the sidecar. Each `--flag` can also be set by the environment
-/// variable shown in `--help`.
+/// The command line: the sidecar by default, or a subcommand.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "shard-sd", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Exits 0 if URL answers 2xx within 3 s, else 1: a container health check
+    /// that needs no curl in the image.
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:9001/readyz")]
+        url: String,
+    },
+}
+
+/// Options of the sidecar. Each `--flag` can also be set by the environment
+/// variable shown in `--help`.
+#[derive(Clone, Debug, Args)]
 pub struct Config {
     /// How targets reach the collector.
     #[arg(
@@ -240,7 +259,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
-        Config::try_parse_from(std::iter::once("shard-sd").chain(args.iter().copied()))
+        Cli::try_parse_from(std::iter::once("shard-sd").chain(args.iter().copied())).map(|c| c.config)
     }
 
     #[test]

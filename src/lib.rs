@@ -10,6 +10,7 @@ pub mod aws;
 pub mod config;
 pub mod discovery;
 pub mod output;
+pub mod probe;
 pub mod state;
 pub mod targets;
 pub mod telemetry;

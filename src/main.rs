@@ -1,34 +1,41 @@
-//! The `shard-sd` binary: parses configuration, installs logging and runs the
-//! sidecar. Exit codes: 0 after a clean shutdown, 1 on a runtime failure, 2 on
-//! invalid configuration.
+//! The `shard-sd` binary: parses the command line, installs logging and runs the
+//! sidecar (or a subcommand). Exit codes: 0 after a clean shutdown, 1 on a
+//! runtime failure, 2 on invalid configuration.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use shard_sd::app::{self, RunError};
-use shard_sd::config::Config;
-use shard_sd::telemetry;
+use shard_sd::config::{Cli, Command};
+use shard_sd::{probe, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     // clap prints the error, naming the variable and accepted values, and exits 2.
-    let config = Config::parse();
-    if let Err(err) = config.validate() {
-        eprintln!("error: {err}");
-        return ExitCode::from(2);
-    }
-    telemetry::init_logging(config.log_format);
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
             return ExitCode::from(1);
         }
     };
+    if let Some(Command::Probe { url }) = &cli.command {
+        return match runtime.block_on(probe::probe(url)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::from(1)
+            }
+        };
+    }
+
+    let config = cli.config;
+    if let Err(err) = config.validate() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    telemetry::init_logging(config.log_format);
     let shutdown = CancellationToken::new();
     let result = runtime.block_on(async {
         app::cancel_on_signal(shutdown.clone());
@@ -36,15 +43,11 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err @ (RunError::Config(_) | RunError::Aws(_))) => {
-            tracing::error!("{err}");
-            eprintln!("error: {err}");
-            ExitCode::from(2)
-        }
         Err(err) => {
             tracing::error!("{err}");
             eprintln!("error: {err}");
-            ExitCode::from(1)
+            let config_error = matches!(err, RunError::Config(_) | RunError::Aws(_));
+            ExitCode::from(if config_error { 2 } else { 1 })
         }
     }
 }

@@ -1,0 +1,240 @@
+//! The `shard-sd` binary as a process: configuration errors, the http_sd endpoint's
+//! contract, readiness, file output, a stalled AWS endpoint and clean shutdown.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cloudmap::{CloudMap, POST_TAGS};
+use common::proxy::{AwsProxy, Fault};
+use common::{addresses, aws_env, http, Moto, ShardSd};
+
+fn run_with_env(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shard-sd"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run shard-sd");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Exit code of `shard-sd probe URL`, the container health check.
+fn probe(url: &str) -> Option<i32> {
+    Command::new(env!("CARGO_BIN_EXE_shard-sd"))
+        .args(["probe", url])
+        .env_clear()
+        .status()
+        .expect("run probe")
+        .code()
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_variable() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("CONFIG_RELOAD_FREQUENCY", "often", &["CONFIG_RELOAD_FREQUENCY", "number of seconds"]),
+        ("CONFIG_RELOAD_FREQUENCY", "0", &["CONFIG_RELOAD_FREQUENCY"]),
+        ("SERVICE_DISCOVERY_MODE", "BOTH", &["SERVICE_DISCOVERY_MODE", "HTTP_BASED", "FILE_BASED"]),
+        ("HEALTH_STATUS", "SICK", &["HEALTH_STATUS", "HEALTHY_OR_ELSE_ALL", "UNHEALTHY", "ALL"]),
+        ("LISTEN_ADDR", "nine-thousand", &["LISTEN_ADDR"]),
+        ("DISCOVERY_NAMESPACES", " , ", &["DISCOVERY_NAMESPACES"]),
+        ("DISCOVERY_CONCURRENCY", "0", &["DISCOVERY_CONCURRENCY"]),
+    ];
+    for (var, value, expected) in cases {
+        let (code, stderr) = run_with_env(&[(var, value), ("AWS_REGION", "us-east-1")]);
+        assert_eq!(code, Some(2), "{var}={value}: {stderr}");
+        for needle in *expected {
+            assert!(stderr.contains(needle), "{var}={value}: {needle:?} not in {stderr}");
+        }
+    }
+}
+
+/// moto with the post's setup: namespace `ecs-services`, service `webapp-svc`, two tasks.
+async fn post_setup(moto: &Moto) -> (CloudMap, common::cloudmap::Service) {
+    let cm = CloudMap::new(&moto.sdk_config().await);
+    let ns = cm.dns_namespace("ecs-services").await;
+    let svc = cm.service(&ns, "webapp-svc", POST_TAGS).await;
+    cm.register_task(&svc.id, "task-1", "10.0.0.1").await;
+    cm.register_task(&svc.id, "task-2", "10.0.0.2").await;
+    (cm, svc)
+}
+
+fn env_with(endpoint: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = aws_env(endpoint);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_sd_contract_readiness_and_status() {
+    let moto = Moto::start().await;
+    let (cm, svc) = post_setup(&moto).await;
+    let sd = ShardSd::start(
+        "contract",
+        &env_with(
+            &moto.endpoint,
+            &[("CONFIG_RELOAD_FREQUENCY", "300ms"), ("DISCOVERY_NAMESPACES_PARAMETER_NAME", "ECS-Namespaces")],
+        ),
+    )
+    .await;
+    let client = http();
+
+    // The parameter does not exist yet: 503 (Prometheus keeps its previous list), not ready.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let resp = client.get(sd.url("/prometheus-targets")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(client.get(sd.url("/readyz")).send().await.unwrap().status(), 503);
+    assert_eq!(client.get(sd.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(probe(&sd.url("/readyz")), Some(1), "probe passes before readiness");
+    let status = sd.status().await;
+    let errors = status["last_discovery"]["errors"].to_string();
+    assert!(errors.contains("ECS-Namespaces"), "{status}");
+
+    cm.put_namespaces_parameter("ECS-Namespaces", "ecs-services").await;
+    let groups = sd.wait_targets("first targets", Duration::from_secs(10), |t| t.len() == 4).await;
+    assert_eq!(
+        addresses(&groups),
+        ["10.0.0.1:3000", "10.0.0.1:9779", "10.0.0.2:3000", "10.0.0.2:9779"]
+    );
+    assert_eq!(client.get(sd.url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(probe(&sd.url("/readyz")), Some(0));
+
+    let resp = client.get(sd.url("/prometheus-targets")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let body = resp.bytes().await.unwrap();
+    // Same targets, same bytes.
+    let again = client.get(sd.url("/prometheus-targets")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(body, again);
+    let not_modified = client
+        .get(sd.url("/prometheus-targets"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), 304);
+    let post = client.post(sd.url("/prometheus-targets")).send().await.unwrap();
+    assert_eq!(post.status(), 405);
+
+    let status = sd.status().await;
+    assert_eq!(status["role"], "single");
+    assert_eq!(status["targets"], 4);
+    assert_eq!(status["namespaces"][0]["name"], "ecs-services");
+    assert_eq!(status["last_discovery"]["outcome"], "ok");
+    assert!(status["replica_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(status["last_discovery"]["time"].as_str().is_some());
+
+    // A new registration shows up, with a new ETag.
+    cm.register_task(&svc.id, "task-3", "10.0.0.3").await;
+    sd.wait_targets("registration", Duration::from_secs(10), |t| t.len() == 6).await;
+    let resp = client
+        .get(sd.url("/prometheus-targets"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keeps_the_last_good_list_while_aws_stops_answering() {
+    let moto = Moto::start().await;
+    let proxy = AwsProxy::start(&moto.endpoint).await;
+    let (cm, svc) = post_setup(&moto).await;
+    let sd = ShardSd::start(
+        "stall",
+        &env_with(
+            &proxy.endpoint,
+            &[
+                ("CONFIG_RELOAD_FREQUENCY", "300ms"),
+                ("DISCOVERY_NAMESPACES", "ecs-services"),
+                ("AWS_CALL_TIMEOUT", "500ms"),
+                ("AWS_MAX_ATTEMPTS", "2"),
+            ],
+        ),
+    )
+    .await;
+    let good = sd.wait_targets("first targets", Duration::from_secs(10), |t| t.len() == 4).await;
+
+    // The endpoint stops answering; a deregistration happens meanwhile.
+    proxy.set_fault(Fault::Hang);
+    cm.deregister(&svc.id, "task-2").await;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut saw_failure = false;
+    while Instant::now() < deadline {
+        assert_eq!(sd.targets().await.as_deref(), Some(&good[..]), "last good list not kept");
+        let status = sd.status().await;
+        saw_failure |= status["last_discovery"]["outcome"] != "ok";
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(saw_failure, "status never showed the failing discovery");
+    let status = sd.status().await;
+    assert!(status["last_discovery"]["errors"].to_string().contains("network"), "{status}");
+    assert_eq!(http().get(sd.url("/readyz")).send().await.unwrap().status(), 200);
+
+    // It answers again: the deregistration is seen.
+    proxy.set_fault(Fault::None);
+    sd.wait_targets("recovery", Duration::from_secs(15), |t| t.len() == 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_based_mode_writes_the_file_on_change() {
+    let moto = Moto::start().await;
+    let (cm, svc) = post_setup(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    let sd = ShardSd::start(
+        "file",
+        &env_with(
+            &moto.endpoint,
+            &[
+                ("SERVICE_DISCOVERY_MODE", "FILE_BASED"),
+                ("CONFIG_FILE_DIR", config_dir.to_str().unwrap()),
+                ("CONFIG_RELOAD_FREQUENCY", "300ms"),
+                ("DISCOVERY_NAMESPACES", "ecs-services"),
+            ],
+        ),
+    )
+    .await;
+    let file = config_dir.join("ecs-services.json");
+    let read = || -> Option<Vec<serde_json::Value>> { serde_json::from_slice(&std::fs::read(&file).ok()?).ok() };
+    common::wait_for("file written", Duration::from_secs(10), || async { read().filter(|t| t.len() == 4) }).await;
+    let served = sd.targets().await.unwrap();
+    assert_eq!(read().unwrap(), served, "file and endpoint differ");
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+
+    // Unchanged cycles do not rewrite the file.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), modified);
+
+    cm.register_task(&svc.id, "task-3", "10.0.0.3").await;
+    common::wait_for("file updated", Duration::from_secs(10), || async { read().filter(|t| t.len() == 6) }).await;
+    let names: Vec<_> = std::fs::read_dir(&config_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["ecs-services.json"], "temporary files left behind");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_shuts_down_cleanly() {
+    let moto = Moto::start().await;
+    post_setup(&moto).await;
+    let mut sd = ShardSd::start(
+        "term",
+        &env_with(&moto.endpoint, &[("DISCOVERY_NAMESPACES", "ecs-services"), ("CONFIG_RELOAD_FREQUENCY", "1")]),
+    )
+    .await;
+    sd.wait_targets("targets", Duration::from_secs(10), |t| t.len() == 4).await;
+    let started = Instant::now();
+    sd.proc.signal(libc::SIGTERM);
+    let code = sd.proc.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, Some(0), "{}", sd.proc.log_text());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(sd.proc.log_text().contains("SIGTERM received"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_region_is_a_configuration_error() {
+    let (code, stderr) = run_with_env(&[("DISCOVERY_NAMESPACES", "x"), ("AWS_EC2_METADATA_DISABLED", "true")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("AWS_REGION"), "{stderr}");
+}
