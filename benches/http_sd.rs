@@ -32,10 +32,16 @@ fn instances() -> Vec<Instance> {
         .map(|i| Instance {
             id: format!("{i:032x}"),
             attributes: [
-                ("AWS_INSTANCE_IPV4".to_owned(), format!("10.0.{}.{}", i / 250, i % 250 + 1)),
+                (
+                    "AWS_INSTANCE_IPV4".to_owned(),
+                    format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                ),
                 ("ECS_CLUSTER_NAME".to_owned(), "ecs-adot-cluster".to_owned()),
                 ("ECS_SERVICE_NAME".to_owned(), "WebAppService".to_owned()),
-                ("ECS_TASK_DEFINITION_FAMILY".to_owned(), "WebAppTask".to_owned()),
+                (
+                    "ECS_TASK_DEFINITION_FAMILY".to_owned(),
+                    "WebAppTask".to_owned(),
+                ),
                 ("AVAILABILITY_ZONE".to_owned(), "us-east-1a".to_owned()),
             ]
             .into_iter()
@@ -59,7 +65,9 @@ async fn render_per_request(State(targets): State<Arc<Vec<Target>>>) -> Vec<u8> 
 }
 
 async fn serve(router: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, router).await });
     format!("http://{addr}/prometheus-targets")
@@ -69,7 +77,10 @@ fn bench(c: &mut Criterion) {
     let (tags, instances) = (tags(), instances());
     let list = build(&tags, &instances);
     assert_eq!(list.len(), 2 * TASKS);
-    eprintln!("1,000 targets render to {} bytes", targets::render(list.iter()).len());
+    eprintln!(
+        "1,000 targets render to {} bytes",
+        targets::render(list.iter()).len()
+    );
 
     let mut group = c.benchmark_group("discovery_change_1000_targets");
     group.bench_function("build_targets", |b| b.iter(|| build(&tags, &instances)));
@@ -90,24 +101,46 @@ fn bench(c: &mut Criterion) {
             .route("/prometheus-targets", get(render_per_request))
             .with_state(Arc::new(list)),
     ));
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
 
     let mut group = c.benchmark_group("get_prometheus_targets_1000");
     group.bench_function("prerendered_200", |b| {
         b.to_async(&rt).iter(|| async {
-            let body = client.get(&ours).send().await.expect("get").bytes().await.expect("body");
+            let body = client
+                .get(&ours)
+                .send()
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("body");
             assert!(body.len() > 100_000);
         })
     });
     group.bench_function("prerendered_304_if_none_match", |b| {
         b.to_async(&rt).iter(|| async {
-            let resp = client.get(&ours).header("if-none-match", &etag).send().await.expect("get");
+            let resp = client
+                .get(&ours)
+                .header("if-none-match", &etag)
+                .send()
+                .await
+                .expect("get");
             assert_eq!(resp.status(), 304);
         })
     });
     group.bench_function("render_per_request_200", |b| {
         b.to_async(&rt).iter(|| async {
-            let body = client.get(&naive).send().await.expect("get").bytes().await.expect("body");
+            let body = client
+                .get(&naive)
+                .send()
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("body");
             assert!(body.len() > 100_000);
         })
     });

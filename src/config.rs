@@ -259,7 +259,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
-        Cli::try_parse_from(std::iter::once("shard-sd").chain(args.iter().copied())).map(|c| c.config)
+        Cli::try_parse_from(std::iter::once("shard-sd").chain(args.iter().copied()))
+            .map(|c| c.config)
     }
 
     #[test]

@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     // clap prints the error, naming the variable and accepted values, and exits 2.
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -16,15 +16,24 @@ pub async fn probe(url: &str) -> Result<(), ProbeError> {
         .timeout(Duration::from_secs(3))
         .no_proxy()
         .build()
-        .map_err(|source| ProbeError::Unreachable { url: url.to_owned(), source })?;
+        .map_err(|source| ProbeError::Unreachable {
+            url: url.to_owned(),
+            source,
+        })?;
     let resp = client
         .get(url)
         .send()
         .await
-        .map_err(|source| ProbeError::Unreachable { url: url.to_owned(), source })?;
+        .map_err(|source| ProbeError::Unreachable {
+            url: url.to_owned(),
+            source,
+        })?;
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(ProbeError::Status { url: url.to_owned(), status: resp.status().as_u16() })
+        Err(ProbeError::Status {
+            url: url.to_owned(),
+            status: resp.status().as_u16(),
+        })
     }
 }

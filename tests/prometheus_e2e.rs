@@ -42,7 +42,8 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
     env.push(("DISCOVERY_NAMESPACES".into(), "ecs-services".into()));
     env.push(("CONFIG_RELOAD_FREQUENCY".into(), "1".into()));
     let sd = ShardSd::start("prom", &env).await;
-    sd.wait_targets("targets", Duration::from_secs(10), |t| t.len() == 8).await;
+    sd.wait_targets("targets", Duration::from_secs(10), |t| t.len() == 8)
+        .await;
 
     let prom = Prometheus::start(&format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
@@ -52,12 +53,18 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
     ))
     .await;
 
-    let targets = wait_for("prometheus to scrape all targets", Duration::from_secs(30), || async {
-        let active = prom.active_targets().await;
-        let settled = active.len() == 8
-            && active.iter().all(|t| t["health"] != "unknown" && t["lastScrape"] != "0001-01-01T00:00:00Z");
-        settled.then_some(active)
-    })
+    let targets = wait_for(
+        "prometheus to scrape all targets",
+        Duration::from_secs(30),
+        || async {
+            let active = prom.active_targets().await;
+            let settled = active.len() == 8
+                && active
+                    .iter()
+                    .all(|t| t["health"] != "unknown" && t["lastScrape"] != "0001-01-01T00:00:00Z");
+            settled.then_some(active)
+        },
+    )
     .await;
 
     let mut seen = BTreeMap::new();
@@ -65,26 +72,49 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
         let labels = t["labels"].as_object().unwrap();
         let ip = labels["instance"].as_str().unwrap().to_owned();
         let source = labels["metrics_source"].as_str().unwrap().to_owned();
-        let port = if source == "app" { app_port } else { exporter_port };
+        let port = if source == "app" {
+            app_port
+        } else {
+            exporter_port
+        };
         assert_eq!(t["scrapeUrl"], format!("http://{ip}:{port}/metrics"));
         // Exactly the original sidecar's labels plus metrics_source and job.
         let mut names: Vec<&str> = labels.keys().map(String::as_str).collect();
         names.sort();
         assert_eq!(
             names,
-            ["cluster", "instance", "job", "metrics_source", "namespace", "service", "taskdefinition", "taskid"]
+            [
+                "cluster",
+                "instance",
+                "job",
+                "metrics_source",
+                "namespace",
+                "service",
+                "taskdefinition",
+                "taskid"
+            ]
         );
         assert_eq!(labels["cluster"], "ecs-adot-cluster");
         assert_eq!(labels["service"], "WebAppService");
         assert_eq!(labels["namespace"], "ecs-services");
         assert_eq!(labels["taskdefinition"], "WebAppTask");
-        assert_eq!(t["discoveredLabels"]["__meta_cloudmap_service_name"], "webapp-svc");
-        assert_eq!(t["discoveredLabels"]["__meta_cloudmap_attribute_AVAILABILITY_ZONE"], "us-east-1a");
+        assert_eq!(
+            t["discoveredLabels"]["__meta_cloudmap_service_name"],
+            "webapp-svc"
+        );
+        assert_eq!(
+            t["discoveredLabels"]["__meta_cloudmap_attribute_AVAILABILITY_ZONE"],
+            "us-east-1a"
+        );
         seen.insert((ip, source), t["health"].as_str().unwrap().to_owned());
     }
     for ip in live {
         for source in ["app", "ecs-exporter"] {
-            assert_eq!(seen[&(ip.to_owned(), source.to_owned())], "up", "{ip} {source}");
+            assert_eq!(
+                seen[&(ip.to_owned(), source.to_owned())],
+                "up",
+                "{ip} {source}"
+            );
         }
     }
     assert_eq!(seen[&("127.0.0.5".to_owned(), "app".to_owned())], "down");
@@ -93,12 +123,19 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
     let up = prom.query("sum by (instance) (up == 1)").await;
     let mut per_instance: Vec<(String, String)> = up
         .iter()
-        .map(|r| (r["metric"]["instance"].as_str().unwrap().to_owned(), r["value"][1].as_str().unwrap().to_owned()))
+        .map(|r| {
+            (
+                r["metric"]["instance"].as_str().unwrap().to_owned(),
+                r["value"][1].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     per_instance.sort();
     assert_eq!(
         per_instance,
-        live.iter().map(|ip| (ip.to_string(), "2".to_string())).collect::<Vec<_>>()
+        live.iter()
+            .map(|ip| (ip.to_string(), "2".to_string()))
+            .collect::<Vec<_>>()
     );
 
     // A deregistration reaches Prometheus.

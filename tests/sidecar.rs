@@ -16,7 +16,10 @@ fn run_with_env(env: &[(&str, &str)]) -> (Option<i32>, String) {
         .envs(env.iter().copied())
         .output()
         .expect("run shard-sd");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Exit code of `shard-sd probe URL`, the container health check.
@@ -32,10 +35,22 @@ fn probe(url: &str) -> Option<i32> {
 #[test]
 fn invalid_configuration_exits_2_naming_the_variable() {
     let cases: &[(&str, &str, &[&str])] = &[
-        ("CONFIG_RELOAD_FREQUENCY", "often", &["CONFIG_RELOAD_FREQUENCY", "number of seconds"]),
+        (
+            "CONFIG_RELOAD_FREQUENCY",
+            "often",
+            &["CONFIG_RELOAD_FREQUENCY", "number of seconds"],
+        ),
         ("CONFIG_RELOAD_FREQUENCY", "0", &["CONFIG_RELOAD_FREQUENCY"]),
-        ("SERVICE_DISCOVERY_MODE", "BOTH", &["SERVICE_DISCOVERY_MODE", "HTTP_BASED", "FILE_BASED"]),
-        ("HEALTH_STATUS", "SICK", &["HEALTH_STATUS", "HEALTHY_OR_ELSE_ALL", "UNHEALTHY", "ALL"]),
+        (
+            "SERVICE_DISCOVERY_MODE",
+            "BOTH",
+            &["SERVICE_DISCOVERY_MODE", "HTTP_BASED", "FILE_BASED"],
+        ),
+        (
+            "HEALTH_STATUS",
+            "SICK",
+            &["HEALTH_STATUS", "HEALTHY_OR_ELSE_ALL", "UNHEALTHY", "ALL"],
+        ),
         ("LISTEN_ADDR", "nine-thousand", &["LISTEN_ADDR"]),
         ("DISCOVERY_NAMESPACES", " , ", &["DISCOVERY_NAMESPACES"]),
         ("DISCOVERY_CONCURRENCY", "0", &["DISCOVERY_CONCURRENCY"]),
@@ -44,7 +59,10 @@ fn invalid_configuration_exits_2_naming_the_variable() {
         let (code, stderr) = run_with_env(&[(var, value), ("AWS_REGION", "us-east-1")]);
         assert_eq!(code, Some(2), "{var}={value}: {stderr}");
         for needle in *expected {
-            assert!(stderr.contains(needle), "{var}={value}: {needle:?} not in {stderr}");
+            assert!(
+                stderr.contains(needle),
+                "{var}={value}: {needle:?} not in {stderr}"
+            );
         }
     }
 }
@@ -73,7 +91,10 @@ async fn http_sd_contract_readiness_and_status() {
         "contract",
         &env_with(
             &moto.endpoint,
-            &[("CONFIG_RELOAD_FREQUENCY", "300ms"), ("DISCOVERY_NAMESPACES_PARAMETER_NAME", "ECS-Namespaces")],
+            &[
+                ("CONFIG_RELOAD_FREQUENCY", "300ms"),
+                ("DISCOVERY_NAMESPACES_PARAMETER_NAME", "ECS-Namespaces"),
+            ],
         ),
     )
     .await;
@@ -81,31 +102,72 @@ async fn http_sd_contract_readiness_and_status() {
 
     // The parameter does not exist yet: 503 (Prometheus keeps its previous list), not ready.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let resp = client.get(sd.url("/prometheus-targets")).send().await.unwrap();
+    let resp = client
+        .get(sd.url("/prometheus-targets"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 503);
-    assert_eq!(client.get(sd.url("/readyz")).send().await.unwrap().status(), 503);
-    assert_eq!(client.get(sd.url("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(probe(&sd.url("/readyz")), Some(1), "probe passes before readiness");
+    assert_eq!(
+        client.get(sd.url("/readyz")).send().await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        client
+            .get(sd.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        probe(&sd.url("/readyz")),
+        Some(1),
+        "probe passes before readiness"
+    );
     let status = sd.status().await;
     let errors = status["last_discovery"]["errors"].to_string();
     assert!(errors.contains("ECS-Namespaces"), "{status}");
 
-    cm.put_namespaces_parameter("ECS-Namespaces", "ecs-services").await;
-    let groups = sd.wait_targets("first targets", Duration::from_secs(10), |t| t.len() == 4).await;
+    cm.put_namespaces_parameter("ECS-Namespaces", "ecs-services")
+        .await;
+    let groups = sd
+        .wait_targets("first targets", Duration::from_secs(10), |t| t.len() == 4)
+        .await;
     assert_eq!(
         addresses(&groups),
-        ["10.0.0.1:3000", "10.0.0.1:9779", "10.0.0.2:3000", "10.0.0.2:9779"]
+        [
+            "10.0.0.1:3000",
+            "10.0.0.1:9779",
+            "10.0.0.2:3000",
+            "10.0.0.2:9779"
+        ]
     );
-    assert_eq!(client.get(sd.url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client.get(sd.url("/readyz")).send().await.unwrap().status(),
+        200
+    );
     assert_eq!(probe(&sd.url("/readyz")), Some(0));
 
-    let resp = client.get(sd.url("/prometheus-targets")).send().await.unwrap();
+    let resp = client
+        .get(sd.url("/prometheus-targets"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
     let body = resp.bytes().await.unwrap();
     // Same targets, same bytes.
-    let again = client.get(sd.url("/prometheus-targets")).send().await.unwrap().bytes().await.unwrap();
+    let again = client
+        .get(sd.url("/prometheus-targets"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(body, again);
     let not_modified = client
         .get(sd.url("/prometheus-targets"))
@@ -114,7 +176,11 @@ async fn http_sd_contract_readiness_and_status() {
         .await
         .unwrap();
     assert_eq!(not_modified.status(), 304);
-    let post = client.post(sd.url("/prometheus-targets")).send().await.unwrap();
+    let post = client
+        .post(sd.url("/prometheus-targets"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(post.status(), 405);
 
     let status = sd.status().await;
@@ -127,7 +193,8 @@ async fn http_sd_contract_readiness_and_status() {
 
     // A new registration shows up, with a new ETag.
     cm.register_task(&svc.id, "task-3", "10.0.0.3").await;
-    sd.wait_targets("registration", Duration::from_secs(10), |t| t.len() == 6).await;
+    sd.wait_targets("registration", Duration::from_secs(10), |t| t.len() == 6)
+        .await;
     let resp = client
         .get(sd.url("/prometheus-targets"))
         .header("if-none-match", &etag)
@@ -155,7 +222,9 @@ async fn keeps_the_last_good_list_while_aws_stops_answering() {
         ),
     )
     .await;
-    let good = sd.wait_targets("first targets", Duration::from_secs(10), |t| t.len() == 4).await;
+    let good = sd
+        .wait_targets("first targets", Duration::from_secs(10), |t| t.len() == 4)
+        .await;
 
     // The endpoint stops answering; a deregistration happens meanwhile.
     proxy.set_fault(Fault::Hang);
@@ -163,19 +232,32 @@ async fn keeps_the_last_good_list_while_aws_stops_answering() {
     let deadline = Instant::now() + Duration::from_secs(6);
     let mut saw_failure = false;
     while Instant::now() < deadline {
-        assert_eq!(sd.targets().await.as_deref(), Some(&good[..]), "last good list not kept");
+        assert_eq!(
+            sd.targets().await.as_deref(),
+            Some(&good[..]),
+            "last good list not kept"
+        );
         let status = sd.status().await;
         saw_failure |= status["last_discovery"]["outcome"] != "ok";
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(saw_failure, "status never showed the failing discovery");
     let status = sd.status().await;
-    assert!(status["last_discovery"]["errors"].to_string().contains("network"), "{status}");
-    assert_eq!(http().get(sd.url("/readyz")).send().await.unwrap().status(), 200);
+    assert!(
+        status["last_discovery"]["errors"]
+            .to_string()
+            .contains("network"),
+        "{status}"
+    );
+    assert_eq!(
+        http().get(sd.url("/readyz")).send().await.unwrap().status(),
+        200
+    );
 
     // It answers again: the deregistration is seen.
     proxy.set_fault(Fault::None);
-    sd.wait_targets("recovery", Duration::from_secs(15), |t| t.len() == 2).await;
+    sd.wait_targets("recovery", Duration::from_secs(15), |t| t.len() == 2)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -198,19 +280,33 @@ async fn file_based_mode_writes_the_file_on_change() {
     )
     .await;
     let file = config_dir.join("ecs-services.json");
-    let read = || -> Option<Vec<serde_json::Value>> { serde_json::from_slice(&std::fs::read(&file).ok()?).ok() };
-    common::wait_for("file written", Duration::from_secs(10), || async { read().filter(|t| t.len() == 4) }).await;
+    let read = || -> Option<Vec<serde_json::Value>> {
+        serde_json::from_slice(&std::fs::read(&file).ok()?).ok()
+    };
+    common::wait_for("file written", Duration::from_secs(10), || async {
+        read().filter(|t| t.len() == 4)
+    })
+    .await;
     let served = sd.targets().await.unwrap();
     assert_eq!(read().unwrap(), served, "file and endpoint differ");
     let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
 
     // Unchanged cycles do not rewrite the file.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), modified);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        modified
+    );
 
     cm.register_task(&svc.id, "task-3", "10.0.0.3").await;
-    common::wait_for("file updated", Duration::from_secs(10), || async { read().filter(|t| t.len() == 6) }).await;
-    let names: Vec<_> = std::fs::read_dir(&config_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    common::wait_for("file updated", Duration::from_secs(10), || async {
+        read().filter(|t| t.len() == 6)
+    })
+    .await;
+    let names: Vec<_> = std::fs::read_dir(&config_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["ecs-services.json"], "temporary files left behind");
 }
 
@@ -220,10 +316,17 @@ async fn sigterm_shuts_down_cleanly() {
     post_setup(&moto).await;
     let mut sd = ShardSd::start(
         "term",
-        &env_with(&moto.endpoint, &[("DISCOVERY_NAMESPACES", "ecs-services"), ("CONFIG_RELOAD_FREQUENCY", "1")]),
+        &env_with(
+            &moto.endpoint,
+            &[
+                ("DISCOVERY_NAMESPACES", "ecs-services"),
+                ("CONFIG_RELOAD_FREQUENCY", "1"),
+            ],
+        ),
     )
     .await;
-    sd.wait_targets("targets", Duration::from_secs(10), |t| t.len() == 4).await;
+    sd.wait_targets("targets", Duration::from_secs(10), |t| t.len() == 4)
+        .await;
     let started = Instant::now();
     sd.proc.signal(libc::SIGTERM);
     let code = sd.proc.wait_exit(Duration::from_secs(5));
@@ -234,7 +337,10 @@ async fn sigterm_shuts_down_cleanly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_region_is_a_configuration_error() {
-    let (code, stderr) = run_with_env(&[("DISCOVERY_NAMESPACES", "x"), ("AWS_EC2_METADATA_DISABLED", "true")]);
+    let (code, stderr) = run_with_env(&[
+        ("DISCOVERY_NAMESPACES", "x"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("AWS_REGION"), "{stderr}");
 }
