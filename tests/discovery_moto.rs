@@ -15,7 +15,8 @@ use shard_sd::discovery::{
 };
 
 struct Env {
-    moto: Moto,
+    // Kept alive for the test.
+    _moto: Moto,
     proxy: AwsProxy,
     cm: CloudMap,
 }
@@ -24,7 +25,11 @@ async fn env_with_page_size(page_size: usize) -> Env {
     let moto = Moto::start().await;
     let proxy = AwsProxy::with_page_size(&moto.endpoint, page_size).await;
     let cm = CloudMap::new(&moto.sdk_config().await);
-    Env { moto, proxy, cm }
+    Env {
+        _moto: moto,
+        proxy,
+        cm,
+    }
 }
 
 async fn env() -> Env {
