@@ -92,7 +92,8 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let shared = Shared::new("bench".into());
+    let single = tokio::sync::watch::channel(shard_sd::coordination::CoordinationView::single()).1;
+    let shared = Shared::new("bench".into(), "127.0.0.1:9001".into(), single);
     shared.publish(targets::render(list.iter()), list.len());
     let etag = shared.targets().expect("published").etag.clone();
     let ours = rt.block_on(serve(shard_sd::output::http::router(shared)));

@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::aws::{self, AwsOptions, AwsSetupError};
+use crate::aws::{self, AwsClients, AwsOptions, AwsSetupError};
+use crate::clock::WallClock;
 use crate::config::{Config, ConfigError, DiscoveryMode};
+use crate::coordination::lease::{HolderInfo, LeaseTable};
+use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator};
 use crate::discovery::{CycleReport, Discoverer, DiscoveryOptions};
+use crate::identity::{self, Identity};
 use crate::output;
 use crate::state::{LastDiscovery, Shared};
 use crate::targets;
@@ -41,7 +45,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         max_attempts: config.aws_max_attempts,
     })
     .await?;
-    let shared = Shared::new(config.replica_id());
+    let Identity {
+        replica_id,
+        advertise_addr,
+    } = identity::resolve(
+        config.replica_id.as_deref(),
+        config.advertise_addr.as_deref(),
+        config.listen_addr,
+    )
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    let coordination = match &config.lease_table {
+        None => tokio::sync::watch::channel(CoordinationView::single()).1,
+        Some(table) => {
+            let coordinator = coordinator(&config, &aws, table, &replica_id, &advertise_addr);
+            let view = coordinator.subscribe();
+            tasks.spawn(coordinator.run(shutdown.clone()));
+            view
+        }
+    };
+    let shared = Shared::new(replica_id, advertise_addr, coordination);
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .map_err(|source| RunError::Bind {
@@ -52,7 +75,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         addr = %config.listen_addr,
         mode = ?config.service_discovery_mode,
         replica_id = %shared.replica_id,
+        advertise_addr = %shared.advertise_addr,
         region = %aws.region,
+        lease_table = config.lease_table.as_deref().unwrap_or("-"),
         "shard-sd started"
     );
 
@@ -64,7 +89,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             concurrency: config.discovery_concurrency.into(),
         },
     );
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(discovery_loop(
         discoverer,
         shared.clone(),
@@ -87,6 +111,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     while tasks.join_next().await.is_some() {}
     tracing::info!("shard-sd stopped");
     served.map_err(RunError::Serve)
+}
+
+fn coordinator(
+    config: &Config,
+    aws: &AwsClients,
+    table: &str,
+    replica_id: &str,
+    advertise_addr: &str,
+) -> Coordinator {
+    // A renewal must fail before its renew deadline (2/3 of the lease), not after.
+    let dynamodb = aws.dynamodb(config.heartbeat_interval, config.lease_duration / 3);
+    let table = LeaseTable::new(
+        dynamodb,
+        table.trim().to_owned(),
+        config.cluster_name.clone(),
+        WallClock::with_offset_ms(config.clock_offset),
+    );
+    Coordinator::new(
+        table,
+        CoordinationConfig {
+            shard_count: config.shard_count,
+            lease: config.lease_duration,
+            heartbeat: config.heartbeat_interval,
+            create_table: config.create_table,
+            me: HolderInfo {
+                id: replica_id.to_owned(),
+                addr: advertise_addr.to_owned(),
+                weight: config.replica_weight,
+                lease: config.lease_duration,
+            },
+        },
+    )
 }
 
 /// Cancels `token` on SIGTERM (how ECS stops a task) or SIGINT.

@@ -55,6 +55,7 @@ pub struct AwsOptions {
 /// The AWS clients shard-sd uses, with their shared request accounting.
 #[derive(Clone, Debug)]
 pub struct AwsClients {
+    pub sdk: aws_config::SdkConfig,
     pub ssm: aws_sdk_ssm::Client,
     pub cloudmap: aws_sdk_servicediscovery::Client,
     pub stats: Arc<RequestStats>,
@@ -114,11 +115,41 @@ pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupE
         cloudmap = cloudmap.interceptor(NoHostPrefix);
     }
     Ok(AwsClients {
+        sdk: sdk.clone(),
         ssm: aws_sdk_ssm::Client::from_conf(ssm),
         cloudmap: aws_sdk_servicediscovery::Client::from_conf(cloudmap.build()),
         stats,
         region,
     })
+}
+
+impl AwsClients {
+    /// A DynamoDB client for leases: an attempt may take at most `attempt_timeout`
+    /// and a call with its retries `call_timeout`, so a slow table makes a renewal
+    /// fail before the renew deadline rather than after it.
+    pub fn dynamodb(
+        &self,
+        attempt_timeout: Duration,
+        call_timeout: Duration,
+    ) -> aws_sdk_dynamodb::Client {
+        let conf = aws_sdk_dynamodb::config::Builder::from(&self.sdk)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(attempt_timeout)
+                    .operation_attempt_timeout(attempt_timeout)
+                    .operation_timeout(call_timeout)
+                    .build(),
+            )
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(3)
+                    .with_initial_backoff(Duration::from_millis(50))
+                    .with_max_backoff(attempt_timeout),
+            )
+            .interceptor(CountRequests(self.stats.clone()))
+            .build();
+        aws_sdk_dynamodb::Client::from_conf(conf)
+    }
 }
 
 /// Drops the `data-` host prefix of Cloud Map's data-plane operations. Installed

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::clock::parse_offset;
+use crate::coordination::ShardCount;
 use crate::discovery::namespaces::{parse_namespace_list, NamespaceSource};
 
 /// Name of the file written in `FILE_BASED` mode, as the original sidecar named it.
@@ -156,9 +158,61 @@ pub struct Config {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub discovery_concurrency: u16,
 
-    /// Identity of this replica in status and logs; default hostname and pid.
+    /// DynamoDB table of the leases; unset: single-replica mode, no DynamoDB at all.
+    #[arg(long, env = "LEASE_TABLE", value_name = "LEASE_TABLE")]
+    pub lease_table: Option<String>,
+
+    /// Name of this group of replicas; several clusters can share one lease table.
+    #[arg(
+        long,
+        env = "CLUSTER_NAME",
+        value_name = "CLUSTER_NAME",
+        default_value = "default"
+    )]
+    pub cluster_name: String,
+
+    /// Number of shard slots, or `auto` (take the lowest free slot index, no cap).
+    #[arg(
+        long,
+        env = "SHARD_COUNT",
+        value_name = "SHARD_COUNT",
+        default_value = "auto"
+    )]
+    pub shard_count: ShardCount,
+
+    /// Identity of this replica; default the ECS task ARN, else hostname and pid.
     #[arg(long, env = "REPLICA_ID", value_name = "REPLICA_ID")]
     pub replica_id: Option<String>,
+
+    /// host:port where peers reach this replica; default the task's private IPv4 and the listen port.
+    #[arg(long, env = "ADVERTISE_ADDR", value_name = "ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Relative capacity of this replica: a slot of weight 2 gets about twice the targets.
+    #[arg(long, env = "REPLICA_WEIGHT", value_name = "REPLICA_WEIGHT", default_value = "1",
+          value_parser = parse_weight)]
+    pub replica_weight: f64,
+
+    /// Lease duration of the leader and slot leases.
+    #[arg(long, env = "LEASE_DURATION", value_name = "LEASE_DURATION", default_value = "10s",
+          value_parser = parse_interval)]
+    pub lease_duration: Duration,
+
+    /// Time between lease renewals; at most a third of LEASE_DURATION.
+    #[arg(long, env = "HEARTBEAT_INTERVAL", value_name = "HEARTBEAT_INTERVAL", default_value = "2s",
+          value_parser = parse_interval)]
+    pub heartbeat_interval: Duration,
+
+    /// Create the lease table if missing (development; production uses deploy/).
+    #[arg(long, env = "CREATE_TABLE", value_name = "CREATE_TABLE", default_value = "false",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub create_table: bool,
+
+    /// Testing aid: shifts the wall clock shard-sd reads (e.g. `+5m`). Lease decisions
+    /// never depend on it; it only changes the timestamps written into lease items.
+    #[arg(long, env = "CLOCK_OFFSET", value_name = "CLOCK_OFFSET", default_value = "0",
+          value_parser = parse_offset)]
+    pub clock_offset: i64,
 
     /// Log format: `text` for people, `json` for CloudWatch Logs. Filter with RUST_LOG.
     #[arg(
@@ -185,6 +239,18 @@ pub enum ConfigError {
              namespace list"
     )]
     EmptyParameterName,
+    #[error(
+        "LEASE_DURATION ({lease:?}) must be at least 3 x HEARTBEAT_INTERVAL ({heartbeat:?}): a \
+         holder renews every heartbeat and must survive missing one or two"
+    )]
+    LeaseTooShort {
+        lease: Duration,
+        heartbeat: Duration,
+    },
+    #[error("CLUSTER_NAME {0:?} is invalid: use 1 to 128 characters, none of them `#`")]
+    BadClusterName(String),
+    #[error("LEASE_TABLE is set but empty: name the DynamoDB table, or unset it for single-replica mode")]
+    EmptyLeaseTable,
 }
 
 impl Config {
@@ -209,32 +275,37 @@ impl Config {
 
     /// Checks what clap cannot check alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.namespace_source().map(drop)
+        self.namespace_source()?;
+        if self.lease_duration < self.heartbeat_interval * 3 {
+            return Err(ConfigError::LeaseTooShort {
+                lease: self.lease_duration,
+                heartbeat: self.heartbeat_interval,
+            });
+        }
+        let cluster = &self.cluster_name;
+        if cluster.is_empty() || cluster.len() > 128 || cluster.contains('#') {
+            return Err(ConfigError::BadClusterName(cluster.clone()));
+        }
+        if self
+            .lease_table
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError::EmptyLeaseTable);
+        }
+        Ok(())
     }
 
     pub fn file_sd_path(&self) -> PathBuf {
         self.config_file_dir.join(FILE_SD_NAME)
     }
-
-    /// The replica id: `REPLICA_ID`, else hostname and pid.
-    pub fn replica_id(&self) -> String {
-        match &self.replica_id {
-            Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
-            _ => format!("{}-{}", hostname(), std::process::id()),
-        }
-    }
 }
 
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "localhost".into())
+fn parse_weight(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(w) if w > 0.0 && w <= 1000.0 => Ok(w),
+        _ => Err("expected a number greater than 0 and at most 1000".into()),
+    }
 }
 
 /// Parses a positive interval: plain seconds (`30`, as the original sidecar took)
@@ -291,6 +362,36 @@ mod tests {
             err.contains("HEALTH_STATUS") && err.contains("HEALTHY_OR_ELSE_ALL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn lease_settings() {
+        let cfg = parse(&["--lease-duration", "5s", "--heartbeat-interval", "2s"]).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("LEASE_DURATION") && err.contains("HEARTBEAT_INTERVAL"),
+            "{err}"
+        );
+        let cfg = parse(&[
+            "--shard-count",
+            "3",
+            "--replica-weight",
+            "2.5",
+            "--create-table",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(cfg.shard_count, ShardCount::Fixed(3));
+        assert_eq!(cfg.replica_weight, 2.5);
+        assert!(cfg.create_table);
+        cfg.validate().unwrap();
+        let err = parse(&["--shard-count", "none"]).unwrap_err().to_string();
+        assert!(err.contains("SHARD_COUNT") && err.contains("auto"), "{err}");
+        assert!(parse(&["--replica-weight", "0"]).is_err());
+        assert!(parse(&["--cluster-name", "a#b"])
+            .unwrap()
+            .validate()
+            .is_err());
     }
 
     #[test]

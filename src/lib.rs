@@ -4,11 +4,16 @@
 //! Data flow: [`discovery`] reads the namespace list (SSM or static) and Cloud
 //! Map; [`targets`] turns instances and tags into target groups; [`app`]
 //! publishes them into [`state`]; [`output`] serves them to collectors.
+//! With a lease table, [`coordination`] elects a fenced leader and assigns shard
+//! slots to replicas through DynamoDB leases.
 
 pub mod app;
 pub mod aws;
+pub mod clock;
 pub mod config;
+pub mod coordination;
 pub mod discovery;
+pub mod identity;
 pub mod output;
 pub mod probe;
 pub mod state;

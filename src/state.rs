@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::coordination::CoordinationView;
 use crate::discovery::NamespaceReport;
 use crate::targets;
 
@@ -46,14 +47,23 @@ pub struct DiscoveryStatus {
 #[derive(Debug)]
 pub struct Shared {
     pub replica_id: String,
+    pub advertise_addr: String,
+    coordination: watch::Receiver<CoordinationView>,
     targets: watch::Sender<Option<Arc<Published>>>,
     status: RwLock<DiscoveryStatus>,
 }
 
 impl Shared {
-    pub fn new(replica_id: String) -> Arc<Self> {
+    /// `coordination` is the coordinator's view, or a fixed single-replica view.
+    pub fn new(
+        replica_id: String,
+        advertise_addr: String,
+        coordination: watch::Receiver<CoordinationView>,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             replica_id,
+            advertise_addr,
+            coordination,
             targets: watch::Sender::new(None),
             status: RwLock::new(DiscoveryStatus::default()),
         })
@@ -83,6 +93,10 @@ impl Shared {
             }));
             true
         })
+    }
+
+    pub fn coordination(&self) -> CoordinationView {
+        self.coordination.borrow().clone()
     }
 
     pub fn is_ready(&self) -> bool {

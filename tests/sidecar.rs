@@ -101,7 +101,15 @@ async fn http_sd_contract_readiness_and_status() {
     let client = http();
 
     // The parameter does not exist yet: 503 (Prometheus keeps its previous list), not ready.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let status = common::wait_for("a first failed cycle", Duration::from_secs(10), || async {
+        let status = sd.status().await;
+        status["last_discovery"]["errors"]
+            .to_string()
+            .contains("ECS-Namespaces")
+            .then_some(status)
+    })
+    .await;
+    assert_eq!(status["ready"], false);
     let resp = client
         .get(sd.url("/prometheus-targets"))
         .send()
@@ -124,11 +132,8 @@ async fn http_sd_contract_readiness_and_status() {
     assert_eq!(
         probe(&sd.url("/readyz")),
         Some(1),
-        "probe passes before readiness"
+        "the probe must fail before readiness"
     );
-    let status = sd.status().await;
-    let errors = status["last_discovery"]["errors"].to_string();
-    assert!(errors.contains("ECS-Namespaces"), "{status}");
 
     cm.put_namespaces_parameter("ECS-Namespaces", "ecs-services")
         .await;

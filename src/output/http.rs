@@ -82,9 +82,17 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
 async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let published = shared.targets();
     let status = shared.status();
+    let coordination = shared.coordination();
     Json(json!({
         "replica_id": shared.replica_id,
-        "role": "single",
+        "advertise_addr": shared.advertise_addr,
+        "role": coordination.role,
+        "slot": coordination.slot,
+        "term": coordination.term,
+        "leader_id": coordination.leader_id,
+        "leader_addr": coordination.leader_addr,
+        "live_slots": coordination.live_slots,
+        "coordination_error": coordination.error,
         "version": env!("CARGO_PKG_VERSION"),
         "ready": published.is_some(),
         "targets": published.as_ref().map_or(0, |p| p.targets),

@@ -31,6 +31,12 @@ pub enum Fault {
     },
     /// Never answer (the client times out).
     Hang,
+    /// Forward the next `remaining` requests of `op` to moto, then never answer them:
+    /// the request takes effect but the client sees a timeout.
+    DropResponse {
+        op: String,
+        remaining: u32,
+    },
 }
 
 struct ProxyState {
@@ -129,6 +135,13 @@ fn take_fault(state: &ProxyState, op: &str) -> Fault {
             }
         }
         Fault::Fail { op: f } if matches(f) => Fault::Fail { op: None },
+        Fault::DropResponse { op: f, remaining } if f == op && *remaining > 0 => {
+            *remaining -= 1;
+            Fault::DropResponse {
+                op: op.to_owned(),
+                remaining: 1,
+            }
+        }
         Fault::Hang => Fault::Hang,
         _ => Fault::None,
     }
@@ -149,12 +162,13 @@ async fn handle(
         .to_owned();
     *state.counts.lock().unwrap().entry(op.clone()).or_default() += 1;
 
-    match take_fault(&state, &op) {
+    let fault = take_fault(&state, &op);
+    match &fault {
         Fault::Throttle { code, .. } => {
             return json_response(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"__type": code, "message": "Rate exceeded"}),
-            )
+            );
         }
         Fault::Fail { .. } => {
             return json_response(
@@ -165,7 +179,7 @@ async fn handle(
         Fault::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
-        Fault::None => {}
+        Fault::DropResponse { .. } | Fault::None => {}
     }
 
     let mut request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -195,6 +209,9 @@ async fn handle(
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
+    if matches!(fault, Fault::DropResponse { .. }) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     let status = resp.status();
     let resp_headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap_or_default();

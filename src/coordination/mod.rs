@@ -1,0 +1,678 @@
+//! Coordination between replicas through DynamoDB leases: one fenced leader and
+//! a fixed set of shard slots.
+//!
+//! Safety rests on two clocks never being compared across machines:
+//! - a holder counts its lease from the moment it *sent* its last successful
+//!   renewal and stops acting as holder after 2/3 of the lease duration
+//!   (the renew deadline);
+//! - a contender takes over an item only after it has seen the item's record
+//!   version unchanged for a full lease duration on its own monotonic clock,
+//!   counted from when it first *received* that version, and then only with a
+//!   write conditional on that version.
+//!
+//! The first moment a contender can take over is therefore at least one full
+//! lease after the holder's last renewal was sent, and the holder stopped
+//! acting a third of a lease before that. Every acquisition of the leader item
+//! increments its term, the fencing token leader actions carry.
+
+pub mod lease;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use lease::{HolderInfo, LeaseError, LeaseItem, LeaseTable};
+
+/// How many slots exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardCount {
+    /// Take the lowest free slot index; every replica holds a slot.
+    Auto,
+    /// Slots `0..N`; replicas beyond N are standbys.
+    Fixed(u32),
+}
+
+impl std::str::FromStr for ShardCount {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("auto") {
+            return Ok(ShardCount::Auto);
+        }
+        match raw.parse::<u32>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(ShardCount::Fixed(n)),
+            _ => Err("expected `auto` or a number of slots from 1 to 1024".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CoordinationConfig {
+    pub shard_count: ShardCount,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub create_table: bool,
+    pub me: HolderInfo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// No lease table: one replica serves everything.
+    Single,
+    Leader,
+    Follower,
+    Standby,
+}
+
+/// A slot the leader sees alive.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LiveSlot {
+    pub slot: u32,
+    pub holder: String,
+    pub addr: String,
+    pub weight: f64,
+}
+
+/// What this replica knows about coordination, as `/v1/status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CoordinationView {
+    pub role: Role,
+    pub slot: Option<u32>,
+    /// The leader's term: ours when leading, else the one last seen on the leader item.
+    pub term: Option<u64>,
+    pub leader_id: Option<String>,
+    pub leader_addr: Option<String>,
+    /// Leader only: the slots whose record versions move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_slots: Option<Vec<LiveSlot>>,
+    /// The last coordination error, if the last attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CoordinationView {
+    pub fn single() -> Self {
+        CoordinationView {
+            role: Role::Single,
+            slot: None,
+            term: None,
+            leader_id: None,
+            leader_addr: None,
+            live_slots: None,
+            error: None,
+        }
+    }
+
+    fn starting() -> Self {
+        CoordinationView {
+            role: Role::Standby,
+            ..Self::single()
+        }
+    }
+}
+
+/// When each item's current record version was first received.
+#[derive(Debug, Default)]
+pub struct Observer {
+    seen: HashMap<String, (String, Instant)>,
+}
+
+impl Observer {
+    /// Records `item` as received at `at`; the clock restarts when its version moved.
+    pub fn observe(&mut self, item: &LeaseItem, at: Instant) {
+        let moved = self
+            .seen
+            .get(&item.pk)
+            .is_none_or(|(rvn, _)| *rvn != item.rvn);
+        if moved {
+            self.seen.insert(item.pk.clone(), (item.rvn.clone(), at));
+        }
+    }
+
+    /// When `item` may be taken over if its version does not move: a full lease
+    /// after its current version was first received.
+    pub fn expires_at(&self, item: &LeaseItem, default_lease: Duration) -> Option<Instant> {
+        let (rvn, since) = self.seen.get(&item.pk)?;
+        let lease = if item.lease.is_zero() {
+            default_lease
+        } else {
+            item.lease
+        };
+        (*rvn == item.rvn).then_some(*since + lease)
+    }
+}
+
+/// What a contender may do with an item.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// Missing: acquire with `attribute_not_exists`.
+    Missing,
+    /// Released, expired, or left by an earlier incarnation of this holder: acquire
+    /// conditional on the version seen.
+    Takeable(LeaseItem),
+    /// Held and alive; may be taken at the given time if its version stays put.
+    Held { until: Instant },
+}
+
+pub fn claim(
+    item: Option<&LeaseItem>,
+    observer: &Observer,
+    now: Instant,
+    me: &str,
+    default_lease: Duration,
+) -> Claim {
+    let Some(item) = item else {
+        return Claim::Missing;
+    };
+    if item.released || item.holder.is_empty() || item.holder == me {
+        return Claim::Takeable(item.clone());
+    }
+    match observer.expires_at(item, default_lease) {
+        Some(until) if until <= now => Claim::Takeable(item.clone()),
+        Some(until) => Claim::Held { until },
+        // Not observed yet: a full lease from now.
+        None => Claim::Held {
+            until: now + default_lease,
+        },
+    }
+}
+
+/// A lease this replica holds.
+#[derive(Clone, Debug)]
+struct Held {
+    item: LeaseItem,
+    /// When the write that last renewed (or acquired) it was sent.
+    renewed_sent: Instant,
+}
+
+impl Held {
+    /// Acting as holder is allowed until 2/3 of the lease after the last renewal was sent.
+    fn deadline(&self) -> Instant {
+        self.renewed_sent + self.item.lease * 2 / 3
+    }
+
+    fn is_valid(&self, now: Instant) -> bool {
+        now < self.deadline()
+    }
+}
+
+/// The coordination loop of one replica.
+pub struct Coordinator {
+    table: LeaseTable,
+    cfg: CoordinationConfig,
+    leader: Option<Held>,
+    slot: Option<(u32, Held)>,
+    observer: Observer,
+    /// Highest slot index known to exist (auto mode reads one beyond it).
+    highest_slot: u32,
+    view: watch::Sender<CoordinationView>,
+    last_error: Option<String>,
+    last_live: Option<Vec<LiveSlot>>,
+}
+
+impl Coordinator {
+    pub fn new(table: LeaseTable, cfg: CoordinationConfig) -> Self {
+        Coordinator {
+            table,
+            cfg,
+            leader: None,
+            slot: None,
+            observer: Observer::default(),
+            highest_slot: 0,
+            view: watch::Sender::new(CoordinationView::starting()),
+            last_error: None,
+            last_live: None,
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<CoordinationView> {
+        self.view.subscribe()
+    }
+
+    /// Runs until `shutdown`, then releases what it holds so successors need not wait a lease.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        if self.cfg.create_table {
+            if let Err(err) = self.table.create_if_missing().await {
+                self.report_error(&err);
+            }
+        }
+        loop {
+            let wake = self.step().await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.release_all().await;
+    }
+
+    /// One heartbeat: enforce deadlines, renew, read, acquire, act. Returns when to wake.
+    async fn step(&mut self) -> Instant {
+        let started = Instant::now();
+        self.enforce_deadlines(started);
+        self.renew_held().await;
+
+        let mut wake = Instant::now() + self.cfg.heartbeat;
+        match self.read_items().await {
+            Ok(items) => {
+                self.clear_error();
+                if let Some(at) = self.acquire(&items).await {
+                    wake = wake.min(at);
+                }
+                self.act_as_leader(&items);
+                self.publish_view(&items);
+            }
+            Err(err) => {
+                self.report_error(&err);
+                self.publish_view(&HashMap::new());
+            }
+        }
+        wake
+    }
+
+    /// Drops leases whose renew deadline passed: this replica stops acting as their
+    /// holder before anyone else may take them over.
+    fn enforce_deadlines(&mut self, now: Instant) {
+        if self.leader.as_ref().is_some_and(|h| !h.is_valid(now)) {
+            let held = self.leader.take();
+            tracing::warn!(
+                term = held.map(|h| h.item.term),
+                "leader lease not renewed within its deadline: no longer acting as leader"
+            );
+        }
+        if self.slot.as_ref().is_some_and(|(_, h)| !h.is_valid(now)) {
+            if let Some((slot, _)) = self.slot.take() {
+                tracing::warn!(
+                    slot,
+                    "slot lease not renewed within its deadline: slot given up"
+                );
+            }
+        }
+    }
+
+    async fn renew_held(&mut self) {
+        if let Some(held) = self.leader.clone() {
+            self.leader = self.renew_one(held, "leader").await;
+            if self.leader.is_none() {
+                self.last_live = None;
+            }
+        }
+        if let Some((slot, held)) = self.slot.clone() {
+            self.slot = self.renew_one(held, "slot").await.map(|h| (slot, h));
+        }
+    }
+
+    async fn renew_one(&mut self, held: Held, what: &str) -> Option<Held> {
+        let sent = Instant::now();
+        match self.table.renew(&held.item, &self.cfg.me).await {
+            Ok(item) => Some(Held {
+                item,
+                renewed_sent: sent,
+            }),
+            Err(LeaseError::Lost { pk }) => {
+                tracing::warn!(pk = %pk, "{what} lease lost to another replica");
+                None
+            }
+            Err(err) => {
+                // Keep it until its deadline; the next heartbeat tries again.
+                tracing::warn!("renewing {what} lease failed: {err}");
+                self.report_error(&err);
+                Some(held)
+            }
+        }
+    }
+
+    fn slot_keys(&self) -> Vec<(u32, String)> {
+        let count = match self.cfg.shard_count {
+            ShardCount::Fixed(n) => n,
+            ShardCount::Auto => self.highest_slot + 2,
+        };
+        (0..count).map(|k| (k, self.table.slot_pk(k))).collect()
+    }
+
+    /// Reads the leader and slot items; in auto mode, reads further until a slot
+    /// index that does not exist is found.
+    async fn read_items(&mut self) -> Result<HashMap<String, LeaseItem>, LeaseError> {
+        let mut pks: Vec<String> = vec![self.table.leader_pk()];
+        pks.extend(self.slot_keys().into_iter().map(|(_, pk)| pk));
+        let mut items = self.table.read(&pks).await?;
+        if self.cfg.shard_count == ShardCount::Auto {
+            // Read on until a slot index that does not exist.
+            let mut last = self.highest_slot + 1;
+            while items.contains_key(&self.table.slot_pk(last)) {
+                let extra: Vec<String> = (last + 1..=last + 16)
+                    .map(|k| self.table.slot_pk(k))
+                    .collect();
+                items.extend(self.table.read(&extra).await?);
+                last += 16;
+            }
+            self.highest_slot = items
+                .keys()
+                .filter_map(|pk| self.table.slot_of(pk))
+                .max()
+                .unwrap_or(0);
+        }
+        let received = Instant::now();
+        for item in items.values() {
+            self.observer.observe(item, received);
+        }
+        Ok(items)
+    }
+
+    /// Tries to take the leader lease and, without a slot, a slot. Returns the
+    /// earliest time a lease it waits for could be taken over.
+    async fn acquire(&mut self, items: &HashMap<String, LeaseItem>) -> Option<Instant> {
+        let now = Instant::now();
+        let me = self.cfg.me.id.clone();
+        let mut wake: Option<Instant> = None;
+        let mut wait_for =
+            |until: Instant| wake = Some(wake.map_or(until, |w: Instant| w.min(until)));
+
+        if self.leader.is_none() {
+            let pk = self.table.leader_pk();
+            match claim(items.get(&pk), &self.observer, now, &me, self.cfg.lease) {
+                Claim::Held { until } => wait_for(until),
+                claim => {
+                    let seen = match &claim {
+                        Claim::Takeable(item) => Some(item),
+                        _ => None,
+                    };
+                    if let Some(held) = self.try_acquire(&pk, seen).await {
+                        tracing::info!(
+                            term = held.item.term,
+                            previous = seen.map(|s| s.holder.as_str()).unwrap_or(""),
+                            "became leader"
+                        );
+                        self.leader = Some(held);
+                    }
+                }
+            }
+        }
+
+        if self.slot.is_none() {
+            for (slot, pk) in self.slot_keys() {
+                match claim(items.get(&pk), &self.observer, now, &me, self.cfg.lease) {
+                    Claim::Held { until } => wait_for(until),
+                    claim => {
+                        let seen = match &claim {
+                            Claim::Takeable(item) => Some(item),
+                            _ => None,
+                        };
+                        if let Some(held) = self.try_acquire(&pk, seen).await {
+                            tracing::info!(
+                                slot,
+                                previous = seen.map(|s| s.holder.as_str()).unwrap_or(""),
+                                "took slot"
+                            );
+                            self.slot = Some((slot, held));
+                            self.highest_slot = self.highest_slot.max(slot);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Only wait early for leases we still want.
+        (self.leader.is_none() || self.slot.is_none())
+            .then_some(wake)
+            .flatten()
+    }
+
+    async fn try_acquire(&mut self, pk: &str, seen: Option<&LeaseItem>) -> Option<Held> {
+        let sent = Instant::now();
+        match self.table.acquire(pk, seen, &self.cfg.me).await {
+            Ok(item) => {
+                self.observer.observe(&item, sent);
+                Some(Held {
+                    item,
+                    renewed_sent: sent,
+                })
+            }
+            Err(LeaseError::Lost { .. }) => None,
+            Err(err) => {
+                self.report_error(&err);
+                None
+            }
+        }
+    }
+
+    /// The slots alive now: held, not released, version moved within a lease.
+    fn live_slots(&self, items: &HashMap<String, LeaseItem>, now: Instant) -> Vec<LiveSlot> {
+        let mut live: Vec<LiveSlot> = items
+            .values()
+            .filter_map(|item| {
+                let slot = self.table.slot_of(&item.pk)?;
+                if let ShardCount::Fixed(n) = self.cfg.shard_count {
+                    if slot >= n {
+                        return None;
+                    }
+                }
+                let alive = !item.released
+                    && !item.holder.is_empty()
+                    && self
+                        .observer
+                        .expires_at(item, self.cfg.lease)
+                        .is_some_and(|until| until > now);
+                alive.then(|| LiveSlot {
+                    slot,
+                    holder: item.holder.clone(),
+                    addr: item.addr.clone(),
+                    weight: item.weight,
+                })
+            })
+            .collect();
+        live.sort_by_key(|s| s.slot);
+        live
+    }
+
+    /// The leader's work each heartbeat, fenced by its term: judge which slots live.
+    fn act_as_leader(&mut self, items: &HashMap<String, LeaseItem>) {
+        let now = Instant::now();
+        let Some(term) = self
+            .leader
+            .as_ref()
+            .filter(|h| h.is_valid(now))
+            .map(|h| h.item.term)
+        else {
+            return;
+        };
+        let live = self.live_slots(items, now);
+        tracing::debug!(target: "leader_action", term, live_slots = live.len(), "leader acting");
+        if self.last_live.as_ref() != Some(&live) {
+            tracing::info!(
+                term,
+                slots = ?live.iter().map(|s| (s.slot, s.holder.as_str())).collect::<Vec<_>>(),
+                "live slots changed"
+            );
+            self.last_live = Some(live);
+        }
+    }
+
+    fn publish_view(&mut self, items: &HashMap<String, LeaseItem>) {
+        let now = Instant::now();
+        let leading = self.leader.as_ref().filter(|h| h.is_valid(now));
+        let leader_item = leading.map(|h| h.item.clone()).or_else(|| {
+            items
+                .get(&self.table.leader_pk())
+                .filter(|i| !i.released && !i.holder.is_empty())
+                .cloned()
+        });
+        let slot = self
+            .slot
+            .as_ref()
+            .filter(|(_, h)| h.is_valid(now))
+            .map(|(k, _)| *k);
+        let role = match (leading.is_some(), slot.is_some()) {
+            (true, _) => Role::Leader,
+            (false, true) => Role::Follower,
+            (false, false) => Role::Standby,
+        };
+        let view = CoordinationView {
+            role,
+            slot,
+            term: leader_item.as_ref().map(|i| i.term),
+            leader_id: leader_item.as_ref().map(|i| i.holder.clone()),
+            leader_addr: leader_item.as_ref().map(|i| i.addr.clone()),
+            live_slots: leading.and(self.last_live.clone()),
+            error: self.last_error.clone(),
+        };
+        self.view.send_if_modified(|current| {
+            let changed = *current != view;
+            *current = view;
+            changed
+        });
+    }
+
+    fn report_error(&mut self, err: &LeaseError) {
+        let msg = err.to_string();
+        if self.last_error.as_deref() != Some(&msg) {
+            if err.is_configuration() {
+                tracing::error!("{msg}");
+            } else {
+                tracing::warn!("{msg}");
+            }
+        }
+        self.last_error = Some(msg);
+    }
+
+    fn clear_error(&mut self) {
+        if self.last_error.take().is_some() {
+            tracing::info!("DynamoDB lease table reachable again");
+        }
+    }
+
+    /// Conditional releases on shutdown (SIGTERM), so successors take over at once.
+    async fn release_all(&mut self) {
+        let now = Instant::now();
+        if let Some((slot, held)) = self.slot.take().filter(|(_, h)| h.is_valid(now)) {
+            match self.table.release(&held.item, &self.cfg.me).await {
+                Ok(_) => tracing::info!(slot, "released slot"),
+                Err(err) => tracing::warn!(slot, "releasing slot failed: {err}"),
+            }
+        }
+        if let Some(held) = self.leader.take().filter(|h| h.is_valid(now)) {
+            match self.table.release(&held.item, &self.cfg.me).await {
+                Ok(_) => tracing::info!(term = held.item.term, "released leadership"),
+                Err(err) => tracing::warn!("releasing leadership failed: {err}"),
+            }
+        }
+        self.view.send_replace(CoordinationView::starting());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(pk: &str, holder: &str, rvn: &str) -> LeaseItem {
+        LeaseItem {
+            pk: pk.into(),
+            holder: holder.into(),
+            addr: "127.0.0.1:9001".into(),
+            weight: 1.0,
+            rvn: rvn.into(),
+            lease: Duration::from_secs(10),
+            term: 3,
+            released: false,
+            renewed_at_ms: 0,
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn shard_count_parsing() {
+        assert_eq!("auto".parse(), Ok(ShardCount::Auto));
+        assert_eq!(" AUTO ".parse(), Ok(ShardCount::Auto));
+        assert_eq!("3".parse(), Ok(ShardCount::Fixed(3)));
+        assert!("0".parse::<ShardCount>().is_err());
+        assert!("many".parse::<ShardCount>().is_err());
+    }
+
+    #[test]
+    fn a_live_lease_is_taken_only_after_a_full_unchanged_lease() {
+        let t0 = Instant::now();
+        let mut obs = Observer::default();
+        let a = item("c#leader", "a", "v1");
+        obs.observe(&a, t0);
+        assert_eq!(
+            claim(Some(&a), &obs, t0 + LEASE / 2, "b", LEASE),
+            Claim::Held { until: t0 + LEASE }
+        );
+        // The holder renews: the clock restarts from when the new version was seen.
+        let a2 = item("c#leader", "a", "v2");
+        obs.observe(&a2, t0 + LEASE / 2);
+        assert_eq!(
+            claim(Some(&a2), &obs, t0 + LEASE, "b", LEASE),
+            Claim::Held {
+                until: t0 + LEASE / 2 + LEASE
+            }
+        );
+        // Seeing the same version again does not restart it.
+        obs.observe(&a2, t0 + LEASE);
+        assert_eq!(
+            claim(Some(&a2), &obs, t0 + LEASE / 2 + LEASE, "b", LEASE),
+            Claim::Takeable(a2.clone())
+        );
+    }
+
+    #[test]
+    fn missing_released_and_own_items_are_takeable_at_once() {
+        let obs = Observer::default();
+        let now = Instant::now();
+        assert_eq!(claim(None, &obs, now, "b", LEASE), Claim::Missing);
+        let mut released = item("c#slot#0", "a", "v1");
+        released.released = true;
+        assert_eq!(
+            claim(Some(&released), &obs, now, "b", LEASE),
+            Claim::Takeable(released.clone())
+        );
+        let own = item("c#slot#0", "b", "v1");
+        assert_eq!(
+            claim(Some(&own), &obs, now, "b", LEASE),
+            Claim::Takeable(own.clone())
+        );
+        // Never observed before: wait a full lease from now.
+        let other = item("c#slot#0", "a", "v1");
+        assert_eq!(
+            claim(Some(&other), &obs, now, "b", LEASE),
+            Claim::Held { until: now + LEASE }
+        );
+    }
+
+    #[test]
+    fn the_holder_stops_a_third_of_a_lease_before_anyone_may_take_over() {
+        let sent = Instant::now();
+        let held = Held {
+            item: item("c#leader", "a", "v1"),
+            renewed_sent: sent,
+        };
+        assert!(held.is_valid(sent + LEASE / 2));
+        assert!(!held.is_valid(sent + LEASE * 2 / 3));
+        // The earliest takeover: the contender first receives the version no earlier than it was sent.
+        let mut obs = Observer::default();
+        obs.observe(&held.item, sent);
+        let Claim::Held { until } = claim(Some(&held.item), &obs, sent, "b", LEASE) else {
+            panic!("held lease must not be takeable");
+        };
+        assert!(until >= held.deadline() + LEASE / 3);
+    }
+
+    #[test]
+    fn item_lease_duration_wins_over_the_observers() {
+        let t0 = Instant::now();
+        let mut obs = Observer::default();
+        let mut long = item("c#leader", "a", "v1");
+        long.lease = Duration::from_secs(30);
+        obs.observe(&long, t0);
+        assert_eq!(
+            obs.expires_at(&long, LEASE),
+            Some(t0 + Duration::from_secs(30))
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! Lease item operations against DynamoDB on moto, through the real SDK.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use common::proxy::{AwsProxy, Fault};
+use common::Moto;
+use shard_sd::clock::WallClock;
+use shard_sd::coordination::lease::{HolderInfo, LeaseError, LeaseTable};
+
+fn holder(id: &str) -> HolderInfo {
+    HolderInfo {
+        id: id.into(),
+        addr: format!("127.0.0.1:{}", 9000 + id.len()),
+        weight: 1.0,
+        lease: Duration::from_secs(3),
+    }
+}
+
+async fn table(endpoint: &str, clock: WallClock) -> LeaseTable {
+    let sdk = common::sdk_config(endpoint).await;
+    let aws = shard_sd::aws::clients_from(&sdk).expect("clients");
+    let table = LeaseTable::new(
+        aws.dynamodb(Duration::from_millis(500), Duration::from_secs(3)),
+        "leases".into(),
+        "test".into(),
+        clock,
+    );
+    table.create_if_missing().await.expect("create table");
+    table
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conditional_acquire_renew_release() {
+    let moto = Moto::start().await;
+    let t = table(&moto.endpoint, WallClock::default()).await;
+    let (a, b) = (holder("a"), holder("bb"));
+    let pk = t.leader_pk();
+
+    let first = t
+        .acquire(&pk, None, &a)
+        .await
+        .expect("acquire missing item");
+    assert_eq!(first.term, 1);
+    // A second acquisition of a missing item loses: it exists now.
+    assert!(matches!(
+        t.acquire(&pk, None, &b).await,
+        Err(LeaseError::Lost { .. })
+    ));
+
+    let renewed = t.renew(&first, &a).await.expect("renew");
+    assert_ne!(renewed.rvn, first.rvn);
+    // Renewing from a stale version, or as someone else, is a loss.
+    assert!(matches!(
+        t.renew(&first, &a).await,
+        Err(LeaseError::Lost { .. })
+    ));
+    assert!(matches!(
+        t.renew(&renewed, &b).await,
+        Err(LeaseError::Lost { .. })
+    ));
+    // Taking over needs the current version.
+    assert!(matches!(
+        t.acquire(&pk, Some(&first), &b).await,
+        Err(LeaseError::Lost { .. })
+    ));
+
+    let released = t.release(&renewed, &a).await.expect("release");
+    let items = t.read(std::slice::from_ref(&pk)).await.expect("read");
+    let stored = &items[&pk];
+    assert!(stored.released);
+    assert_eq!(stored.term, 1, "release keeps the term");
+    assert_eq!(stored.rvn, released.rvn);
+
+    let taken = t
+        .acquire(&pk, Some(stored), &b)
+        .await
+        .expect("acquire released");
+    assert_eq!(taken.term, 2, "each acquisition increments the term");
+    assert_eq!(
+        t.read(std::slice::from_ref(&pk)).await.unwrap()[&pk].holder,
+        "bb"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_renewal_that_had_succeeded_is_recognised() {
+    let moto = Moto::start().await;
+    let proxy = AwsProxy::start(&moto.endpoint).await;
+    let direct = table(&moto.endpoint, WallClock::default()).await;
+    let t = table(&proxy.endpoint, WallClock::default()).await;
+    let a = holder("a");
+    let held = t.acquire(&t.slot_pk(0), None, &a).await.expect("acquire");
+
+    // The first attempt reaches DynamoDB but its answer is lost; the SDK retries the
+    // same write, which now fails its condition. ALL_OLD shows our own new version.
+    proxy.set_fault(Fault::DropResponse {
+        op: "UpdateItem".into(),
+        remaining: 1,
+    });
+    proxy.reset_counts();
+    let renewed = t
+        .renew(&held, &a)
+        .await
+        .expect("retried success is a success");
+    assert_eq!(proxy.counts()["UpdateItem"], 2, "the SDK retried once");
+    let stored = direct.read(&[t.slot_pk(0)]).await.unwrap()[&t.slot_pk(0)].clone();
+    assert_eq!(stored.rvn, renewed.rvn);
+
+    // A real loss is still a loss: someone else took the item meanwhile.
+    let b = holder("bb");
+    direct
+        .acquire(&t.slot_pk(0), Some(&stored), &b)
+        .await
+        .expect("take over");
+    assert!(matches!(
+        t.renew(&renewed, &a).await,
+        Err(LeaseError::Lost { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wall_clock_offset_is_only_written_down() {
+    let moto = Moto::start().await;
+    let skewed = table(&moto.endpoint, WallClock::with_offset_ms(10 * 60_000)).await;
+    let item = skewed
+        .acquire(&skewed.leader_pk(), None, &holder("a"))
+        .await
+        .unwrap();
+    let now = WallClock::default().now_ms();
+    assert!((item.renewed_at_ms - now - 600_000).abs() < 5_000);
+
+    let sdk = moto.sdk_config().await;
+    let raw = aws_sdk_dynamodb::Client::new(&sdk)
+        .get_item()
+        .table_name("leases")
+        .key("pk", AttributeValue::S(skewed.leader_pk()))
+        .send()
+        .await
+        .unwrap();
+    let stored: i64 = raw.item().unwrap()["renewed_at"]
+        .as_n()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(stored, item.renewed_at_ms);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_table_is_named_with_the_fix() {
+    let moto = Moto::start().await;
+    let sdk = common::sdk_config(&moto.endpoint).await;
+    let aws = shard_sd::aws::clients_from(&sdk).unwrap();
+    let t = LeaseTable::new(
+        aws.dynamodb(Duration::from_millis(500), Duration::from_secs(3)),
+        "no-such-table".into(),
+        "test".into(),
+        WallClock::default(),
+    );
+    let err = t.read(&[t.leader_pk()]).await.unwrap_err();
+    assert!(err.is_configuration());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"no-such-table\"") && msg.contains("CREATE_TABLE"),
+        "{msg}"
+    );
+}
