@@ -1,0 +1,490 @@
+//! Coordination with real processes sharing a DynamoDB table on moto: contention,
+//! SIGKILL, SIGSTOP/SIGCONT, clock skew and SIGTERM.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{aws_env, wait_for, Moto, ShardSd};
+use serde_json::Value;
+
+const LEASE: Duration = Duration::from_secs(3);
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+async fn replica(moto: &Moto, id: &str, shard_count: &str, extra: &[(&str, &str)]) -> ShardSd {
+    let mut env = aws_env(&moto.endpoint);
+    env.retain(|(k, _)| k != "RUST_LOG");
+    for (k, v) in [
+        ("LEASE_TABLE", "leases"),
+        ("CREATE_TABLE", "true"),
+        ("CLUSTER_NAME", "test"),
+        ("SHARD_COUNT", shard_count),
+        ("REPLICA_ID", id),
+        ("LEASE_DURATION", "3s"),
+        ("HEARTBEAT_INTERVAL", "500ms"),
+        ("DISCOVERY_NAMESPACES", "ecs-services"),
+        ("CONFIG_RELOAD_FREQUENCY", "5"),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,leader_action=debug"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ShardSd::start(id, &env).await
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Seen {
+    role: String,
+    slot: Option<u64>,
+    term: Option<u64>,
+}
+
+async fn observe(replicas: &[&ShardSd]) -> BTreeMap<String, Seen> {
+    let mut out = BTreeMap::new();
+    for r in replicas {
+        let s = r.status().await;
+        out.insert(
+            s["replica_id"].as_str().unwrap_or_default().to_owned(),
+            Seen {
+                role: s["role"].as_str().unwrap_or_default().to_owned(),
+                slot: s["slot"].as_u64(),
+                term: s["term"].as_u64(),
+            },
+        );
+    }
+    out
+}
+
+fn leaders(seen: &BTreeMap<String, Seen>) -> Vec<&String> {
+    seen.iter()
+        .filter(|(_, s)| s.role == "leader")
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Checks the invariants of one observation and returns whether it is settled:
+/// one leader, `slots` distinct slots held, the rest standbys.
+fn check(seen: &BTreeMap<String, Seen>, slots: usize) -> bool {
+    assert!(leaders(seen).len() <= 1, "two leaders at once: {seen:?}");
+    let mut held: Vec<u64> = seen.values().filter_map(|s| s.slot).collect();
+    let n = held.len();
+    held.sort();
+    held.dedup();
+    assert_eq!(held.len(), n, "a slot held twice: {seen:?}");
+    assert!(
+        held.iter().all(|s| (*s as usize) < slots),
+        "slot out of range: {seen:?}"
+    );
+    leaders(seen).len() == 1 && n == slots.min(seen.len())
+}
+
+async fn settle(replicas: &[&ShardSd], slots: usize) -> BTreeMap<String, Seen> {
+    wait_for(
+        "one leader and all slots held",
+        Duration::from_secs(20),
+        || async {
+            let seen = observe(replicas).await;
+            check(&seen, slots).then_some(seen)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_then_five_replicas_contend_for_three_slots() {
+    let moto = Moto::start().await;
+    let mut rs = Vec::new();
+    for i in 0..3 {
+        rs.push(replica(&moto, &format!("r{i}"), "3", &[]).await);
+    }
+    let refs: Vec<&ShardSd> = rs.iter().collect();
+    settle(&refs, 3).await;
+    for _ in 0..20 {
+        let seen = observe(&refs).await;
+        assert!(check(&seen, 3), "not settled: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for i in 3..5 {
+        rs.push(replica(&moto, &format!("r{i}"), "3", &[]).await);
+    }
+    let refs: Vec<&ShardSd> = rs.iter().collect();
+    let mut last = settle(&refs, 3).await;
+    for _ in 0..30 {
+        let seen = observe(&refs).await;
+        assert!(check(&seen, 3), "not settled: {seen:?}");
+        assert_eq!(
+            seen.values().filter(|s| s.role == "standby").count(),
+            2,
+            "{seen:?}"
+        );
+        // Nothing moves in a steady state.
+        assert_eq!(seen, last);
+        last = seen;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The leader sees the three live slots.
+    let leader = rs
+        .iter()
+        .find(|r| last[&r.proc.name_id()].role == "leader")
+        .unwrap();
+    let status = leader.status().await;
+    assert_eq!(
+        status["live_slots"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+}
+
+trait NameId {
+    fn name_id(&self) -> String;
+}
+
+impl NameId for common::Proc {
+    /// The replica id this harness gave the process (`shard-sd-<id>-<port>`).
+    fn name_id(&self) -> String {
+        self.name.split('-').nth(2).unwrap_or_default().to_owned()
+    }
+}
+
+/// Polls `replicas` until one is leader with a term above `old_term`; returns (id, term).
+async fn new_leader(replicas: &[&ShardSd], old_term: u64, timeout: Duration) -> (String, u64) {
+    wait_for("a new leader", timeout, || async {
+        let seen = observe(replicas).await;
+        assert!(leaders(&seen).len() <= 1, "two leaders: {seen:?}");
+        seen.into_iter()
+            .find(|(_, s)| s.role == "leader" && s.term.is_some_and(|t| t > old_term))
+            .map(|(id, s)| (id, s.term.unwrap_or(0)))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_of_the_leader_or_a_slot_holder_is_taken_over_within_lease_plus_heartbeat() {
+    let moto = Moto::start().await;
+    let mut rs = Vec::new();
+    for i in 0..4 {
+        rs.push(Some(replica(&moto, &format!("r{i}"), "3", &[]).await));
+    }
+    let all: Vec<&ShardSd> = rs.iter().flatten().collect();
+    let seen = settle(&all, 3).await;
+    let leader_id = leaders(&seen)[0].clone();
+    let old_term = seen[&leader_id].term.unwrap();
+
+    // SIGKILL the leader.
+    let idx = rs
+        .iter()
+        .position(|r| r.as_ref().is_some_and(|r| r.proc.name_id() == leader_id))
+        .unwrap();
+    let killed_at = Instant::now();
+    rs[idx].as_ref().unwrap().proc.signal(libc::SIGKILL);
+    let rest: Vec<&ShardSd> = rs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != idx)
+        .filter_map(|(_, r)| r.as_ref())
+        .collect();
+    let (new_id, new_term) = new_leader(&rest, old_term, LEASE * 3).await;
+    let leader_gap = killed_at.elapsed();
+    println!("MEASURE leader SIGKILL -> new leader {new_id} term {new_term}: {leader_gap:?}");
+    assert!(new_term > old_term);
+    // Bound: lease + one heartbeat, plus the 50 ms status polling of this test.
+    assert!(
+        leader_gap <= LEASE + HEARTBEAT + Duration::from_millis(300),
+        "{leader_gap:?}"
+    );
+    // The dead leader's slot went to the standby.
+    let seen = settle(&rest, 3).await;
+    assert_eq!(seen.values().filter(|s| s.slot.is_some()).count(), 3);
+    rs[idx] = None;
+
+    // SIGKILL a slot holder that is not the leader: no standby left, so start one.
+    rs.push(Some(replica(&moto, "r4", "3", &[]).await));
+    let all: Vec<&ShardSd> = rs.iter().flatten().collect();
+    let seen = settle(&all, 3).await;
+    let (victim, victim_slot) = seen
+        .iter()
+        .find(|(_, s)| s.role == "follower")
+        .map(|(id, s)| (id.clone(), s.slot.unwrap()))
+        .unwrap();
+    let idx = rs
+        .iter()
+        .position(|r| r.as_ref().is_some_and(|r| r.proc.name_id() == victim))
+        .unwrap();
+    let killed_at = Instant::now();
+    rs[idx].as_ref().unwrap().proc.signal(libc::SIGKILL);
+    let rest: Vec<&ShardSd> = rs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != idx)
+        .filter_map(|(_, r)| r.as_ref())
+        .collect();
+    let taker = wait_for("the standby to take the slot", LEASE * 3, || async {
+        let seen = observe(&rest).await;
+        check(&seen, 3);
+        seen.into_iter()
+            .find(|(_, s)| s.slot == Some(victim_slot))
+            .map(|(id, _)| id)
+    })
+    .await;
+    let slot_gap = killed_at.elapsed();
+    println!("MEASURE slot holder SIGKILL -> slot {victim_slot} taken by {taker}: {slot_gap:?}");
+    assert!(
+        slot_gap <= LEASE + HEARTBEAT + Duration::from_millis(300),
+        "{slot_gap:?}"
+    );
+}
+
+/// Leader actions logged by a replica: (timestamp, replica, term).
+fn leader_actions(sd: &ShardSd) -> Vec<(String, String, u64)> {
+    sd.proc
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "leader_action" || v["message"] == "leader acting")
+        .filter_map(|v| {
+            Some((
+                v["timestamp"].as_str()?.to_owned(),
+                sd.proc.name_id(),
+                v["term"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+/// No action carries a term older than one a newer leader already used.
+fn assert_terms_never_go_back(replicas: &[&ShardSd]) -> usize {
+    let mut actions: Vec<(String, String, u64)> =
+        replicas.iter().flat_map(|r| leader_actions(r)).collect();
+    actions.sort();
+    let mut highest = 0;
+    for (ts, who, term) in &actions {
+        assert!(
+            *term >= highest,
+            "{who} acted with term {term} at {ts} after term {highest} was used"
+        );
+        highest = highest.max(*term);
+    }
+    actions.len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_leader_notices_its_loss_before_acting_again() {
+    let moto = Moto::start().await;
+    let mut rs = Vec::new();
+    for i in 0..3 {
+        rs.push(replica(&moto, &format!("r{i}"), "3", &[]).await);
+    }
+    let all: Vec<&ShardSd> = rs.iter().collect();
+    let seen = settle(&all, 3).await;
+    let leader_id = leaders(&seen)[0].clone();
+    let old_term = seen[&leader_id].term.unwrap();
+    let paused = rs.iter().find(|r| r.proc.name_id() == leader_id).unwrap();
+    let others: Vec<&ShardSd> = rs
+        .iter()
+        .filter(|r| r.proc.name_id() != leader_id)
+        .collect();
+
+    paused.proc.signal(libc::SIGSTOP);
+    let (_, new_term) = new_leader(&others, old_term, LEASE * 3).await;
+    // Stay stopped well past the lease, so the new leader acts for a while.
+    tokio::time::sleep(LEASE).await;
+    paused.proc.signal(libc::SIGCONT);
+
+    // It steps down (and takes no further action with its old term).
+    wait_for(
+        "the paused leader to step down",
+        Duration::from_secs(5),
+        || async {
+            let s = paused.status().await;
+            (s["role"] != "leader").then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    let seen = observe(&all).await;
+    assert_eq!(leaders(&seen).len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[&leader_id].term,
+        Some(new_term),
+        "it sees the new term: {seen:?}"
+    );
+    assert!(paused
+        .proc
+        .log_text()
+        .contains("no longer acting as leader"));
+    let n = assert_terms_never_go_back(&all);
+    assert!(
+        n > 10,
+        "too few leader actions logged ({n}) for the check to mean anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skewed_wall_clock_neither_steals_nor_keeps_a_lease() {
+    let moto = Moto::start().await;
+    // A fast clock must not make a live lease look expired.
+    let a = replica(&moto, "a", "2", &[]).await;
+    settle(&[&a], 1).await;
+    let fast = replica(&moto, "fast", "2", &[("CLOCK_OFFSET", "+10m")]).await;
+    let deadline = Instant::now() + LEASE * 3;
+    while Instant::now() < deadline {
+        let seen = observe(&[&a, &fast]).await;
+        check(&seen, 2);
+        assert_eq!(seen["a"].role, "leader", "{seen:?}");
+        assert_eq!(seen["a"].slot, Some(0), "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(observe(&[&fast]).await["fast"].slot, Some(1));
+
+    // A slow clock must not make a lost lease look valid.
+    drop(a);
+    let (_, slow_term) = {
+        let slow = replica(&moto, "slow", "2", &[("CLOCK_OFFSET", "-10m")]).await;
+        let seen = settle(&[&fast, &slow], 2).await;
+        let leader = leaders(&seen)[0].clone();
+        let (leader, other) = if leader == "slow" {
+            (&slow, &fast)
+        } else {
+            (&fast, &slow)
+        };
+        // Make the skewed one the leader: pause the other until it has lost leadership.
+        if leader.proc.name_id() != "slow" {
+            leader.proc.signal(libc::SIGSTOP);
+            new_leader(
+                &[other],
+                seen[&leader.proc.name_id()].term.unwrap(),
+                LEASE * 3,
+            )
+            .await;
+            leader.proc.signal(libc::SIGCONT);
+        }
+        let seen = settle(&[&fast, &slow], 2).await;
+        assert_eq!(leaders(&seen), ["slow"]);
+        let term = seen["slow"].term.unwrap();
+        slow.proc.signal(libc::SIGSTOP);
+        let taken = new_leader(&[&fast], term, LEASE * 3).await;
+        tokio::time::sleep(LEASE).await;
+        slow.proc.signal(libc::SIGCONT);
+        wait_for(
+            "the slow-clocked leader to step down",
+            Duration::from_secs(5),
+            || async { (slow.status().await["role"] != "leader").then_some(()) },
+        )
+        .await;
+        assert_terms_never_go_back(&[&fast, &slow]);
+        taken
+    };
+    assert!(slow_term > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_hands_over_leadership_and_slot_in_well_under_a_lease() {
+    let moto = Moto::start().await;
+    let mut rs = Vec::new();
+    for i in 0..4 {
+        rs.push(replica(&moto, &format!("r{i}"), "3", &[]).await);
+    }
+    let all: Vec<&ShardSd> = rs.iter().collect();
+    let seen = settle(&all, 3).await;
+    // Pick the leader if it holds a slot, else a follower.
+    let (victim_id, victim) = seen
+        .iter()
+        .find(|(_, s)| s.role == "leader" && s.slot.is_some())
+        .or_else(|| seen.iter().find(|(_, s)| s.role == "follower"))
+        .map(|(id, s)| (id.clone(), s.clone()))
+        .unwrap();
+    let idx = rs
+        .iter()
+        .position(|r| r.proc.name_id() == victim_id)
+        .unwrap();
+    let mut stopping = rs.remove(idx);
+    let rest: Vec<&ShardSd> = rs.iter().collect();
+
+    let started = Instant::now();
+    stopping.proc.signal(libc::SIGTERM);
+    let handed = wait_for("slot handed over", Duration::from_secs(5), || async {
+        let seen = observe(&rest).await;
+        check(&seen, 3);
+        let slot_taken = seen.values().any(|s| s.slot == victim.slot);
+        let led = victim.role != "leader"
+            || seen
+                .values()
+                .any(|s| s.role == "leader" && s.term > victim.term);
+        (slot_taken && led).then_some(seen)
+    })
+    .await;
+    let gap = started.elapsed();
+    println!(
+        "MEASURE SIGTERM of {victim_id} ({}) -> handed over in {gap:?}: {handed:?}",
+        victim.role
+    );
+    assert!(gap < LEASE / 2, "handover took {gap:?}");
+    assert_eq!(stopping.proc.wait_exit(Duration::from_secs(5)), Some(0));
+    let log = stopping.proc.log_text();
+    assert!(log.contains("released slot"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_table_is_reported_once_with_the_fix() {
+    let moto = Moto::start().await;
+    let sd = replica(
+        &moto,
+        "r0",
+        "3",
+        &[("CREATE_TABLE", "false"), ("LEASE_TABLE", "absent-table")],
+    )
+    .await;
+    let status = wait_for("the error in status", Duration::from_secs(10), || async {
+        let s = sd.status().await;
+        s["coordination_error"].is_string().then_some(s)
+    })
+    .await;
+    let err = status["coordination_error"].as_str().unwrap();
+    assert!(
+        err.contains("\"absent-table\"") && err.contains("CREATE_TABLE"),
+        "{err}"
+    );
+    assert_eq!(status["role"], "standby");
+    tokio::time::sleep(HEARTBEAT * 6).await;
+    let logged = sd
+        .proc
+        .log_text()
+        .matches("does not exist in this region")
+        .count();
+    assert_eq!(logged, 1, "the error is logged once, not every heartbeat");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_comes_from_the_ecs_task_metadata_endpoint() {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let meta_addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/v4/abc/task",
+        get(|| async {
+            axum::Json(serde_json::json!({
+                "TaskARN": "arn:aws:ecs:us-east-1:123456789012:task/ecs-adot-cluster/0dc5c05b56df432ab6ff2f52f4019000",
+                "Containers": [{"Name": "shard-sd", "Networks": [{"NetworkMode": "awsvpc", "IPv4Addresses": ["127.0.0.9"]}]}]
+            }))
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let moto = Moto::start().await;
+    let mut env = aws_env(&moto.endpoint);
+    env.push(("DISCOVERY_NAMESPACES".into(), "x".into()));
+    env.push((
+        "ECS_CONTAINER_METADATA_URI_V4".into(),
+        format!("http://{meta_addr}/v4/abc"),
+    ));
+    let sd = ShardSd::start("meta", &env).await;
+    let status = sd.status().await;
+    assert_eq!(
+        status["replica_id"],
+        "arn:aws:ecs:us-east-1:123456789012:task/ecs-adot-cluster/0dc5c05b56df432ab6ff2f52f4019000"
+    );
+    let port = sd.addr.rsplit(':').next().unwrap();
+    assert_eq!(status["advertise_addr"], format!("127.0.0.9:{port}"));
+}
