@@ -95,8 +95,9 @@ impl Shared {
         })
     }
 
+    /// The coordination view as of now (expired leases are not held).
     pub fn coordination(&self) -> CoordinationView {
-        self.coordination.borrow().clone()
+        self.coordination.borrow().at(std::time::Instant::now())
     }
 
     pub fn is_ready(&self) -> bool {

@@ -13,7 +13,16 @@ const LEASE: Duration = Duration::from_secs(3);
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
 async fn replica(moto: &Moto, id: &str, shard_count: &str, extra: &[(&str, &str)]) -> ShardSd {
-    let mut env = aws_env(&moto.endpoint);
+    replica_at(&moto.endpoint, id, shard_count, extra).await
+}
+
+async fn replica_at(
+    endpoint: &str,
+    id: &str,
+    shard_count: &str,
+    extra: &[(&str, &str)],
+) -> ShardSd {
+    let mut env = aws_env(endpoint);
     env.retain(|(k, _)| k != "RUST_LOG");
     for (k, v) in [
         ("LEASE_TABLE", "leases"),
@@ -487,4 +496,90 @@ async fn identity_comes_from_the_ecs_task_metadata_endpoint() {
     );
     let port = sd.addr.rsplit(':').next().unwrap();
     assert_eq!(status["advertise_addr"], format!("127.0.0.9:{port}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_slots_take_the_lowest_free_index_and_nothing_reshuffles() {
+    let moto = Moto::start().await;
+    let mut rs = Vec::new();
+    for i in 0..3 {
+        rs.push(replica(&moto, &format!("r{i}"), "auto", &[]).await);
+    }
+    let all: Vec<&ShardSd> = rs.iter().collect();
+    let seen = settle(&all, 3).await;
+    assert_eq!(
+        seen.values().filter(|s| s.role == "standby").count(),
+        0,
+        "auto mode has no standbys"
+    );
+    let holder_of_0 = seen
+        .iter()
+        .find(|(_, s)| s.slot == Some(0))
+        .map(|(id, _)| id.clone())
+        .unwrap();
+
+    let idx = rs
+        .iter()
+        .position(|r| r.proc.name_id() == holder_of_0)
+        .unwrap();
+    let mut stopped = rs.remove(idx);
+    stopped.proc.signal(libc::SIGTERM);
+    assert_eq!(stopped.proc.wait_exit(Duration::from_secs(5)), Some(0));
+    rs.push(replica(&moto, "r9", "auto", &[]).await);
+    let all: Vec<&ShardSd> = rs.iter().collect();
+    let after = settle(&all, 3).await;
+    assert_eq!(
+        after["r9"].slot,
+        Some(0),
+        "the newcomer takes the lowest free slot: {after:?}"
+    );
+    for (id, s) in &after {
+        if id != "r9" {
+            assert_eq!(s.slot, seen[id].slot, "{id} kept its slot");
+        }
+    }
+    // The leader sees exactly the three live slots.
+    let leader = rs
+        .iter()
+        .find(|r| after[&r.proc.name_id()].role == "leader")
+        .unwrap();
+    let live = wait_for("three live slots", Duration::from_secs(10), || async {
+        let s = leader.status().await;
+        let live: Vec<u64> = s["live_slots"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l["slot"].as_u64())
+            .collect();
+        (live == [0, 1, 2]).then_some(live)
+    })
+    .await;
+    assert_eq!(live, [0, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_table_makes_the_holder_step_down_at_its_deadline() {
+    let moto = Moto::start().await;
+    let proxy = common::proxy::AwsProxy::start(&moto.endpoint).await;
+    let sd = replica_at(&proxy.endpoint, "r0", "1", &[]).await;
+    let seen = settle(&[&sd], 1).await;
+    assert_eq!(seen["r0"].role, "leader");
+
+    proxy.set_fault(common::proxy::Fault::Hang);
+    let cut = Instant::now();
+    wait_for("step down", LEASE * 2, || async {
+        let s = sd.status().await;
+        (s["role"] == "standby" && s["slot"].is_null()).then_some(())
+    })
+    .await;
+    let stepped = cut.elapsed();
+    println!(
+        "MEASURE table unreachable -> stepped down after {stepped:?} (deadline 2/3 of {LEASE:?})"
+    );
+    assert!(
+        stepped <= LEASE * 2 / 3 + Duration::from_millis(200),
+        "{stepped:?}"
+    );
+
+    proxy.set_fault(common::proxy::Fault::None);
+    settle(&[&sd], 1).await;
 }

@@ -167,3 +167,28 @@ async fn a_missing_table_is_named_with_the_fix() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn denied_access_names_the_table_and_the_iam_actions() {
+    let moto = Moto::start().await;
+    let proxy = AwsProxy::start(&moto.endpoint).await;
+    let t = table(&proxy.endpoint, WallClock::default()).await;
+    proxy.set_fault(Fault::Error {
+        op: None,
+        code: "AccessDeniedException".into(),
+    });
+    let err = t
+        .acquire(&t.leader_pk(), None, &holder("a"))
+        .await
+        .unwrap_err();
+    assert!(err.is_configuration());
+    let msg = err.to_string();
+    for needle in [
+        "\"leases\"",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:BatchGetItem",
+    ] {
+        assert!(msg.contains(needle), "{needle} not in {msg}");
+    }
+}

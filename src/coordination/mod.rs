@@ -93,6 +93,12 @@ pub struct CoordinationView {
     /// The last coordination error, if the last attempt failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Until when this replica may act as leader (local monotonic clock).
+    #[serde(skip)]
+    pub leader_until: Option<Instant>,
+    /// Until when this replica may act as holder of `slot`.
+    #[serde(skip)]
+    pub slot_until: Option<Instant>,
 }
 
 impl CoordinationView {
@@ -105,7 +111,32 @@ impl CoordinationView {
             leader_addr: None,
             live_slots: None,
             error: None,
+            leader_until: None,
+            slot_until: None,
         }
+    }
+
+    /// The view as of `now`: a lease whose renew deadline has passed is not held,
+    /// even if the coordination loop is still blocked in a call.
+    pub fn at(&self, now: Instant) -> CoordinationView {
+        let mut view = self.clone();
+        if view.role == Role::Single {
+            return view;
+        }
+        if view.leader_until.is_some_and(|until| until <= now) {
+            view.leader_until = None;
+            view.live_slots = None;
+        }
+        if view.slot_until.is_some_and(|until| until <= now) {
+            view.slot_until = None;
+            view.slot = None;
+        }
+        view.role = match (view.leader_until.is_some(), view.slot.is_some()) {
+            (true, _) => Role::Leader,
+            (false, true) => Role::Follower,
+            (false, false) => Role::Standby,
+        };
+        view
     }
 
     fn starting() -> Self {
@@ -502,25 +533,20 @@ impl Coordinator {
                 .filter(|i| !i.released && !i.holder.is_empty())
                 .cloned()
         });
-        let slot = self
-            .slot
-            .as_ref()
-            .filter(|(_, h)| h.is_valid(now))
-            .map(|(k, _)| *k);
-        let role = match (leading.is_some(), slot.is_some()) {
-            (true, _) => Role::Leader,
-            (false, true) => Role::Follower,
-            (false, false) => Role::Standby,
-        };
+        let slot = self.slot.as_ref().filter(|(_, h)| h.is_valid(now));
         let view = CoordinationView {
-            role,
-            slot,
+            // Derived from the deadlines by `at`.
+            role: Role::Standby,
+            slot: slot.map(|(k, _)| *k),
             term: leader_item.as_ref().map(|i| i.term),
             leader_id: leader_item.as_ref().map(|i| i.holder.clone()),
             leader_addr: leader_item.as_ref().map(|i| i.addr.clone()),
             live_slots: leading.and(self.last_live.clone()),
             error: self.last_error.clone(),
-        };
+            leader_until: leading.map(Held::deadline),
+            slot_until: slot.map(|(_, h)| h.deadline()),
+        }
+        .at(now);
         self.view.send_if_modified(|current| {
             let changed = *current != view;
             *current = view;
@@ -661,6 +687,33 @@ mod tests {
             panic!("held lease must not be takeable");
         };
         assert!(until >= held.deadline() + LEASE / 3);
+    }
+
+    #[test]
+    fn the_view_demotes_expired_leases_when_read() {
+        let now = Instant::now();
+        let view = CoordinationView {
+            role: Role::Leader,
+            slot: Some(2),
+            term: Some(7),
+            leader_until: Some(now + LEASE),
+            slot_until: Some(now + LEASE / 2),
+            live_slots: Some(vec![]),
+            ..CoordinationView::single()
+        };
+        assert_eq!(view.at(now).role, Role::Leader);
+        let later = view.at(now + LEASE * 3 / 4);
+        assert_eq!((later.role, later.slot), (Role::Leader, None));
+        let after = view.at(now + LEASE);
+        assert_eq!(
+            (after.role, after.slot, after.live_slots),
+            (Role::Standby, None, None)
+        );
+        assert_eq!(after.term, Some(7), "the last known term stays visible");
+        assert_eq!(
+            CoordinationView::single().at(now + LEASE).role,
+            Role::Single
+        );
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub enum Fault {
     Fail {
         op: Option<String>,
     },
+    /// Answer every request of `op` with HTTP 400 and the AWS error `code`.
+    Error {
+        op: Option<String>,
+        code: String,
+    },
     /// Never answer (the client times out).
     Hang,
     /// Forward the next `remaining` requests of `op` to moto, then never answer them:
@@ -135,6 +140,10 @@ fn take_fault(state: &ProxyState, op: &str) -> Fault {
             }
         }
         Fault::Fail { op: f } if matches(f) => Fault::Fail { op: None },
+        Fault::Error { op: f, code } if matches(f) => Fault::Error {
+            op: None,
+            code: code.clone(),
+        },
         Fault::DropResponse { op: f, remaining } if f == op && *remaining > 0 => {
             *remaining -= 1;
             Fault::DropResponse {
@@ -168,6 +177,12 @@ async fn handle(
             return json_response(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"__type": code, "message": "Rate exceeded"}),
+            );
+        }
+        Fault::Error { code, .. } => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"__type": code, "message": "injected error"}),
             );
         }
         Fault::Fail { .. } => {
