@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::clock::parse_offset;
 use crate::coordination::ShardCount;
 use crate::discovery::namespaces::{parse_namespace_list, NamespaceSource};
+use crate::sharding::{Params, ShardBy};
 
 /// Name of the file written in `FILE_BASED` mode, as the original sidecar named it.
 pub const FILE_SD_NAME: &str = "ecs-services.json";
@@ -61,6 +62,23 @@ pub struct Cli {
 
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
+    /// Offline what-if: assign the targets of an http_sd JSON file to N slots (and M),
+    /// and report balance and movement. Honours SHARD_BY, REPLICATION_FACTOR and
+    /// BALANCE_TOLERANCE.
+    Plan {
+        /// http_sd JSON file, e.g. saved from /prometheus-targets.
+        #[arg(long)]
+        targets: PathBuf,
+        /// Number of slots now.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        slots: u32,
+        /// Number of slots to compare with; default the same.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        to_slots: Option<u32>,
+        /// One JSON object instead of the human report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exits 0 if URL answers 2xx within 3 s, else 1: a container health check
     /// that needs no curl in the image.
     Probe {
@@ -157,6 +175,28 @@ pub struct Config {
     #[arg(long, env = "DISCOVERY_CONCURRENCY", value_name = "DISCOVERY_CONCURRENCY", default_value = "8",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub discovery_concurrency: u16,
+
+    /// What targets are hashed by: `target` (scheme, address, path), `service` or `namespace`.
+    #[arg(
+        long,
+        env = "SHARD_BY",
+        value_name = "SHARD_BY",
+        value_enum,
+        ignore_case = true,
+        default_value = "target",
+        global = true
+    )]
+    pub shard_by: ShardBy,
+
+    /// Distinct slots each target is assigned to (for HA scraping with deduplication).
+    #[arg(long, env = "REPLICATION_FACTOR", value_name = "REPLICATION_FACTOR", default_value = "1",
+          value_parser = clap::value_parser!(u16).range(1..=16), global = true)]
+    pub replication_factor: u16,
+
+    /// Bounded load: no slot above ceil((1 + tolerance) x its fair share); 0 turns it off.
+    #[arg(long, env = "BALANCE_TOLERANCE", value_name = "BALANCE_TOLERANCE", default_value = "0.1",
+          value_parser = parse_tolerance, global = true)]
+    pub balance_tolerance: f64,
 
     /// DynamoDB table of the leases; unset: single-replica mode, no DynamoDB at all.
     #[arg(long, env = "LEASE_TABLE", value_name = "LEASE_TABLE")]
@@ -296,8 +336,24 @@ impl Config {
         Ok(())
     }
 
+    pub fn sharding_params(&self) -> Params {
+        Params {
+            replication: self.replication_factor.into(),
+            tolerance: self.balance_tolerance,
+        }
+    }
+
     pub fn file_sd_path(&self) -> PathBuf {
         self.config_file_dir.join(FILE_SD_NAME)
+    }
+}
+
+fn parse_tolerance(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(t) if (0.0..=10.0).contains(&t) => Ok(t),
+        _ => Err(
+            "expected a number from 0 (off) to 10, e.g. 0.1 for 10% above the fair share".into(),
+        ),
     }
 }
 

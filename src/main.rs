@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use shard_sd::app::{self, RunError};
 use shard_sd::config::{Cli, Command};
-use shard_sd::{probe, telemetry};
+use shard_sd::{plan, probe, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -23,14 +23,36 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Some(Command::Probe { url }) = &cli.command {
-        return match runtime.block_on(probe::probe(url)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("{err}");
-                ExitCode::from(1)
-            }
-        };
+    match &cli.command {
+        Some(Command::Probe { url }) => {
+            return match runtime.block_on(probe::probe(url)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("{err}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Some(Command::Plan {
+            targets,
+            slots,
+            to_slots,
+            json,
+        }) => {
+            let to = to_slots.unwrap_or(*slots);
+            let params = cli.config.sharding_params();
+            return match plan::report(targets, *slots, to, cli.config.shard_by, &params, *json) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        None => {}
     }
 
     let config = cli.config;
