@@ -3,6 +3,7 @@
 //! else reads it.
 
 use std::collections::BTreeSet;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +14,16 @@ use crate::aws::{self, AwsClients, AwsOptions, AwsSetupError};
 use crate::clock::WallClock;
 use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::coordination::lease::{HolderInfo, LeaseTable};
-use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator};
+use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator, Role};
 use crate::discovery::{CycleReport, Discoverer, DiscoveryOptions};
+use crate::follower;
 use crate::identity::{self, Identity};
+use crate::leader::{self, LeaderConfig};
 use crate::output;
 use crate::state::{LastDiscovery, Shared};
 use crate::targets;
+use crate::targets::Target;
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -55,12 +60,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     )
     .await;
     let mut tasks = tokio::task::JoinSet::new();
+    // Cancelled after SIGTERM, before the HTTP server stops (see `drain`).
+    let tasks_token = CancellationToken::new();
+    let shutdown_tasks = tasks_token.clone();
     let coordination = match &config.lease_table {
         None => tokio::sync::watch::channel(CoordinationView::single()).1,
         Some(table) => {
             let coordinator = coordinator(&config, &aws, table, &replica_id, &advertise_addr);
             let view = coordinator.subscribe();
-            tasks.spawn(coordinator.run(shutdown.clone()));
+            tasks.spawn(coordinator.run(shutdown_tasks.clone()));
             view
         }
     };
@@ -81,36 +89,138 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         "shard-sd started"
     );
 
-    let discoverer = Discoverer::new(
-        aws,
-        DiscoveryOptions {
-            source,
-            health: config.health_status,
-            concurrency: config.discovery_concurrency.into(),
-        },
-    );
-    tasks.spawn(discovery_loop(
-        discoverer,
-        shared.clone(),
-        config.config_reload_frequency,
-        shutdown.clone(),
-    ));
+    let discovery = DiscoveryOptions {
+        source,
+        health: config.health_status,
+        concurrency: config.discovery_concurrency.into(),
+    };
+    if config.lease_table.is_none() {
+        tasks.spawn(discovery_loop(
+            Discoverer::new(aws, discovery),
+            shared.clone(),
+            config.config_reload_frequency,
+            shutdown_tasks.clone(),
+            Sink::Serve,
+        ));
+    } else {
+        tasks.spawn(follower::run(
+            shared.clone(),
+            shared.coordination_receiver(),
+            config.peer_token.clone(),
+            shutdown_tasks.clone(),
+        ));
+        tasks.spawn(lead_when_elected(
+            leader_config(&config),
+            aws,
+            discovery,
+            config.config_reload_frequency,
+            shared.clone(),
+            shutdown_tasks.clone(),
+        ));
+    }
     if config.service_discovery_mode == DiscoveryMode::FileBased {
         tasks.spawn(output::file::run(
             config.file_sd_path(),
             shared.subscribe(),
-            shutdown.clone(),
+            shutdown_tasks.clone(),
         ));
     }
 
-    let app = output::http::router(shared);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-    shutdown.cancel();
+    let app = output::http::router(shared.clone(), config.peer_token.clone());
+    let stop_serving = CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+            .into_future(),
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        // The server failed: stop everything.
+        result = &mut server => {
+            tasks.shutdown().await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(RunError::Serve(e)),
+                Err(e) => Err(RunError::Serve(std::io::Error::other(e))),
+            };
+        }
+    }
+    // Stopping: keep serving the last shard while the slot is handed over.
+    let last_view = shared.coordination();
+    shared.set_draining();
+    tasks_token.cancel();
     while tasks.join_next().await.is_some() {}
+    if let Some(slot) = last_view.slot {
+        drain(
+            &shared,
+            slot,
+            &last_view,
+            config.peer_token.as_deref(),
+            config.handoff_grace,
+        )
+        .await;
+    }
+    stop_serving.cancel();
+    let served = server.await;
     tracing::info!("shard-sd stopped");
-    served.map_err(RunError::Serve)
+    match served {
+        Ok(result) => result.map_err(RunError::Serve),
+        Err(e) => Err(RunError::Serve(std::io::Error::other(e))),
+    }
+}
+
+/// After releasing `slot` on shutdown, waits until its new holder has confirmed
+/// its shard with the leader (so the slot's targets are never unserved), at most
+/// `HANDOFF_GRACE` and 20 s (ECS kills a task 30 s after SIGTERM by default).
+async fn drain(
+    shared: &Shared,
+    slot: u32,
+    last: &CoordinationView,
+    token: Option<&str>,
+    grace: Duration,
+) {
+    let limit = grace.min(Duration::from_secs(20));
+    if limit.is_zero() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    let leader = last
+        .leader_addr
+        .clone()
+        .filter(|_| last.role != Role::Leader);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .ok();
+    tracing::info!(
+        slot,
+        "released slot; serving its targets until the new holder has them (at most {limit:?})"
+    );
+    while tokio::time::Instant::now() < deadline {
+        if let (Some(addr), Some(client)) = (&leader, &client) {
+            let mut req = client.get(format!("http://{addr}/v1/assignment"));
+            if let Some(token) = token {
+                req = req.bearer_auth(token);
+            }
+            let handed = async {
+                let v: serde_json::Value = req.send().await.ok()?.json().await.ok()?;
+                let s = v["slots"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["slot"] == slot)?
+                    .clone();
+                let taken = s["holder"].as_str().is_some_and(|h| h != shared.replica_id);
+                let confirmed = s["confirmed_generation"].as_u64()? >= s["generation"].as_u64()?;
+                Some(taken && confirmed)
+            };
+            if handed.await == Some(true) {
+                tracing::info!(slot, "slot handed over");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn coordinator(
@@ -168,12 +278,73 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-/// Runs discovery cycles every `interval` and publishes their targets.
+fn leader_config(config: &Config) -> LeaderConfig {
+    LeaderConfig {
+        shard_by: config.shard_by,
+        params: config.sharding_params(),
+        handoff_grace: config.handoff_grace,
+        membership_grace: config.membership_grace(),
+    }
+}
+
+/// Whenever this replica becomes leader: runs discovery (fresh caches) and the
+/// leader's assignment work until leadership ends.
+async fn lead_when_elected(
+    cfg: LeaderConfig,
+    aws: AwsClients,
+    discovery: DiscoveryOptions,
+    interval: Duration,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut view = shared.coordination_receiver();
+    loop {
+        while shared.coordination().role != Role::Leader {
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_millis(250), view.changed()) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        let leading = shutdown.child_token();
+        let (targets_tx, targets_rx) = watch::channel(None);
+        let discovering = tokio::spawn(discovery_loop(
+            Discoverer::new(aws.clone(), discovery.clone()),
+            shared.clone(),
+            interval,
+            leading.clone(),
+            Sink::Leader(targets_tx),
+        ));
+        leader::run(
+            cfg.clone(),
+            shared.clone(),
+            view.clone(),
+            targets_rx,
+            leading.clone(),
+        )
+        .await;
+        leading.cancel();
+        let _ = discovering.await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Where a discovery loop's targets go.
+enum Sink {
+    /// Single-replica mode: serve them.
+    Serve,
+    /// Leader: hand each complete result to the assignment.
+    Leader(watch::Sender<Option<Arc<Vec<Target>>>>),
+}
+
+/// Runs discovery cycles every `interval` and hands their targets to `sink`.
 async fn discovery_loop(
     mut discoverer: Discoverer,
     shared: Arc<Shared>,
     interval: Duration,
     shutdown: CancellationToken,
+    sink: Sink,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,7 +358,7 @@ async fn discovery_loop(
             report = discoverer.run_cycle() => report,
             _ = shutdown.cancelled() => return,
         };
-        publish_cycle(&discoverer, &report, &shared, &mut known_problems);
+        publish_cycle(&discoverer, &report, &shared, &mut known_problems, &sink);
     }
 }
 
@@ -199,6 +370,7 @@ fn publish_cycle(
     report: &CycleReport,
     shared: &Shared,
     known_problems: &mut BTreeSet<String>,
+    sink: &Sink,
 ) {
     let built = discoverer.targets();
     let problems: BTreeSet<String> = built.problems.iter().map(ToString::to_string).collect();
@@ -210,10 +382,28 @@ fn publish_cycle(
     }
     *known_problems = problems;
 
-    let previous = shared.targets().map(|p| p.targets);
-    let may_publish = previous.is_some() || report.complete;
-    let changed =
-        may_publish && shared.publish(targets::render(&built.targets), built.targets.len());
+    let (previous, may_publish, changed) = match sink {
+        Sink::Serve => {
+            let previous = shared.targets().map(|p| p.targets);
+            let may_publish = previous.is_some() || report.complete;
+            let changed =
+                may_publish && shared.publish(targets::render(&built.targets), built.targets.len());
+            (previous, may_publish, changed)
+        }
+        Sink::Leader(tx) => {
+            let previous = tx.borrow().as_ref().map(|t| t.len());
+            let may_publish = previous.is_some() || report.complete;
+            let changed = may_publish
+                && tx.send_if_modified(|current| {
+                    let differs = current.as_deref() != Some(&built.targets);
+                    if differs {
+                        *current = Some(Arc::new(built.targets.clone()));
+                    }
+                    differs
+                });
+            (previous, may_publish, changed)
+        }
+    };
     if changed {
         tracing::info!(
             cycle = report.cycle,

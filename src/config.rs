@@ -248,6 +248,27 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub create_table: bool,
 
+    /// How long a slot keeps serving targets that moved away, after their new slot
+    /// confirmed them: two collector http_sd refresh intervals is safe. `0s` allowed.
+    #[arg(long, env = "HANDOFF_GRACE", value_name = "HANDOFF_GRACE", default_value = "60s",
+          value_parser = parse_grace)]
+    pub handoff_grace: Duration,
+
+    /// How long the leader keeps a slot that stopped being live in the assignment, so a
+    /// slot released in a rolling replacement and taken by a standby moves nothing.
+    /// Default: two heartbeats.
+    #[arg(long, env = "MEMBERSHIP_GRACE", value_name = "MEMBERSHIP_GRACE", value_parser = parse_grace)]
+    pub membership_grace: Option<Duration>,
+
+    /// Shared secret required (as a bearer token) on the replicas' internal endpoints.
+    #[arg(
+        long,
+        env = "PEER_TOKEN",
+        value_name = "PEER_TOKEN",
+        hide_env_values = true
+    )]
+    pub peer_token: Option<String>,
+
     /// Testing aid: shifts the wall clock shard-sd reads (e.g. `+5m`). Lease decisions
     /// never depend on it; it only changes the timestamps written into lease items.
     #[arg(long, env = "CLOCK_OFFSET", value_name = "CLOCK_OFFSET", default_value = "0",
@@ -336,6 +357,10 @@ impl Config {
         Ok(())
     }
 
+    pub fn membership_grace(&self) -> Duration {
+        self.membership_grace.unwrap_or(self.heartbeat_interval * 2)
+    }
+
     pub fn sharding_params(&self) -> Params {
         Params {
             replication: self.replication_factor.into(),
@@ -345,6 +370,14 @@ impl Config {
 
     pub fn file_sd_path(&self) -> PathBuf {
         self.config_file_dir.join(FILE_SD_NAME)
+    }
+}
+
+/// Like [`parse_interval`] but `0` / `0s` is allowed.
+fn parse_grace(raw: &str) -> Result<Duration, String> {
+    match raw.trim() {
+        "0" | "0s" | "0ms" => Ok(Duration::ZERO),
+        other => parse_interval(other),
     }
 }
 

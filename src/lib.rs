@@ -8,12 +8,15 @@
 //! slots to replicas through DynamoDB leases.
 
 pub mod app;
+pub mod assignment;
 pub mod aws;
 pub mod clock;
 pub mod config;
 pub mod coordination;
 pub mod discovery;
+pub mod follower;
 pub mod identity;
+pub mod leader;
 pub mod output;
 pub mod plan;
 pub mod probe;

@@ -222,11 +222,18 @@ fn uniform(slots: &[Slot]) -> bool {
 /// only matters for two different keys with the same 64-bit hash). Without
 /// capacities the order does not matter and the input order is kept.
 fn placement_order(keys: &[Key], bounded: bool) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..keys.len()).collect();
-    if bounded {
-        order.sort_unstable_by_key(|&i| (std::cmp::Reverse(keys[i].size), keys[i].hash, i));
+    if !bounded {
+        return (0..keys.len()).collect();
     }
-    order
+    // Sorting (size, hash, index) tuples in place is cache-friendly; the index only
+    // breaks ties between different keys with the same hash.
+    let mut tuples: Vec<(std::cmp::Reverse<u32>, u64, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (std::cmp::Reverse(k.size), k.hash, i as u32))
+        .collect();
+    tuples.sort_unstable();
+    tuples.into_iter().map(|(_, _, i)| i as usize).collect()
 }
 
 /// Places one key: its best-ranked slots with room, then, if a key cannot fit
@@ -398,10 +405,13 @@ pub fn assign_reference(keys: &[Key], slots: &[Slot], params: &Params) -> Assign
 }
 
 /// Targets grouped into keys under `by`: the keys and, per target, its key index.
-pub fn group_targets(targets: &[Target], by: ShardBy) -> (Vec<Key>, Vec<usize>) {
+pub fn group_targets<'a>(
+    targets: impl IntoIterator<Item = &'a Target>,
+    by: ShardBy,
+) -> (Vec<Key>, Vec<usize>) {
     let mut index: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
     let mut keys: Vec<Key> = Vec::new();
-    let mut of_target = Vec::with_capacity(targets.len());
+    let mut of_target = Vec::new();
     for t in targets {
         let bytes = key_bytes(t, by);
         let next = keys.len();
@@ -452,15 +462,15 @@ impl TargetAssignment {
 }
 
 /// Assigns targets to slots under `by` and `params`.
-pub fn assign_targets(
-    targets: &[Target],
+pub fn assign_targets<'a>(
+    targets: impl IntoIterator<Item = &'a Target>,
     slots: &[Slot],
     by: ShardBy,
     params: &Params,
 ) -> TargetAssignment {
     let (keys, of_target) = group_targets(targets, by);
     let keyed = assign(&keys, slots, params);
-    let mut per_target = Vec::with_capacity(targets.len() * keyed.replicas);
+    let mut per_target = Vec::with_capacity(of_target.len() * keyed.replicas);
     for k in of_target {
         per_target.extend_from_slice(keyed.owners(k));
     }

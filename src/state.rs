@@ -8,8 +8,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::coordination::CoordinationView;
+use crate::coordination::{CoordinationView, Role};
 use crate::discovery::NamespaceReport;
+use crate::leader::LeaderHandle;
 use crate::targets;
 
 /// A rendered target list: the exact bytes every reader serves.
@@ -18,6 +19,15 @@ pub struct Published {
     pub body: Bytes,
     pub etag: String,
     pub targets: usize,
+    /// Sharded mode: the slot, leader term and generation this shard belongs to.
+    pub shard: Option<ShardStamp>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardStamp {
+    pub slot: Option<u32>,
+    pub term: u64,
+    pub generation: u64,
 }
 
 /// The latest discovery cycle, as `/v1/status` shows it.
@@ -49,6 +59,9 @@ pub struct Shared {
     pub replica_id: String,
     pub advertise_addr: String,
     coordination: watch::Receiver<CoordinationView>,
+    leader: std::sync::RwLock<Option<Arc<LeaderHandle>>>,
+    /// Stopping: keep serving the last shard while its slot is handed over.
+    draining: std::sync::atomic::AtomicBool,
     targets: watch::Sender<Option<Arc<Published>>>,
     status: RwLock<DiscoveryStatus>,
 }
@@ -64,6 +77,8 @@ impl Shared {
             replica_id,
             advertise_addr,
             coordination,
+            leader: std::sync::RwLock::new(None),
+            draining: std::sync::atomic::AtomicBool::new(false),
             targets: watch::Sender::new(None),
             status: RwLock::new(DiscoveryStatus::default()),
         })
@@ -81,18 +96,69 @@ impl Shared {
 
     /// Publishes a rendered list; returns whether it differs from the current one.
     pub fn publish(&self, body: Vec<u8>, targets: usize) -> bool {
+        self.publish_stamped(Bytes::from(body), targets, None)
+    }
+
+    /// Publishes this replica's shard (sharded mode).
+    pub fn publish_shard(
+        &self,
+        slot: Option<u32>,
+        term: u64,
+        generation: u64,
+        body: Bytes,
+        targets: usize,
+    ) -> bool {
+        let stamp = ShardStamp {
+            slot,
+            term,
+            generation,
+        };
+        self.publish_stamped(body, targets, Some(stamp))
+    }
+
+    fn publish_stamped(&self, body: Bytes, targets: usize, shard: Option<ShardStamp>) -> bool {
         let etag = targets::etag(&body);
         self.targets.send_if_modified(|current| {
-            if current.as_ref().is_some_and(|p| p.etag == etag) {
+            if current
+                .as_ref()
+                .is_some_and(|p| p.etag == etag && p.shard == shard)
+            {
                 return false;
             }
             *current = Some(Arc::new(Published {
-                body: Bytes::from(body),
+                body,
                 etag,
                 targets,
+                shard,
             }));
             true
         })
+    }
+
+    /// The leader's assignment while this replica leads.
+    pub fn leader(&self) -> Option<Arc<LeaderHandle>> {
+        self.leader
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_leader(&self, handle: Option<Arc<LeaderHandle>>) {
+        *self.leader.write().unwrap_or_else(|e| e.into_inner()) = handle;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stopping: the last shard is served even after its slot was released.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn coordination_receiver(&self) -> watch::Receiver<CoordinationView> {
+        self.coordination.clone()
     }
 
     /// The coordination view as of now (expired leases are not held).
@@ -100,8 +166,23 @@ impl Shared {
         self.coordination.borrow().at(std::time::Instant::now())
     }
 
+    /// Ready to be scraped through: single mode after the first complete discovery;
+    /// sharded, as a standby, or when serving a shard of the current term for the
+    /// slot held.
     pub fn is_ready(&self) -> bool {
-        self.targets.borrow().is_some()
+        let published = self.targets.borrow().clone();
+        let view = self.coordination();
+        match view.role {
+            Role::Single => published.is_some(),
+            Role::Standby => true,
+            Role::Leader | Role::Follower => match (view.slot, published.and_then(|p| p.shard)) {
+                (None, _) => true,
+                (Some(slot), Some(stamp)) => {
+                    stamp.slot == Some(slot) && Some(stamp.term) == view.term
+                }
+                (Some(_), None) => false,
+            },
+        }
     }
 
     pub fn status(&self) -> DiscoveryStatus {

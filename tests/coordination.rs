@@ -32,6 +32,7 @@ async fn replica_at(
         ("REPLICA_ID", id),
         ("LEASE_DURATION", "3s"),
         ("HEARTBEAT_INTERVAL", "500ms"),
+        ("HANDOFF_GRACE", "2s"),
         ("DISCOVERY_NAMESPACES", "ecs-services"),
         ("CONFIG_RELOAD_FREQUENCY", "5"),
         ("LOG_FORMAT", "json"),

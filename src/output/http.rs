@@ -3,25 +3,169 @@
 //! loop published.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
 
+use crate::follower::{GENERATION_HEADER, TERM_HEADER};
 use crate::state::Shared;
 
 pub const TARGETS_PATH: &str = "/prometheus-targets";
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// Longest long-poll a follower may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    /// `PEER_TOKEN`: required as a bearer token on the internal endpoints when set.
+    peer_token: Option<Arc<str>>,
+}
+
+impl FromRef<AppState> for Arc<Shared> {
+    fn from_ref(state: &AppState) -> Self {
+        state.shared.clone()
+    }
+}
+
+pub fn router(shared: Arc<Shared>, peer_token: Option<String>) -> Router {
     Router::new()
         .route(TARGETS_PATH, get(targets))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
-        .with_state(shared)
+        .route("/v1/shards/{slot}", get(shard))
+        .route("/v1/assignment", get(assignment))
+        .with_state(AppState {
+            shared,
+            peer_token: peer_token.map(Arc::from),
+        })
+}
+
+/// Compares the bearer token in constant time.
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(expected) = &state.peer_token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        "PEER_TOKEN required: send Authorization: Bearer <token>\n",
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ShardQuery {
+    #[serde(default)]
+    after_term: u64,
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// A slot's shard for its holder: immediately if newer than (`after_term`,
+/// `after`), else when it changes or after `wait_ms` (304). Asking with the
+/// leader's term confirms that generation (ending handoffs to this slot).
+async fn shard(
+    State(state): State<AppState>,
+    Path(slot): Path<u32>,
+    Query(q): Query<ShardQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(leader) = state.shared.leader() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
+    };
+    leader.confirm(slot, q.after_term, q.after);
+    let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    let mut updates = leader.subscribe();
+    loop {
+        let snapshot = updates.borrow_and_update().clone();
+        if let Some(snap) = &snapshot {
+            if let Some(shard) = snap.shards.get(&slot) {
+                if (snap.term, shard.generation) > (q.after_term, q.after) {
+                    return (
+                        [
+                            (
+                                header::CONTENT_TYPE,
+                                HeaderValue::from_static("application/json"),
+                            ),
+                            (TERM_HEADER, HeaderValue::from(snap.term)),
+                            (GENERATION_HEADER, HeaderValue::from(shard.generation)),
+                        ],
+                        shard.body.clone(),
+                    )
+                        .into_response();
+                }
+            }
+        }
+        let wait = tokio::time::timeout_at(deadline.into(), updates.changed()).await;
+        match wait {
+            Ok(Ok(())) => continue,
+            // Leadership ended (the sender is gone) or the wait is over.
+            Ok(Err(_)) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
+            }
+            Err(_) if snapshot.is_none() => {
+                return (StatusCode::SERVICE_UNAVAILABLE, "no assignment yet\n").into_response()
+            }
+            Err(_) => return StatusCode::NOT_MODIFIED.into_response(),
+        }
+    }
+}
+
+/// The leader's assignment: per slot its holder, target count and generation.
+async fn assignment(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(leader) = state.shared.leader() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
+    };
+    let view = state.shared.coordination();
+    let live = view.live_slots.unwrap_or_default();
+    let snap = leader.snapshot();
+    let slots: Vec<serde_json::Value> = leader
+        .summary()
+        .into_iter()
+        .map(|s| {
+            let holder = live.iter().find(|l| l.slot == s.slot);
+            json!({
+                "slot": s.slot,
+                "holder": holder.map(|h| h.holder.clone()),
+                "addr": holder.map(|h| h.addr.clone()),
+                "targets": s.targets,
+                "draining": s.draining,
+                "generation": s.generation,
+                "confirmed_generation": s.confirmed_generation,
+            })
+        })
+        .collect();
+    Json(json!({
+        "term": snap.as_ref().map(|s| s.term),
+        "generation": snap.as_ref().map(|s| s.generation),
+        "slots": slots,
+    }))
+    .into_response()
 }
 
 /// The current targets, or 503 before the first complete discovery (Prometheus
@@ -35,6 +179,21 @@ async fn targets(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
         )
             .into_response();
     };
+    // A shard of a slot this replica no longer holds is someone else's now (checked
+    // at request time, so a replica resuming from a pause never serves it again).
+    if let Some(stamp) = published.shard {
+        if stamp.slot.is_some() && stamp.slot != shared.coordination().slot && !shared.is_draining()
+        {
+            return (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                "[]",
+            )
+                .into_response();
+        }
+    }
     let etag = HeaderValue::from_str(&published.etag).unwrap_or(HeaderValue::from_static("\"\""));
     if if_none_match(&headers, &published.etag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
@@ -94,9 +253,11 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "live_slots": coordination.live_slots,
         "coordination_error": coordination.error,
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": published.is_some(),
+        "ready": shared.is_ready(),
         "targets": published.as_ref().map_or(0, |p| p.targets),
         "etag": published.as_ref().map(|p| p.etag.clone()),
+        "generation": published.as_ref().and_then(|p| p.shard).map(|s| s.generation),
+        "shard_targets": published.as_ref().map(|p| p.targets),
         "last_discovery": status.last_discovery,
         "last_success": status.last_success,
         "namespaces": status.namespaces,

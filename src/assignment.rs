@@ -1,0 +1,458 @@
+//! The leader's published assignment: per live slot, the rendered `http_sd`
+//! shard it serves, stamped with the leader's term and a generation that grows
+//! with every change.
+//!
+//! Handoff without gaps: when a target moves from a live slot A to slot B, A
+//! keeps it (it is *draining*) until every new owner has confirmed a generation
+//! that contains it and `HANDOFF_GRACE` has passed since, so collectors overlap
+//! briefly instead of leaving a gap. A slot that is no longer live has nothing
+//! to drain. This module is a pure state machine: the leader task feeds it
+//! targets, slots, confirmations and the time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::sharding::{self, Params, ShardBy, Slot};
+use crate::targets::{self, Target};
+
+/// One slot's shard as published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// Generation at which this shard last changed.
+    pub generation: u64,
+    pub body: Bytes,
+    pub targets: usize,
+    /// Of which draining (moved away, kept until the new owner confirmed).
+    pub draining: usize,
+}
+
+/// What the leader serves to followers.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub term: u64,
+    pub generation: u64,
+    pub shards: BTreeMap<u32, Arc<Shard>>,
+}
+
+/// A slot of the assignment, as `/v1/assignment` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SlotSummary {
+    pub slot: u32,
+    pub targets: usize,
+    pub draining: usize,
+    pub generation: u64,
+    /// Highest generation the slot's holder has confirmed.
+    pub confirmed_generation: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Drain {
+    from: u32,
+    /// New owners that must confirm `since`.
+    to: Vec<u32>,
+    since: u64,
+    /// Set once every new owner confirmed: the drain ends then.
+    until: Option<Instant>,
+}
+
+/// Counts of the last change, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Targets whose slots changed.
+    pub moved: usize,
+    /// Slots whose shard changed.
+    pub shards_changed: usize,
+}
+
+pub struct Assigner {
+    by: ShardBy,
+    params: Params,
+    grace: Duration,
+    term: u64,
+    generation: u64,
+    slots: Vec<Slot>,
+    /// Current targets by identity (scheme, address, path).
+    targets: BTreeMap<Vec<u8>, Target>,
+    /// Slots of each target identity under the current assignment.
+    owners: HashMap<Vec<u8>, Vec<u32>>,
+    draining: HashMap<Vec<u8>, Vec<Drain>>,
+    confirmed: HashMap<u32, u64>,
+    shards: BTreeMap<u32, Arc<Shard>>,
+    /// Whether targets were ever given: until then nothing is published.
+    has_targets: bool,
+}
+
+impl Assigner {
+    pub fn new(by: ShardBy, params: Params, grace: Duration, term: u64) -> Self {
+        Assigner {
+            by,
+            params,
+            grace,
+            term,
+            generation: 0,
+            slots: Vec::new(),
+            targets: BTreeMap::new(),
+            owners: HashMap::new(),
+            draining: HashMap::new(),
+            confirmed: HashMap::new(),
+            shards: BTreeMap::new(),
+            has_targets: false,
+        }
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A new leadership term: generations go on growing; followers order by (term, generation).
+    pub fn set_term(&mut self, term: u64) {
+        self.term = term;
+    }
+
+    /// The published assignment, or `None` before the first targets.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        self.has_targets.then(|| Snapshot {
+            term: self.term,
+            generation: self.generation,
+            shards: self.shards.clone(),
+        })
+    }
+
+    pub fn summary(&self) -> Vec<SlotSummary> {
+        self.shards
+            .iter()
+            .map(|(slot, shard)| SlotSummary {
+                slot: *slot,
+                targets: shard.targets,
+                draining: shard.draining,
+                generation: shard.generation,
+                confirmed_generation: self.confirmed.get(slot).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// New discovery result.
+    pub fn set_targets(&mut self, list: &[Target], now: Instant) -> Change {
+        self.targets = list
+            .iter()
+            .map(|t| (sharding::key_bytes(t, ShardBy::Target), t.clone()))
+            .collect();
+        self.has_targets = true;
+        self.recompute(now)
+    }
+
+    /// New set of live slots (already debounced by the caller).
+    pub fn set_slots(&mut self, slots: &[Slot], now: Instant) -> Change {
+        let mut slots = slots.to_vec();
+        slots.sort_by_key(|s| s.id);
+        if slots == self.slots {
+            return Change::default();
+        }
+        self.slots = slots;
+        self.confirmed
+            .retain(|id, _| self.slots.iter().any(|s| s.id == *id));
+        self.recompute(now)
+    }
+
+    /// The holder of `slot` has the shard of `generation` (term checked by the caller).
+    pub fn confirm(&mut self, slot: u32, generation: u64, now: Instant) -> Change {
+        let entry = self.confirmed.entry(slot).or_insert(0);
+        if generation <= *entry {
+            return Change::default();
+        }
+        *entry = generation;
+        let grace = self.grace;
+        let confirmed = &self.confirmed;
+        let mut started = false;
+        for drains in self.draining.values_mut() {
+            for d in drains.iter_mut().filter(|d| d.until.is_none()) {
+                let all =
+                    d.to.iter()
+                        .all(|to| confirmed.get(to).is_some_and(|g| *g >= d.since));
+                if all {
+                    d.until = Some(now + grace);
+                    started = true;
+                }
+            }
+        }
+        // A zero grace ends drains at once.
+        if started && grace.is_zero() {
+            return self.tick(now);
+        }
+        Change::default()
+    }
+
+    /// Ends drains whose grace has passed.
+    pub fn tick(&mut self, now: Instant) -> Change {
+        let mut ended = false;
+        for drains in self.draining.values_mut() {
+            let before = drains.len();
+            drains.retain(|d| d.until.is_none_or(|u| u > now));
+            ended |= drains.len() != before;
+        }
+        self.draining.retain(|_, d| !d.is_empty());
+        if ended {
+            self.render(now)
+        } else {
+            Change::default()
+        }
+    }
+
+    /// When the next drain ends, if any is counting down.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.draining
+            .values()
+            .flatten()
+            .filter_map(|d| d.until)
+            .min()
+    }
+
+    fn recompute(&mut self, now: Instant) -> Change {
+        let assignment =
+            sharding::assign_targets(self.targets.values(), &self.slots, self.by, &self.params);
+        let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
+        let mut owners = HashMap::with_capacity(self.targets.len());
+        let mut moved = 0;
+        for (i, (id, _)) in self.targets.iter().enumerate() {
+            let new: Vec<u32> = assignment.slots_of(i).to_vec();
+            if let Some(old) = self.owners.get(id) {
+                if *old != new {
+                    moved += 1;
+                    let to: Vec<u32> = new.iter().copied().filter(|s| !old.contains(s)).collect();
+                    for from in old
+                        .iter()
+                        .copied()
+                        .filter(|s| !new.contains(s) && live.contains(s))
+                    {
+                        self.draining.entry(id.clone()).or_default().push(Drain {
+                            from,
+                            to: to.clone(),
+                            since: self.generation + 1,
+                            until: None,
+                        });
+                    }
+                }
+            }
+            owners.insert(id.clone(), new);
+        }
+        self.owners = owners;
+        // Drains of targets that are gone, back home, or from slots no longer live end now.
+        let (targets, current) = (&self.targets, &self.owners);
+        self.draining.retain(|id, drains| {
+            drains.retain(|d| {
+                targets.contains_key(id)
+                    && live.contains(&d.from)
+                    && !current.get(id).is_some_and(|o| o.contains(&d.from))
+            });
+            !drains.is_empty()
+        });
+        let mut change = self.render(now);
+        change.moved = moved;
+        change
+    }
+
+    /// Rebuilds every live slot's shard; bumps the generation if any changed.
+    fn render(&mut self, _now: Instant) -> Change {
+        let mut per_slot: BTreeMap<u32, (Vec<&Target>, usize)> =
+            self.slots.iter().map(|s| (s.id, (Vec::new(), 0))).collect();
+        for (id, target) in &self.targets {
+            for slot in self.owners.get(id).into_iter().flatten() {
+                if let Some(entry) = per_slot.get_mut(slot) {
+                    entry.0.push(target);
+                }
+            }
+            for d in self.draining.get(id).into_iter().flatten() {
+                if let Some(entry) = per_slot.get_mut(&d.from) {
+                    entry.0.push(target);
+                    entry.1 += 1;
+                }
+            }
+        }
+        let next = self.generation + 1;
+        let mut changed = 0;
+        let mut shards = BTreeMap::new();
+        for (slot, (mut list, draining)) in per_slot {
+            list.sort();
+            list.dedup();
+            let body = Bytes::from(targets::render(list.iter().copied()));
+            let shard = match self.shards.get(&slot) {
+                Some(old) if old.body == body => old.clone(),
+                _ => {
+                    changed += 1;
+                    Arc::new(Shard {
+                        generation: next,
+                        targets: list.len(),
+                        draining,
+                        body,
+                    })
+                }
+            };
+            shards.insert(slot, shard);
+        }
+        let removed = self.shards.keys().any(|k| !shards.contains_key(k));
+        if changed > 0 || removed {
+            self.generation = next;
+        }
+        self.shards = shards;
+        Change {
+            moved: 0,
+            shards_changed: changed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::MetricsSource;
+
+    fn target(i: usize) -> Target {
+        Target {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            instance_id: format!("t{i}"),
+            source: MetricsSource::App,
+            address: format!("10.0.{}.{}:3000", i / 250, i % 250),
+            labels: Default::default(),
+        }
+    }
+
+    fn slots(ids: &[u32]) -> Vec<Slot> {
+        ids.iter().map(|&id| Slot { id, weight: 1.0 }).collect()
+    }
+
+    fn addresses(shard: &Shard) -> BTreeSet<String> {
+        let groups: Vec<serde_json::Value> = serde_json::from_slice(&shard.body).unwrap();
+        groups
+            .iter()
+            .map(|g| g["targets"][0].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn union(a: &Assigner) -> BTreeSet<String> {
+        a.snapshot()
+            .unwrap()
+            .shards
+            .values()
+            .flat_map(|s| addresses(s))
+            .collect()
+    }
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn nothing_published_before_targets() {
+        let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
+        a.set_slots(&slots(&[0, 1]), Instant::now());
+        assert!(a.snapshot().is_none());
+        a.set_targets(&[], Instant::now());
+        let snap = a.snapshot().unwrap();
+        assert_eq!(snap.shards.len(), 2);
+        assert!(snap.shards.values().all(|s| &s.body[..] == b"[]"));
+    }
+
+    #[test]
+    fn a_moved_target_stays_with_its_old_slot_until_confirmed_plus_grace() {
+        let t0 = Instant::now();
+        let list: Vec<Target> = (0..300).map(target).collect();
+        let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
+        a.set_slots(&slots(&[0, 1, 2]), t0);
+        a.set_targets(&list, t0);
+        let before = a.snapshot().unwrap();
+        let g1 = before.generation;
+
+        // Scale out: slot 3 joins; about a quarter of the targets move to it.
+        let change = a.set_slots(&slots(&[0, 1, 2, 3]), t0);
+        assert!(change.moved > 40 && change.moved < 110, "{change:?}");
+        let snap = a.snapshot().unwrap();
+        assert!(snap.generation > g1);
+        let new_shard = addresses(&snap.shards[&3]);
+        assert_eq!(new_shard.len(), change.moved);
+        // The old owners still serve what moved: every target is served, the movers twice.
+        for slot in 0..3 {
+            let old = addresses(&before.shards[&slot]);
+            assert!(
+                old.is_subset(&addresses(&snap.shards[&slot])),
+                "slot {slot} dropped a target early"
+            );
+        }
+        let total: usize = snap.shards.values().map(|s| s.targets).sum();
+        assert_eq!(total, 300 + change.moved);
+
+        // Slot 3 confirms; the grace starts; before it ends nothing changes.
+        a.confirm(3, snap.shards[&3].generation, t0 + Duration::from_secs(1));
+        assert_eq!(a.next_deadline(), Some(t0 + Duration::from_secs(11)));
+        assert_eq!(a.tick(t0 + Duration::from_secs(5)), Change::default());
+        let change = a.tick(t0 + Duration::from_secs(11));
+        assert_eq!(change.shards_changed, 3);
+        let after = a.snapshot().unwrap();
+        let total: usize = after.shards.values().map(|s| s.targets).sum();
+        assert_eq!(total, 300, "no target served twice after the grace");
+        assert_eq!(union(&a).len(), 300);
+        assert!(after.shards.values().all(|s| s.draining == 0));
+    }
+
+    #[test]
+    fn a_lost_slot_has_nothing_to_drain() {
+        let t0 = Instant::now();
+        let list: Vec<Target> = (0..100).map(target).collect();
+        let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
+        a.set_slots(&slots(&[0, 1, 2]), t0);
+        a.set_targets(&list, t0);
+        a.set_slots(&slots(&[0, 2]), t0);
+        let snap = a.snapshot().unwrap();
+        assert_eq!(snap.shards.len(), 2);
+        let total: usize = snap.shards.values().map(|s| s.targets).sum();
+        assert_eq!(total, 100);
+        assert_eq!(union(&a).len(), 100);
+    }
+
+    #[test]
+    fn zero_grace_ends_the_drain_on_confirmation() {
+        let t0 = Instant::now();
+        let list: Vec<Target> = (0..100).map(target).collect();
+        let mut a = Assigner::new(ShardBy::Target, Params::default(), Duration::ZERO, 1);
+        a.set_slots(&slots(&[0, 1]), t0);
+        a.set_targets(&list, t0);
+        a.set_slots(&slots(&[0, 1, 2]), t0);
+        let g = a.snapshot().unwrap().shards[&2].generation;
+        let change = a.confirm(2, g, t0);
+        assert!(change.shards_changed > 0);
+        let total: usize = a
+            .snapshot()
+            .unwrap()
+            .shards
+            .values()
+            .map(|s| s.targets)
+            .sum();
+        assert_eq!(total, 100);
+    }
+
+    #[test]
+    fn unchanged_input_keeps_the_generation() {
+        let t0 = Instant::now();
+        let list: Vec<Target> = (0..50).map(target).collect();
+        let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
+        a.set_slots(&slots(&[0, 1]), t0);
+        a.set_targets(&list, t0);
+        let g = a.generation();
+        let mut reversed = list.clone();
+        reversed.reverse();
+        assert_eq!(a.set_targets(&reversed, t0), Change::default());
+        assert_eq!(a.generation(), g);
+        // A new target changes one shard only.
+        let mut more = list.clone();
+        more.push(target(999));
+        let change = a.set_targets(&more, t0);
+        assert_eq!((change.moved, change.shards_changed), (0, 1));
+        assert_eq!(a.generation(), g + 1);
+    }
+}

@@ -1,0 +1,227 @@
+//! What a replica serves when it is not the leader: as a slot holder, its slot's
+//! shard, fetched from the leader by long-poll (a new generation arrives within
+//! milliseconds); as a standby, `[]`. A shard is accepted only if its term is not
+//! older than the highest term seen, and the last shard keeps being served while
+//! the leader is unreachable or leadership changes hands.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderName;
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordination::{CoordinationView, Role};
+use crate::state::Shared;
+
+/// Headers of a shard response.
+pub const TERM_HEADER: HeaderName = HeaderName::from_static("x-shard-term");
+pub const GENERATION_HEADER: HeaderName = HeaderName::from_static("x-shard-generation");
+
+/// How long the leader holds a long-poll open.
+pub const LONG_POLL: Duration = Duration::from_secs(20);
+
+/// What a change of which restarts the poll.
+#[derive(Clone, Debug, PartialEq)]
+struct Target {
+    role: Role,
+    slot: Option<u32>,
+    leader_addr: Option<String>,
+}
+
+fn target_of(view: &CoordinationView) -> Target {
+    Target {
+        role: view.role,
+        slot: view.slot,
+        leader_addr: view.leader_addr.clone(),
+    }
+}
+
+/// Waits until the poll target differs from `current` (checked at least every 250 ms,
+/// since a renew deadline can pass without the view changing).
+async fn target_changed(view: &mut watch::Receiver<CoordinationView>, current: &Target) {
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(250), view.changed()).await;
+        if target_of(&view.borrow().at(Instant::now())) != *current {
+            return;
+        }
+    }
+}
+
+enum Poll {
+    Shard {
+        term: u64,
+        generation: u64,
+        body: Bytes,
+        targets: usize,
+    },
+    Unchanged,
+    Failed(String),
+}
+
+async fn poll(
+    client: &reqwest::Client,
+    addr: &str,
+    slot: u32,
+    after: (u64, u64),
+    token: Option<&str>,
+) -> Poll {
+    let url = format!(
+        "http://{addr}/v1/shards/{slot}?after_term={}&after={}&wait_ms={}",
+        after.0,
+        after.1,
+        LONG_POLL.as_millis()
+    );
+    let mut req = client.get(&url).timeout(LONG_POLL + Duration::from_secs(5));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return Poll::Failed(format!("cannot reach leader at {addr}: {e}")),
+    };
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_MODIFIED {
+        return Poll::Unchanged;
+    }
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        return Poll::Failed(format!(
+            "leader at {addr} answered {status}: {}",
+            text.trim()
+        ));
+    }
+    let header = |name: &HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (Some(term), Some(generation)) = (header(&TERM_HEADER), header(&GENERATION_HEADER)) else {
+        return Poll::Failed(format!(
+            "leader at {addr} sent a shard without term and generation"
+        ));
+    };
+    match resp.bytes().await {
+        Ok(body) => {
+            let targets = serde_json::from_slice::<Vec<serde_json::Value>>(&body).map(|g| g.len());
+            match targets {
+                Ok(targets) => Poll::Shard {
+                    term,
+                    generation,
+                    body,
+                    targets,
+                },
+                Err(e) => Poll::Failed(format!("leader at {addr} sent an invalid shard: {e}")),
+            }
+        }
+        Err(e) => Poll::Failed(format!("reading shard from {addr}: {e}")),
+    }
+}
+
+/// Serves the right shard for this replica's role until `cancel`.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut view: watch::Receiver<CoordinationView>,
+    token: Option<String>,
+    cancel: CancellationToken,
+) {
+    let client = match reqwest::Client::builder().no_proxy().build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cannot build the HTTP client for the leader: {e}");
+            return;
+        }
+    };
+    let mut highest_term = 0u64;
+    // (slot, term, generation) of the shard served.
+    let mut have: Option<(u32, u64, u64)> = None;
+    let mut last_error: Option<String> = None;
+    loop {
+        let current = view.borrow().at(Instant::now());
+        highest_term = highest_term.max(current.term.unwrap_or(0));
+        let target = target_of(&current);
+        let wait_for_change = match (current.role, current.slot, current.leader_addr.as_deref()) {
+            (Role::Single, _, _) => return,
+            // The leader task serves the leader's own slot.
+            (Role::Leader, _, _) => true,
+            (Role::Standby, _, _) | (_, None, _) => {
+                have = None;
+                shared.publish_shard(None, highest_term, 0, Bytes::from_static(b"[]"), 0);
+                true
+            }
+            (Role::Follower, Some(slot), Some(addr)) => {
+                if have.is_some_and(|(s, _, _)| s != slot) {
+                    // A different slot: the old one's targets are someone else's now.
+                    have = None;
+                    shared.publish_shard(Some(slot), 0, 0, Bytes::from_static(b"[]"), 0);
+                }
+                let after = have.map_or((0, 0), |(_, t, g)| (t, g));
+                let result = tokio::select! {
+                    r = poll(&client, addr, slot, after, token.as_deref()) => r,
+                    _ = target_changed(&mut view, &target) => continue,
+                    _ = cancel.cancelled() => return,
+                };
+                match result {
+                    Poll::Shard {
+                        term,
+                        generation,
+                        body,
+                        targets,
+                    } if term >= highest_term => {
+                        highest_term = term;
+                        have = Some((slot, term, generation));
+                        shared.publish_shard(Some(slot), term, generation, body, targets);
+                        if last_error.take().is_some() {
+                            tracing::info!(leader = addr, "receiving shards from the leader again");
+                        }
+                        false
+                    }
+                    Poll::Shard { term, .. } => {
+                        tracing::warn!(
+                            term,
+                            highest_term,
+                            leader = addr,
+                            "ignored a shard from a deposed leader"
+                        );
+                        sleep_or_change(&mut view, &target, &cancel).await
+                    }
+                    Poll::Unchanged => false,
+                    Poll::Failed(msg) => {
+                        if last_error.as_deref() != Some(&msg) {
+                            tracing::warn!("{msg}; serving the last shard meanwhile");
+                        }
+                        last_error = Some(msg);
+                        sleep_or_change(&mut view, &target, &cancel).await
+                    }
+                }
+            }
+            (Role::Follower, Some(_), None) => true,
+        };
+        if wait_for_change {
+            tokio::select! {
+                _ = target_changed(&mut view, &target) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+        if cancel.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Backs off after a failed poll, waking early when the leader or slot changes.
+/// Returns `false`: the caller polls again at once afterwards.
+async fn sleep_or_change(
+    view: &mut watch::Receiver<CoordinationView>,
+    target: &Target,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        _ = target_changed(view, target) => {}
+        _ = cancel.cancelled() => {}
+    }
+    false
+}

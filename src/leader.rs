@@ -1,0 +1,240 @@
+//! What the elected leader does, and only while its lease is valid: runs the
+//! discovery loop (the only replica calling SSM and Cloud Map), assigns the
+//! targets to the live slots, and publishes the versioned assignment that
+//! followers long-poll. Membership changes are debounced so a slot released
+//! during a rolling replacement and taken by a standby moves nothing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::assignment::{Assigner, Change, SlotSummary, Snapshot};
+use crate::coordination::{CoordinationView, LiveSlot, Role};
+use crate::sharding::{Params, ShardBy, Slot};
+use crate::state::Shared;
+use crate::targets::Target;
+
+#[derive(Clone, Debug)]
+pub struct LeaderConfig {
+    pub shard_by: ShardBy,
+    pub params: Params,
+    pub handoff_grace: Duration,
+    /// How long a slot that stopped being live still counts as a member.
+    pub membership_grace: Duration,
+}
+
+/// The leader's assignment, shared with the HTTP handlers that serve it.
+pub struct LeaderHandle {
+    assigner: Mutex<Assigner>,
+    snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl std::fmt::Debug for LeaderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderHandle")
+            .field("term", &self.term())
+            .finish()
+    }
+}
+
+impl LeaderHandle {
+    pub fn new(cfg: &LeaderConfig, term: u64) -> Self {
+        LeaderHandle {
+            assigner: Mutex::new(Assigner::new(
+                cfg.shard_by,
+                cfg.params,
+                cfg.handoff_grace,
+                term,
+            )),
+            snapshot: watch::Sender::new(None),
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn term(&self) -> u64 {
+        self.lock().term()
+    }
+
+    pub fn summary(&self) -> Vec<SlotSummary> {
+        self.lock().summary()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Assigner> {
+        self.assigner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a change and republishes when the assignment changed.
+    fn apply(&self, f: impl FnOnce(&mut Assigner) -> Change) -> Change {
+        let mut assigner = self.lock();
+        let before = assigner.generation();
+        let change = f(&mut assigner);
+        if assigner.generation() != before || self.snapshot.borrow().is_none() {
+            if let Some(snap) = assigner.snapshot() {
+                tracing::debug!(target: "leader_action", term = snap.term, generation = snap.generation, "leader acting");
+                self.snapshot.send_replace(Some(Arc::new(snap)));
+            }
+        }
+        change
+    }
+
+    /// The holder of `slot` has received `generation` of `term`.
+    pub fn confirm(&self, slot: u32, term: u64, generation: u64) {
+        if term == self.term() {
+            self.apply(|a| a.confirm(slot, generation, Instant::now()));
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lock().next_deadline()
+    }
+}
+
+/// Slots that are live, or were within the grace.
+struct Membership {
+    grace: Duration,
+    seen: BTreeMap<u32, (Slot, Instant)>,
+}
+
+impl Membership {
+    fn update(&mut self, live: &[LiveSlot], now: Instant) -> Vec<Slot> {
+        for l in live {
+            self.seen.insert(
+                l.slot,
+                (
+                    Slot {
+                        id: l.slot,
+                        weight: l.weight,
+                    },
+                    now,
+                ),
+            );
+        }
+        let grace = self.grace;
+        self.seen
+            .retain(|_, (_, at)| now.duration_since(*at) < grace);
+        self.seen.values().map(|(s, _)| *s).collect()
+    }
+
+    /// When a slot not seen live since will drop out.
+    fn next_expiry(&self, live: &[LiveSlot]) -> Option<Instant> {
+        self.seen
+            .iter()
+            .filter(|(id, _)| !live.iter().any(|l| l.slot == **id))
+            .map(|(_, (_, at))| *at + self.grace)
+            .min()
+    }
+}
+
+fn is_leading(view: &watch::Receiver<CoordinationView>) -> Option<CoordinationView> {
+    let current = view.borrow().at(Instant::now());
+    (current.role == Role::Leader).then_some(current)
+}
+
+/// Runs the leader's work until leadership ends or `cancel` fires. `targets`
+/// carries each complete discovery result from the discovery loop.
+pub async fn run(
+    cfg: LeaderConfig,
+    shared: Arc<Shared>,
+    mut view: watch::Receiver<CoordinationView>,
+    mut targets: watch::Receiver<Option<Arc<Vec<Target>>>>,
+    cancel: CancellationToken,
+) {
+    let Some(start) = is_leading(&view) else {
+        return;
+    };
+    let term = start.term.unwrap_or(0);
+    let handle = Arc::new(LeaderHandle::new(&cfg, term));
+    shared.set_leader(Some(handle.clone()));
+    tracing::info!(term, "leading: discovering and assigning");
+    let mut membership = Membership {
+        grace: cfg.membership_grace,
+        seen: BTreeMap::new(),
+    };
+    loop {
+        let now = Instant::now();
+        // Fenced: act only while the lease is valid.
+        let Some(current) = is_leading(&view) else {
+            break;
+        };
+        let live = current.live_slots.clone().unwrap_or_default();
+        let slots = membership.update(&live, now);
+        let change = handle.apply(|a| a.set_slots(&slots, now));
+        log_change("slots changed", &change, &handle);
+        if targets.has_changed().unwrap_or(false) {
+            if let Some(list) = targets.borrow_and_update().clone() {
+                let change = handle.apply(|a| a.set_targets(&list, now));
+                log_change("targets changed", &change, &handle);
+            }
+        }
+        handle.apply(|a| a.tick(now));
+        serve_own_slot(&handle, &current, &shared);
+
+        let wake = [membership.next_expiry(&live), handle.next_deadline()]
+            .into_iter()
+            .flatten()
+            .chain([now + Duration::from_millis(500)])
+            .min()
+            .unwrap_or(now);
+        tokio::select! {
+            _ = view.changed() => {}
+            _ = targets.changed() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    shared.set_leader(None);
+    tracing::info!(term, "no longer leading");
+}
+
+fn log_change(what: &str, change: &Change, handle: &LeaderHandle) {
+    if change.shards_changed > 0 || change.moved > 0 {
+        let snap = handle.snapshot();
+        tracing::info!(
+            term = snap.as_ref().map(|s| s.term),
+            generation = snap.as_ref().map(|s| s.generation),
+            moved = change.moved,
+            shards_changed = change.shards_changed,
+            "{what}: new assignment"
+        );
+    }
+}
+
+/// The leader serves its own slot's shard directly and confirms it at once.
+fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Shared) {
+    let Some(snap) = handle.snapshot() else {
+        return;
+    };
+    match view.slot {
+        Some(slot) => {
+            if let Some(shard) = snap.shards.get(&slot) {
+                shared.publish_shard(
+                    Some(slot),
+                    snap.term,
+                    shard.generation,
+                    shard.body.clone(),
+                    shard.targets,
+                );
+                handle.confirm(slot, snap.term, shard.generation);
+            }
+        }
+        None => {
+            shared.publish_shard(
+                None,
+                snap.term,
+                snap.generation,
+                bytes::Bytes::from_static(b"[]"),
+                0,
+            );
+        }
+    }
+}
