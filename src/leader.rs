@@ -160,6 +160,8 @@ pub async fn run(
         grace: cfg.membership_grace,
         seen: BTreeMap::new(),
     };
+    // A result may already be waiting.
+    let mut targets_pending = true;
     loop {
         let now = Instant::now();
         // Fenced: act only while the lease is valid.
@@ -170,7 +172,7 @@ pub async fn run(
         let slots = membership.update(&live, now);
         let change = handle.apply(|a| a.set_slots(&slots, now));
         log_change("slots changed", &change, &handle);
-        if targets.has_changed().unwrap_or(false) {
+        if std::mem::take(&mut targets_pending) {
             if let Some(list) = targets.borrow_and_update().clone() {
                 let change = handle.apply(|a| a.set_targets(&list, now));
                 log_change("targets changed", &change, &handle);
@@ -187,7 +189,7 @@ pub async fn run(
             .unwrap_or(now);
         tokio::select! {
             _ = view.changed() => {}
-            _ = targets.changed() => {}
+            changed = targets.changed() => targets_pending = changed.is_ok(),
             _ = tokio::time::sleep_until(wake.into()) => {}
             _ = cancel.cancelled() => break,
         }
