@@ -1,6 +1,8 @@
-//! Wiring: starts the discovery loop and the outputs, and stops them cleanly on
-//! SIGTERM/SIGINT. The loop is the only writer of the shared state; everything
-//! else reads it.
+//! Wiring. Single-replica mode: the discovery loop publishes what the outputs
+//! serve. Sharded mode: the coordinator decides roles; the leader work (discovery
+//! and assignment) runs whenever this replica is elected, the follower work
+//! otherwise. On SIGTERM/SIGINT the tasks stop, leases are released, and the HTTP
+//! server keeps serving the released slot until its new holder has it.
 
 use std::collections::BTreeSet;
 use std::future::IntoFuture;

@@ -1,6 +1,8 @@
-//! State shared between the discovery loop (the writer) and the outputs (the
-//! readers): the published target list, pre-rendered once per change so that
-//! serving it is a pointer copy, and the status shown on `/v1/status`.
+//! State shared between the writers of what this replica serves (the discovery
+//! loop in single mode, the leader or follower task in sharded mode) and the
+//! outputs: the published target list, pre-rendered once per change so that
+//! serving it is a pointer copy, the coordination view, the leader's assignment
+//! while leading, and the status shown on `/v1/status`.
 
 use std::sync::{Arc, RwLock};
 

@@ -26,6 +26,9 @@ struct Cluster {
     _apps: Vec<SampleApp>,
     replicas: Vec<Option<ShardSd>>,
     shard_count: String,
+    /// `DISCOVERY_NAMESPACES` and `CONFIG_RELOAD_FREQUENCY` of new replicas.
+    namespaces: String,
+    reload: String,
     expected: BTreeSet<String>,
 }
 
@@ -80,6 +83,8 @@ impl Cluster {
             _apps: apps,
             replicas: Vec::new(),
             shard_count: shard_count.into(),
+            namespaces: "ecs-services".into(),
+            reload: "1".into(),
             expected,
         };
         for _ in 0..replicas {
@@ -102,8 +107,8 @@ impl Cluster {
             ("HANDOFF_GRACE", "2s"),
             ("MEMBERSHIP_GRACE", "1s"),
             ("PEER_TOKEN", TOKEN),
-            ("DISCOVERY_NAMESPACES", "ecs-services"),
-            ("CONFIG_RELOAD_FREQUENCY", "1"),
+            ("DISCOVERY_NAMESPACES", self.namespaces.as_str()),
+            ("CONFIG_RELOAD_FREQUENCY", self.reload.as_str()),
             ("LOG_FORMAT", "json"),
             ("RUST_LOG", "info,leader_action=debug"),
         ] {
@@ -638,5 +643,84 @@ async fn aws_requests_do_not_grow_with_replicas() {
     }
     for r in &per_minute[1..] {
         assert!(*r <= per_minute[0] * 1.3, "{per_minute:?}");
+    }
+}
+
+fn cpu_seconds_and_rss(pid: i32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (cpu, rss_kb * 1024)
+}
+
+/// Leader CPU and memory with 10,000 targets (10 services x 500 tasks x 2 targets).
+/// A measurement, not run in CI: `cargo nextest run --test sharded_e2e leader_cost --run-ignored only --no-capture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn leader_cost_with_10k_targets() {
+    let mut c = Cluster::start("3", 0, 0, 0).await;
+    let ns = c.cm.http_namespace("big").await;
+    let tags = [
+        ("METRICS_PATH", "/metrics"),
+        ("METRICS_PORT", "3000"),
+        ("ECS_METRICS_PATH", "/metrics"),
+        ("ECS_METRICS_PORT", "9779"),
+    ];
+    c.expected.clear();
+    for s in 0..10 {
+        let svc = c.cm.service(&ns, &format!("svc-{s}"), &tags).await;
+        for i in 0..500 {
+            let ip = format!("10.{s}.{}.{}", i / 250, i % 250 + 1);
+            c.cm.register_task(&svc.id, &format!("t{s}-{i}"), &ip).await;
+            c.expected.insert(format!("{ip}:3000"));
+            c.expected.insert(format!("{ip}:9779"));
+        }
+    }
+    c.namespaces = "big".into();
+    c.reload = "30".into();
+    for _ in 0..3 {
+        c.add_replica().await;
+    }
+    let started = Instant::now();
+    c.settle_on("10k targets in three shards", 3).await;
+    println!(
+        "MEASURE 10k targets served by 3 shards {:?} after start",
+        started.elapsed()
+    );
+    let (li, _) = c.leader().await;
+    let pid = c.replicas[li].as_ref().unwrap().proc.pid();
+    let (cpu0, _) = cpu_seconds_and_rss(pid);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let (cpu1, rss) = cpu_seconds_and_rss(pid);
+    let wall = t0.elapsed().as_secs_f64();
+    println!(
+        "MEASURE leader with 10k targets, CONFIG_RELOAD_FREQUENCY=30: {:.2}% of one core over {wall:.0}s, RSS {:.1} MiB",
+        100.0 * (cpu1 - cpu0) / wall,
+        rss as f64 / 1048576.0
+    );
+    for r in c.alive() {
+        let (_, rss) = cpu_seconds_and_rss(r.proc.pid());
+        println!(
+            "MEASURE {}: RSS {:.1} MiB",
+            r.proc.name,
+            rss as f64 / 1048576.0
+        );
     }
 }
