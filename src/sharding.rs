@@ -171,6 +171,14 @@ pub struct Assignment {
 }
 
 impl Assignment {
+    /// No slot for any key.
+    fn none() -> Self {
+        Assignment {
+            replicas: 0,
+            owners: Vec::new(),
+        }
+    }
+
     /// Slots of key `i` (empty when there are no slots).
     pub fn owners(&self, i: usize) -> &[u32] {
         &self.owners[i * self.replicas..(i + 1) * self.replicas]
@@ -288,20 +296,46 @@ fn place(
     }
 }
 
-/// Assigns keys to slots. The fast path: one pass of scores per key.
-pub fn assign(keys: &[Key], slots: &[Slot], params: &Params) -> Assignment {
+/// What both assignment paths start from.
+struct Setup {
+    /// Usable slots, by id.
+    slots: Vec<Slot>,
+    /// Slots per key: the replication factor, at most the number of slots.
+    want: usize,
+    caps: Vec<u64>,
+    loads: Vec<u64>,
+    owners: Vec<u32>,
+}
+
+/// `None` when there is no usable slot.
+fn setup(keys: &[Key], slots: &[Slot], params: &Params) -> Option<Setup> {
     let slots = normalise(slots);
     let want = params.replication.max(1).min(slots.len());
-    let mut owners = vec![0u32; keys.len() * want];
     if want == 0 {
-        return Assignment {
-            replicas: 0,
-            owners,
-        };
+        return None;
     }
     let total: u64 = keys.iter().map(|k| u64::from(k.size) * want as u64).sum();
-    let caps = capacities(total, &slots, params.tolerance);
-    let mut loads = vec![0u64; slots.len()];
+    Some(Setup {
+        caps: capacities(total, &slots, params.tolerance),
+        loads: vec![0; slots.len()],
+        owners: vec![0; keys.len() * want],
+        slots,
+        want,
+    })
+}
+
+/// Assigns keys to slots. The fast path: one pass of scores per key.
+pub fn assign(keys: &[Key], slots: &[Slot], params: &Params) -> Assignment {
+    let Some(Setup {
+        slots,
+        want,
+        caps,
+        mut loads,
+        mut owners,
+    }) = setup(keys, slots, params)
+    else {
+        return Assignment::none();
+    };
     let hashes: Vec<u64> = slots.iter().map(|s| slot_hash(s.id)).collect();
     let ids: Vec<u32> = slots.iter().map(|s| s.id).collect();
     let mut chosen = Vec::with_capacity(want);
@@ -354,18 +388,16 @@ pub fn assign(keys: &[Key], slots: &[Slot], params: &Params) -> Assignment {
 /// ranking sorted per key): the reference the fast path is tested against, and
 /// the baseline of the benchmarks.
 pub fn assign_reference(keys: &[Key], slots: &[Slot], params: &Params) -> Assignment {
-    let slots = normalise(slots);
-    let want = params.replication.max(1).min(slots.len());
-    let mut owners = vec![0u32; keys.len() * want];
-    if want == 0 {
-        return Assignment {
-            replicas: 0,
-            owners,
-        };
-    }
-    let total: u64 = keys.iter().map(|k| u64::from(k.size) * want as u64).sum();
-    let caps = capacities(total, &slots, params.tolerance);
-    let mut loads = vec![0u64; slots.len()];
+    let Some(Setup {
+        slots,
+        want,
+        caps,
+        mut loads,
+        mut owners,
+    }) = setup(keys, slots, params)
+    else {
+        return Assignment::none();
+    };
     let position = |id: u32| slots.iter().position(|s| s.id == id).unwrap_or(0);
     let mut chosen = Vec::with_capacity(want);
     let rankings: Box<dyn Fn(u64) -> Vec<u32>> = if uniform(&slots) {

@@ -87,7 +87,10 @@ fn check(seen: &BTreeMap<String, Seen>, slots: usize) -> bool {
         held.iter().all(|s| (*s as usize) < slots),
         "slot out of range: {seen:?}"
     );
-    leaders(seen).len() == 1 && n == slots.min(seen.len())
+    // Settled: one leader, all slots held, and every replica has read the leader's term.
+    leaders(seen).len() == 1
+        && n == slots.min(seen.len())
+        && seen.values().all(|s| s.term.is_some())
 }
 
 async fn settle(replicas: &[&ShardSd], slots: usize) -> BTreeMap<String, Seen> {

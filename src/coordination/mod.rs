@@ -213,6 +213,16 @@ pub fn claim(
     }
 }
 
+/// The result of trying to take one lease.
+enum Attempt {
+    /// Taken; the previous holder, if any.
+    Took(Held, String),
+    /// Held by someone else until at least then.
+    Wait(Instant),
+    /// Someone else wrote it first.
+    Lost,
+}
+
 /// A lease this replica holds.
 #[derive(Clone, Debug)]
 struct Held {
@@ -399,59 +409,61 @@ impl Coordinator {
     /// earliest time a lease it waits for could be taken over.
     async fn acquire(&mut self, items: &HashMap<String, LeaseItem>) -> Option<Instant> {
         let now = Instant::now();
-        let me = self.cfg.me.id.clone();
         let mut wake: Option<Instant> = None;
-        let mut wait_for =
-            |until: Instant| wake = Some(wake.map_or(until, |w: Instant| w.min(until)));
-
         if self.leader.is_none() {
-            let pk = self.table.leader_pk();
-            match claim(items.get(&pk), &self.observer, now, &me, self.cfg.lease) {
-                Claim::Held { until } => wait_for(until),
-                claim => {
-                    let seen = match &claim {
-                        Claim::Takeable(item) => Some(item),
-                        _ => None,
-                    };
-                    if let Some(held) = self.try_acquire(&pk, seen).await {
-                        tracing::info!(
-                            term = held.item.term,
-                            previous = seen.map(|s| s.holder.as_str()).unwrap_or(""),
-                            "became leader"
-                        );
-                        self.leader = Some(held);
-                    }
+            match self.attempt(&self.table.leader_pk(), items, now).await {
+                Attempt::Took(held, previous) => {
+                    tracing::info!(term = held.item.term, previous, "became leader");
+                    self.leader = Some(held);
                 }
+                Attempt::Wait(until) => wake = Some(until),
+                Attempt::Lost => {}
             }
         }
-
         if self.slot.is_none() {
             for (slot, pk) in self.slot_keys() {
-                match claim(items.get(&pk), &self.observer, now, &me, self.cfg.lease) {
-                    Claim::Held { until } => wait_for(until),
-                    claim => {
-                        let seen = match &claim {
-                            Claim::Takeable(item) => Some(item),
-                            _ => None,
-                        };
-                        if let Some(held) = self.try_acquire(&pk, seen).await {
-                            tracing::info!(
-                                slot,
-                                previous = seen.map(|s| s.holder.as_str()).unwrap_or(""),
-                                "took slot"
-                            );
-                            self.slot = Some((slot, held));
-                            self.highest_slot = self.highest_slot.max(slot);
-                            break;
-                        }
+                match self.attempt(&pk, items, now).await {
+                    Attempt::Took(held, previous) => {
+                        tracing::info!(slot, previous, "took slot");
+                        self.slot = Some((slot, held));
+                        self.highest_slot = self.highest_slot.max(slot);
+                        break;
                     }
+                    Attempt::Wait(until) => wake = Some(wake.map_or(until, |w| w.min(until))),
+                    Attempt::Lost => {}
                 }
             }
         }
-        // Only wait early for leases we still want.
+        // Only wait early for leases still wanted.
         (self.leader.is_none() || self.slot.is_none())
             .then_some(wake)
             .flatten()
+    }
+
+    /// Takes the item `pk` if `claim` allows it now.
+    async fn attempt(
+        &mut self,
+        pk: &str,
+        items: &HashMap<String, LeaseItem>,
+        now: Instant,
+    ) -> Attempt {
+        match claim(
+            items.get(pk),
+            &self.observer,
+            now,
+            &self.cfg.me.id,
+            self.cfg.lease,
+        ) {
+            Claim::Held { until } => Attempt::Wait(until),
+            Claim::Missing => match self.try_acquire(pk, None).await {
+                Some(held) => Attempt::Took(held, String::new()),
+                None => Attempt::Lost,
+            },
+            Claim::Takeable(seen) => match self.try_acquire(pk, Some(&seen)).await {
+                Some(held) => Attempt::Took(held, seen.holder),
+                None => Attempt::Lost,
+            },
+        }
     }
 
     async fn try_acquire(&mut self, pk: &str, seen: Option<&LeaseItem>) -> Option<Held> {
