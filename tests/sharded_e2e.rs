@@ -250,6 +250,21 @@ impl Sampler {
         *self.addrs.lock().unwrap() = addrs;
     }
 
+    /// Longest run of consecutive samples with some target missing.
+    fn longest_gap(&self) -> Duration {
+        let samples = self.samples.lock().unwrap().clone();
+        let (mut start, mut longest) = (None::<Instant>, Duration::ZERO);
+        for (at, missing, _) in &samples {
+            if missing.is_empty() {
+                start = None;
+            } else {
+                let s = *start.get_or_insert(*at);
+                longest = longest.max(at.duration_since(s) + Duration::from_millis(200));
+            }
+        }
+        longest
+    }
+
     /// Stops and returns (samples, samples with a missing target, longest a target stayed doubled).
     fn finish(self) -> (usize, Vec<BTreeSet<String>>, Duration) {
         self.stop.cancel();
@@ -592,6 +607,12 @@ async fn a_paused_follower_loses_its_slot_and_never_doubles_for_long() {
     assert!(
         rejoined["role"] == "standby" || rejoined["slot"].is_u64(),
         "{rejoined}"
+    );
+    let gap = sampler.longest_gap();
+    println!("MEASURE follower SIGSTOP: its targets uncovered for at most {gap:?} (sampled every 200 ms)");
+    assert!(
+        gap <= LEASE + HEARTBEAT + Duration::from_millis(1500),
+        "{gap:?}"
     );
     let (n, missing, doubled) = sampler.finish();
     println!(
