@@ -303,7 +303,8 @@ async fn lead_when_elected(
     loop {
         while shared.coordination().role != Role::Leader {
             tokio::select! {
-                _ = tokio::time::timeout(Duration::from_millis(250), view.changed()) => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = view.changed() => {}
                 _ = shutdown.cancelled() => return,
             }
         }

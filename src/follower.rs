@@ -42,7 +42,10 @@ fn target_of(view: &CoordinationView) -> Target {
 /// since a renew deadline can pass without the view changing).
 async fn target_changed(view: &mut watch::Receiver<CoordinationView>, current: &Target) {
     loop {
-        let _ = tokio::time::timeout(Duration::from_millis(250), view.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(250), view.changed()).await {
+            // The coordinator is gone (shutting down): do not spin.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         if target_of(&view.borrow().at(Instant::now())) != *current {
             return;
         }

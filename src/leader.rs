@@ -162,6 +162,7 @@ pub async fn run(
     };
     // A result may already be waiting.
     let mut targets_pending = true;
+    let mut targets_open = true;
     loop {
         let now = Instant::now();
         // Fenced: act only while the lease is valid.
@@ -189,7 +190,11 @@ pub async fn run(
             .unwrap_or(now);
         tokio::select! {
             _ = view.changed() => {}
-            changed = targets.changed() => targets_pending = changed.is_ok(),
+            changed = targets.changed(), if targets_open => {
+                targets_pending = changed.is_ok();
+                // The discovery loop ended: keep the last result, stop listening.
+                targets_open = changed.is_ok();
+            }
             _ = tokio::time::sleep_until(wake.into()) => {}
             _ = cancel.cancelled() => break,
         }
