@@ -93,7 +93,8 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let single = tokio::sync::watch::channel(shard_sd::coordination::CoordinationView::single()).1;
-    let shared = Shared::new("bench".into(), "127.0.0.1:9001".into(), single);
+    let metrics = Arc::new(shard_sd::telemetry::Metrics::new(&Default::default()));
+    let shared = Shared::new("bench".into(), "127.0.0.1:9001".into(), single, metrics);
     shared.publish(targets::render(list.iter()), list.len());
     let etag = shared.targets().expect("published").etag.clone();
     let ours = rt.block_on(serve(shard_sd::output::http::router(shared, None)));

@@ -25,6 +25,7 @@ use crate::output;
 use crate::state::{LastDiscovery, Shared};
 use crate::targets;
 use crate::targets::Target;
+use crate::telemetry::Metrics;
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,16 +66,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // Cancelled after SIGTERM, before the HTTP server stops (see `drain`).
     let tasks_token = CancellationToken::new();
     let shutdown_tasks = tasks_token.clone();
+    let metrics = Arc::new(Metrics::new(&aws.stats));
     let coordination = match &config.lease_table {
         None => tokio::sync::watch::channel(CoordinationView::single()).1,
         Some(table) => {
-            let coordinator = coordinator(&config, &aws, table, &replica_id, &advertise_addr);
+            let coordinator = coordinator(
+                &config,
+                &aws,
+                table,
+                &replica_id,
+                &advertise_addr,
+                metrics.lease_renewal_failures.clone(),
+            );
             let view = coordinator.subscribe();
             tasks.spawn(coordinator.run(shutdown_tasks.clone()));
             view
         }
     };
-    let shared = Shared::new(replica_id, advertise_addr, coordination);
+    let shared = Shared::new(replica_id, advertise_addr, coordination, metrics);
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .map_err(|source| RunError::Bind {
@@ -231,6 +240,7 @@ fn coordinator(
     table: &str,
     replica_id: &str,
     advertise_addr: &str,
+    renewal_failures: prometheus_client::metrics::counter::Counter,
 ) -> Coordinator {
     // A renewal must fail before its renew deadline (2/3 of the lease), not after.
     let dynamodb = aws.dynamodb(config.heartbeat_interval, config.lease_duration / 3);
@@ -253,6 +263,7 @@ fn coordinator(
                 weight: config.replica_weight,
                 lease: config.lease_duration,
             },
+            renewal_failures,
         },
     )
 }
@@ -428,6 +439,18 @@ fn publish_cycle(
         services_refreshed = report.services_refreshed,
         "discovery cycle done"
     );
+    let metrics = &shared.metrics;
+    metrics.targets_discovered.set(built.targets.len() as i64);
+    metrics
+        .discovery_cycle_seconds
+        .observe(report.duration_ms as f64 / 1000.0);
+    if report.errors.is_empty() {
+        let unix = report
+            .started
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        metrics.last_discovery_success.set(unix.as_secs_f64());
+    }
     let time = humantime::format_rfc3339_millis(report.started).to_string();
     shared.update_status(|status| {
         status.last_discovery = Some(LastDiscovery {

@@ -7,8 +7,8 @@
 //! jitter; this module only sizes it. Every HTTP attempt is counted per service,
 //! operation and outcome, so a discovery cycle can report what it cost.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -26,6 +26,9 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Error codes AWS uses for throttling. The SDK retries these by itself; they are
 /// listed here to count them and to word the final error.
@@ -191,46 +194,47 @@ impl Outcome {
     }
 }
 
-/// Attempts per (service, operation, outcome), since start.
+/// Labels of `shard_sd_aws_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AwsRequestLabels {
+    pub service: String,
+    pub operation: String,
+    pub outcome: String,
+}
+
+/// HTTP attempts to AWS since start, per service, operation and outcome.
 #[derive(Debug, Default)]
 pub struct RequestStats {
-    counts: Mutex<BTreeMap<(String, String, Outcome), u64>>,
+    /// Exposed on `/metrics`.
+    pub by_operation: Family<AwsRequestLabels, Counter>,
+    /// Throttled attempts, exposed on `/metrics`.
+    pub throttles: Counter,
+    total: AtomicU64,
 }
 
 impl RequestStats {
     fn record(&self, service: &str, operation: &str, outcome: Outcome) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        *counts
-            .entry((service.to_owned(), operation.to_owned(), outcome))
-            .or_default() += 1;
-    }
-
-    /// A copy of all counters.
-    pub fn snapshot(&self) -> BTreeMap<(String, String, Outcome), u64> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.by_operation
+            .get_or_create(&AwsRequestLabels {
+                service: service.to_owned(),
+                operation: operation.to_owned(),
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
+        if outcome == Outcome::Throttled {
+            self.throttles.inc();
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Total attempts so far.
     pub fn total(&self) -> u64 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .sum()
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Throttled attempts so far.
     pub fn throttled(&self) -> u64 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|((_, _, o), _)| *o == Outcome::Throttled)
-            .map(|(_, n)| n)
-            .sum()
+        self.throttles.get()
     }
 }
 

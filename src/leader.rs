@@ -172,11 +172,11 @@ pub async fn run(
         let live = current.live_slots.clone().unwrap_or_default();
         let slots = membership.update(&live, now);
         let change = handle.apply(|a| a.set_slots(&slots, now));
-        log_change("slots changed", &change, &handle);
+        log_change("slots changed", &change, &handle, &shared);
         if std::mem::take(&mut targets_pending) {
             if let Some(list) = targets.borrow_and_update().clone() {
                 let change = handle.apply(|a| a.set_targets(&list, now));
-                log_change("targets changed", &change, &handle);
+                log_change("targets changed", &change, &handle, &shared);
             }
         }
         handle.apply(|a| a.tick(now));
@@ -203,7 +203,8 @@ pub async fn run(
     tracing::info!(term, "no longer leading");
 }
 
-fn log_change(what: &str, change: &Change, handle: &LeaderHandle) {
+fn log_change(what: &str, change: &Change, handle: &LeaderHandle, shared: &Shared) {
+    shared.metrics.targets_moved.inc_by(change.moved as u64);
     if change.shards_changed > 0 || change.moved > 0 {
         let snap = handle.snapshot();
         tracing::info!(

@@ -14,6 +14,7 @@ use crate::coordination::{CoordinationView, Role};
 use crate::discovery::NamespaceReport;
 use crate::leader::LeaderHandle;
 use crate::targets;
+use crate::telemetry::Metrics;
 
 /// A rendered target list: the exact bytes every reader serves.
 #[derive(Debug)]
@@ -60,6 +61,7 @@ pub struct DiscoveryStatus {
 pub struct Shared {
     pub replica_id: String,
     pub advertise_addr: String,
+    pub metrics: Arc<Metrics>,
     coordination: watch::Receiver<CoordinationView>,
     leader: std::sync::RwLock<Option<Arc<LeaderHandle>>>,
     /// Stopping: keep serving the last shard while its slot is handed over.
@@ -74,10 +76,12 @@ impl Shared {
         replica_id: String,
         advertise_addr: String,
         coordination: watch::Receiver<CoordinationView>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             replica_id,
             advertise_addr,
+            metrics,
             coordination,
             leader: std::sync::RwLock::new(None),
             draining: std::sync::atomic::AtomicBool::new(false),

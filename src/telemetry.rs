@@ -1,9 +1,20 @@
 //! Telemetry of shard-sd itself: structured logs through `tracing`, human-readable
 //! by default and JSON (one object per line, for CloudWatch Logs) with
-//! `LOG_FORMAT=json`, filtered by `RUST_LOG` (default `info`).
+//! `LOG_FORMAT=json`, filtered by `RUST_LOG` (default `info`); and the metrics
+//! served on `/metrics` through `prometheus-client`.
 
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use tracing_subscriber::EnvFilter;
 
+use crate::aws::RequestStats;
 use crate::config::LogFormat;
 
 /// Installs the global log subscriber. Logs go to stderr so that stdout stays
@@ -24,4 +35,152 @@ pub fn init_logging(format: LogFormat) {
     };
     // A subscriber already installed (tests) is fine.
     drop(result);
+}
+
+/// Labels of `shard_sd_role`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: String,
+}
+
+/// Labels of `shard_sd_http_sd_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+/// shard-sd's own metrics, served on `GET /metrics` in the Prometheus text format.
+/// Gauges describing the current state (role, term, generation, slots, shard
+/// size) are refreshed from the shared state at each scrape; counters and the
+/// histogram are updated where the events happen.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub role: Family<RoleLabels, Gauge>,
+    pub term: Gauge,
+    pub generation: Gauge,
+    pub live_slots: Gauge,
+    pub shard_targets: Gauge,
+    pub targets_discovered: Gauge,
+    pub targets_moved: Counter,
+    pub discovery_cycle_seconds: Histogram,
+    pub last_discovery_success: Gauge<f64, AtomicU64>,
+    pub lease_renewal_failures: Counter,
+    pub http_sd_requests: Family<CodeLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric; `aws` carries the AWS request counters.
+    pub fn new(aws: &RequestStats) -> Metrics {
+        let mut registry = Registry::with_prefix("shard_sd");
+        let metrics = Metrics {
+            role: Family::default(),
+            term: Gauge::default(),
+            generation: Gauge::default(),
+            live_slots: Gauge::default(),
+            shard_targets: Gauge::default(),
+            targets_discovered: Gauge::default(),
+            targets_moved: Counter::default(),
+            discovery_cycle_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            last_discovery_success: Gauge::default(),
+            lease_renewal_failures: Counter::default(),
+            http_sd_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "role",
+            "1 for this replica's current role (single, leader, follower, standby)",
+            metrics.role.clone(),
+        );
+        registry.register(
+            "term",
+            "Leader term this replica knows",
+            metrics.term.clone(),
+        );
+        registry.register(
+            "generation",
+            "Generation of the shard this replica serves",
+            metrics.generation.clone(),
+        );
+        registry.register(
+            "live_slots",
+            "Slots the leader sees alive (0 on other replicas)",
+            metrics.live_slots.clone(),
+        );
+        registry.register(
+            "shard_targets",
+            "Targets this replica serves on /prometheus-targets",
+            metrics.shard_targets.clone(),
+        );
+        registry.register(
+            "targets_discovered",
+            "Targets found by the last discovery cycle (leader or single replica)",
+            metrics.targets_discovered.clone(),
+        );
+        registry.register(
+            "targets_moved",
+            "Targets that changed slot in the leader's assignments",
+            metrics.targets_moved.clone(),
+        );
+        registry.register_with_unit(
+            "discovery_cycle_duration",
+            "Duration of discovery cycles",
+            Unit::Seconds,
+            metrics.discovery_cycle_seconds.clone(),
+        );
+        registry.register(
+            "last_successful_discovery_timestamp_seconds",
+            "Unix time of the last discovery cycle without any error",
+            metrics.last_discovery_success.clone(),
+        );
+        registry.register(
+            "lease_renewal_failures",
+            "Lease renewals that failed (lost or errored)",
+            metrics.lease_renewal_failures.clone(),
+        );
+        registry.register(
+            "http_sd_requests",
+            "Requests to /prometheus-targets by status code",
+            metrics.http_sd_requests.clone(),
+        );
+        registry.register(
+            "aws_requests",
+            "HTTP attempts to AWS by service, operation and outcome",
+            aws.by_operation.clone(),
+        );
+        registry.register(
+            "aws_throttles",
+            "AWS attempts answered with a throttling error",
+            aws.throttles.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Sets the state gauges and renders every metric.
+    pub fn render(
+        &self,
+        role: &str,
+        term: u64,
+        generation: u64,
+        live_slots: usize,
+        shard_targets: usize,
+    ) -> String {
+        for r in ["single", "leader", "follower", "standby"] {
+            self.role
+                .get_or_create(&RoleLabels { role: r.to_owned() })
+                .set(i64::from(r == role));
+        }
+        self.term.set(i64::try_from(term).unwrap_or(i64::MAX));
+        self.generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.live_slots.set(live_slots as i64);
+        self.shard_targets.set(shard_targets as i64);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
 }

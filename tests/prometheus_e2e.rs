@@ -48,8 +48,9 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
     let prom = Prometheus::start(&format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
          scrape_configs:\n  - job_name: ecs_services\n    http_sd_configs:\n      \
-         - url: http://{}/prometheus-targets\n        refresh_interval: 1s\n",
-        sd.addr
+         - url: http://{}/prometheus-targets\n        refresh_interval: 1s\n\
+         \x20 - job_name: shard_sd\n    static_configs:\n      - targets: [\"{}\"]\n",
+        sd.addr, sd.addr
     ))
     .await;
 
@@ -57,7 +58,12 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
         "prometheus to scrape all targets",
         Duration::from_secs(30),
         || async {
-            let active = prom.active_targets().await;
+            let active: Vec<serde_json::Value> = prom
+                .active_targets()
+                .await
+                .into_iter()
+                .filter(|t| t["labels"]["job"] == "ecs_services")
+                .collect();
             let settled = active.len() == 8
                 && active
                     .iter()
@@ -120,7 +126,9 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
     assert_eq!(seen[&("127.0.0.5".to_owned(), "app".to_owned())], "down");
 
     // The same through PromQL: up == 1 for each live instance's two targets.
-    let up = prom.query("sum by (instance) (up == 1)").await;
+    let up = prom
+        .query("sum by (instance) (up{job=\"ecs_services\"} == 1)")
+        .await;
     let mut per_instance: Vec<(String, String)> = up
         .iter()
         .map(|r| {
@@ -138,11 +146,57 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
             .collect::<Vec<_>>()
     );
 
+    // shard-sd's own metrics, scraped by the same Prometheus.
+    let value = |q: &'static str| {
+        let prom = &prom;
+        async move {
+            let r = prom.query(q).await;
+            r.first()
+                .and_then(|v| v["value"][1].as_str())
+                .and_then(|v| v.parse::<f64>().ok())
+        }
+    };
+    wait_for("shard-sd metrics", Duration::from_secs(30), || async {
+        let discovered = value("shard_sd_targets_discovered").await?;
+        (discovered == 8.0).then_some(())
+    })
+    .await;
+    assert_eq!(value("shard_sd_role{role=\"single\"}").await, Some(1.0));
+    assert!(
+        value("sum(shard_sd_aws_requests_total{operation=\"DiscoverInstances\"})")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        value("sum(shard_sd_http_sd_requests_total{code=\"200\"})")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        value("shard_sd_discovery_cycle_duration_seconds_count")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        value("shard_sd_last_successful_discovery_timestamp_seconds")
+            .await
+            .unwrap_or(0.0)
+            > 1.7e9
+    );
+
     // A deregistration reaches Prometheus.
     cm.deregister(&svc.id, "task-dead").await;
     wait_for("dead target dropped", Duration::from_secs(30), || async {
         let active = prom.active_targets().await;
-        (active.len() == 6).then_some(())
+        (active
+            .iter()
+            .filter(|t| t["labels"]["job"] == "ecs_services")
+            .count()
+            == 6)
+            .then_some(())
     })
     .await;
     drop(apps);

@@ -337,6 +337,38 @@ async fn steady_state_registrations_and_prometheus() {
         }
     }
 
+    // Each replica's /metrics tells its role; the leader's also the live slots.
+    for r in c.alive() {
+        let status = r.status().await;
+        let text = http()
+            .get(r.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let role = status["role"].as_str().unwrap();
+        assert!(
+            text.contains(&format!("shard_sd_role{{role=\"{role}\"}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "shard_sd_shard_targets {}",
+                status["shard_targets"]
+            )),
+            "{text}"
+        );
+        if role == "leader" {
+            assert!(text.contains("shard_sd_live_slots 3"), "{text}");
+            assert!(
+                text.contains(&format!("shard_sd_targets_discovered {}", c.expected.len())),
+                "{text}"
+            );
+        }
+    }
+
     // A real Prometheus with one http_sd job per replica sees every target once.
     let mut cfg =
         String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n");

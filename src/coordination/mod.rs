@@ -57,6 +57,8 @@ pub struct CoordinationConfig {
     pub heartbeat: Duration,
     pub create_table: bool,
     pub me: HolderInfo,
+    /// Counts renewals that failed (`shard_sd_lease_renewal_failures_total`).
+    pub renewal_failures: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -67,6 +69,17 @@ pub enum Role {
     Leader,
     Follower,
     Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Standby => "standby",
+        }
+    }
 }
 
 /// A slot the leader sees alive.
@@ -350,16 +363,25 @@ impl Coordinator {
 
     async fn renew_one(&mut self, held: Held, what: &str) -> Option<Held> {
         let sent = Instant::now();
-        match self.table.renew(&held.item, &self.cfg.me).await {
+        // A renewal that cannot finish before the deadline is useless: give up then.
+        let renewal = self.table.renew(&held.item, &self.cfg.me);
+        let Ok(result) = tokio::time::timeout_at(held.deadline().into(), renewal).await else {
+            self.cfg.renewal_failures.inc();
+            tracing::warn!("renewing {what} lease did not finish before its renew deadline");
+            return Some(held);
+        };
+        match result {
             Ok(item) => Some(Held {
                 item,
                 renewed_sent: sent,
             }),
             Err(LeaseError::Lost { pk }) => {
+                self.cfg.renewal_failures.inc();
                 tracing::warn!(pk = %pk, "{what} lease lost to another replica");
                 None
             }
             Err(err) => {
+                self.cfg.renewal_failures.inc();
                 // Keep it until its deadline; the next heartbeat tries again.
                 tracing::warn!("renewing {what} lease failed: {err}");
                 self.report_error(&err);

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::follower::{GENERATION_HEADER, TERM_HEADER};
 use crate::state::Shared;
+use crate::telemetry::CodeLabels;
 
 pub const TARGETS_PATH: &str = "/prometheus-targets";
 
@@ -40,6 +41,7 @@ pub fn router(shared: Arc<Shared>, peer_token: Option<String>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/v1/shards/{slot}", get(shard))
         .route("/v1/assignment", get(assignment))
         .with_state(AppState {
@@ -171,6 +173,15 @@ async fn assignment(State(state): State<AppState>, headers: HeaderMap) -> Respon
 /// The current targets, or 503 before the first complete discovery (Prometheus
 /// keeps its previous list on any non-200 answer).
 async fn targets(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let response = serve_targets(&shared, &headers);
+    let code = CodeLabels {
+        code: response.status().as_u16().to_string(),
+    };
+    shared.metrics.http_sd_requests.get_or_create(&code).inc();
+    response
+}
+
+fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
     let Some(published) = shared.targets() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -195,7 +206,7 @@ async fn targets(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
         }
     }
     let etag = HeaderValue::from_str(&published.etag).unwrap_or(HeaderValue::from_static("\"\""));
-    if if_none_match(&headers, &published.etag) {
+    if if_none_match(headers, &published.etag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
     (
@@ -221,6 +232,30 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
+/// shard-sd's own metrics (OpenMetrics text).
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let view = shared.coordination();
+    let published = shared.targets();
+    let body = shared.metrics.render(
+        view.role.as_str(),
+        view.term.unwrap_or(0),
+        published
+            .as_ref()
+            .and_then(|p| p.shard)
+            .map_or(0, |s| s.generation),
+        view.live_slots.as_ref().map_or(0, Vec::len),
+        published.as_ref().map_or(0, |p| p.targets),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
