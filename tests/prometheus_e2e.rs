@@ -32,7 +32,8 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
     let live = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
     let mut apps = Vec::new();
     for (i, ip) in live.iter().enumerate() {
-        apps.push(SampleApp::start(ip, app_port, Some(exporter_port), 0.0).await);
+        // Light load, so the post's queries have something to compute.
+        apps.push(SampleApp::start(ip, app_port, Some(exporter_port), 5.0).await);
         cm.register_task(&svc.id, &format!("task-{i}"), ip).await;
     }
     // Registered, but nothing listens there: Prometheus must report it down.
@@ -186,6 +187,28 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
             .unwrap_or(0.0)
             > 1.7e9
     );
+
+    // The post's dashboard queries give answers (windows shortened to this test's duration).
+    for (panel, promql) in [
+        ("request rate", "sum(rate(http_requests_total[20s]))"),
+        (
+            "average latency",
+            "sum(rate(request_duration_milliseconds_sum[20s])) / sum(rate(request_duration_milliseconds_count[20s]))",
+        ),
+        (
+            "latency histogram share",
+            "sum(rate(request_duration_milliseconds_bucket{le=\"500\"}[20s])) / sum(rate(request_duration_milliseconds_count[20s]))",
+        ),
+        ("CPU per container", "ecs_cpu_percent{container=\"webapp\"}"),
+    ] {
+        let got = wait_for(panel, Duration::from_secs(40), || async {
+            let r = prom.query(promql).await;
+            let v = r.first()?["value"][1].as_str()?.parse::<f64>().ok()?;
+            v.is_finite().then_some((r.len(), v))
+        })
+        .await;
+        println!("MEASURE {panel}: {promql} = {} ({} series)", got.1, got.0);
+    }
 
     // A deregistration reaches Prometheus.
     cm.deregister(&svc.id, "task-dead").await;

@@ -369,6 +369,15 @@ async fn steady_state_registrations_and_prometheus() {
         }
     }
 
+    // The peer token never reaches the logs.
+    for r in c.alive() {
+        assert!(
+            !r.proc.log_text().contains(TOKEN),
+            "{} logged the peer token",
+            r.proc.name
+        );
+    }
+
     // A real Prometheus with one http_sd job per replica sees every target once.
     let mut cfg =
         String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n");

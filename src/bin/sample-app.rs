@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, env = "MEAN_LATENCY_MS", default_value_t = 300.0)]
     mean_latency_ms: f64,
     /// Container name in the exporter's labels.
-    #[arg(long, env = "CONTAINER_NAME", default_value = "webapp")]
+    #[arg(long, env = "EXPORTER_CONTAINER_NAME", default_value = "webapp")]
     container_name: String,
 }
 
