@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates the deployment artifacts: every JSON and YAML file under deploy/
 # parses, Prometheus configurations pass `promtool check config`, and the
-# CloudFormation templates pass cfn-lint and checkov.
+# CloudFormation templates pass cfn-lint and checkov; the Dockerfile
+# passes hadolint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
@@ -35,5 +36,6 @@ rm -rf "$tmp"
 # --skip-download: no calls to the vendor's platform; only the built-in checks run.
 .venv-lint/bin/checkov -d deploy/cloudformation --framework cloudformation --compact --quiet --skip-download \
   || { echo "checkov found problems in deploy/cloudformation" >&2; status=1; }
+.venv-lint/bin/hadolint Dockerfile || { echo "hadolint rejects the Dockerfile" >&2; status=1; }
 [ "$status" = 0 ] && echo "deploy artifacts: all valid"
 exit "$status"

