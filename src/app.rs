@@ -120,6 +120,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             config.peer_token.clone(),
             shutdown_tasks.clone(),
         ));
+        tasks.spawn(follower::mirror(
+            shared.clone(),
+            shared.coordination_receiver(),
+            config.peer_token.clone(),
+            shutdown_tasks.clone(),
+        ));
         tasks.spawn(lead_when_elected(
             leader_config(&config),
             aws,

@@ -38,6 +38,36 @@ pub struct Snapshot {
     pub shards: BTreeMap<u32, Arc<Shard>>,
 }
 
+impl Snapshot {
+    /// The whole assignment as one JSON document, `{"term", "generation", "shards":
+    /// {"<slot>": [http_sd groups]}}`, which followers mirror so that a new leader can
+    /// publish at once.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = format!(
+            "{{\"term\":{},\"generation\":{},\"shards\":{{",
+            self.term, self.generation
+        )
+        .into_bytes();
+        for (i, (slot, shard)) in self.shards.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("\"{slot}\":").as_bytes());
+            out.extend_from_slice(&shard.body);
+        }
+        out.extend_from_slice(b"}}");
+        out
+    }
+}
+
+/// The document of [`Snapshot::to_json`], read back.
+#[derive(Debug, serde::Deserialize)]
+pub struct SnapshotDoc {
+    pub term: u64,
+    pub generation: u64,
+    pub shards: BTreeMap<String, Vec<crate::targets::Group>>,
+}
+
 /// A slot of the assignment, as `/v1/assignment` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SlotSummary {

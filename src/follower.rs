@@ -12,8 +12,9 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::assignment::SnapshotDoc;
 use crate::coordination::{CoordinationView, Role};
-use crate::state::Shared;
+use crate::state::{Mirror, Shared};
 
 /// Headers of a shard response.
 pub const TERM_HEADER: HeaderName = HeaderName::from_static("x-shard-term");
@@ -210,6 +211,78 @@ pub async fn run(
         }
         if cancel.is_cancelled() {
             return;
+        }
+    }
+}
+
+/// Keeps a copy of the leader's whole assignment (see [`Shared::mirror`]) so that,
+/// if this replica is elected, it publishes at once instead of after its first
+/// discovery cycle. Costs one long-poll per replica, answered on each change.
+pub async fn mirror(
+    shared: Arc<Shared>,
+    mut view: watch::Receiver<CoordinationView>,
+    token: Option<String>,
+    cancel: CancellationToken,
+) {
+    let Ok(client) = reqwest::Client::builder().no_proxy().build() else {
+        return;
+    };
+    let mut after = (0u64, 0u64);
+    loop {
+        let current = view.borrow().at(Instant::now());
+        let target = target_of(&current);
+        let addr = match (current.role, current.leader_addr.as_deref()) {
+            (Role::Single, _) => return,
+            (Role::Follower | Role::Standby, Some(addr)) => addr.to_owned(),
+            _ => {
+                tokio::select! {
+                    _ = target_changed(&mut view, &target) => continue,
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        };
+        let url = format!(
+            "http://{addr}/v1/snapshot?after_term={}&after={}&wait_ms={}",
+            after.0,
+            after.1,
+            LONG_POLL.as_millis()
+        );
+        let mut req = client.get(url).timeout(LONG_POLL + Duration::from_secs(5));
+        if let Some(token) = token.as_deref() {
+            req = req.bearer_auth(token);
+        }
+        let fetched = async {
+            let resp = req.send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            serde_json::from_slice::<SnapshotDoc>(&resp.bytes().await.ok()?).ok()
+        };
+        let doc = tokio::select! {
+            doc = fetched => doc,
+            _ = target_changed(&mut view, &target) => continue,
+            _ = cancel.cancelled() => return,
+        };
+        match doc {
+            Some(doc)
+                if (doc.term, doc.generation) > after && doc.term >= current.term.unwrap_or(0) =>
+            {
+                after = (doc.term, doc.generation);
+                let targets =
+                    crate::targets::from_groups(doc.shards.into_values().flatten().collect());
+                shared.set_mirror(Mirror {
+                    term: doc.term,
+                    generation: doc.generation,
+                    targets,
+                });
+            }
+            // 304, an error, or a deposed leader: back off briefly.
+            _ => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
         }
     }
 }

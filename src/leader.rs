@@ -160,6 +160,9 @@ pub async fn run(
         grace: cfg.membership_grace,
         seen: BTreeMap::new(),
     };
+    // The previous leader's assignment, mirrored, lets this one publish before its
+    // own first discovery cycle completes.
+    let mut seed = shared.mirror();
     // A result may already be waiting.
     let mut targets_pending = true;
     let mut targets_open = true;
@@ -173,6 +176,17 @@ pub async fn run(
         let slots = membership.update(&live, now);
         let change = handle.apply(|a| a.set_slots(&slots, now));
         log_change("slots changed", &change, &handle, &shared);
+        if let Some(mirror) = seed.take().filter(|_| targets.borrow().is_none()) {
+            tracing::info!(
+                term,
+                previous_term = mirror.term,
+                previous_generation = mirror.generation,
+                targets = mirror.targets.len(),
+                "starting from the previous leader's assignment"
+            );
+            let change = handle.apply(|a| a.set_targets(&mirror.targets, now));
+            log_change("mirrored targets", &change, &handle, &shared);
+        }
         if std::mem::take(&mut targets_pending) {
             if let Some(list) = targets.borrow_and_update().clone() {
                 let change = handle.apply(|a| a.set_targets(&list, now));

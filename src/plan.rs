@@ -4,13 +4,12 @@
 //! of N would move, with the configured `SHARD_BY`, `REPLICATION_FACTOR` and
 //! `BALANCE_TOLERANCE`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::sharding::{self, Params, ShardBy, TargetAssignment};
-use crate::targets::{MetricsSource, Target, META_PREFIX};
+use crate::targets::{self, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -26,14 +25,6 @@ pub enum PlanError {
     },
     #[error("--slots and --to-slots must be at least 1")]
     NoSlots,
-}
-
-#[derive(Debug, Deserialize)]
-struct Group {
-    #[serde(default)]
-    targets: Vec<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
 }
 
 /// One side of the plan.
@@ -58,32 +49,9 @@ pub struct Plan {
     pub optimal_moved_fraction: f64,
 }
 
-/// Targets of an http_sd document, with namespace and service taken from the
-/// `__meta_cloudmap_*` labels shard-sd writes (or `namespace`/`service`).
+/// Targets of an http_sd document (see [`targets::from_groups`]).
 pub fn parse_targets(json: &[u8]) -> Result<Vec<Target>, serde_json::Error> {
-    let groups: Vec<Group> = serde_json::from_slice(json)?;
-    let label = |labels: &BTreeMap<String, String>, meta: &str, plain: &str| {
-        labels
-            .get(&format!("{META_PREFIX}{meta}"))
-            .or_else(|| labels.get(plain))
-            .cloned()
-            .unwrap_or_default()
-    };
-    Ok(groups
-        .into_iter()
-        .flat_map(|g| {
-            let namespace = label(&g.labels, "namespace_name", "namespace");
-            let service = label(&g.labels, "service_name", "service");
-            g.targets.into_iter().map(move |address| Target {
-                namespace: namespace.clone(),
-                service: service.clone(),
-                instance_id: String::new(),
-                source: MetricsSource::App,
-                address,
-                labels: g.labels.clone(),
-            })
-        })
-        .collect())
+    Ok(targets::from_groups(serde_json::from_slice(json)?))
 }
 
 fn side(assignment: &TargetAssignment, slots: u32) -> Side {

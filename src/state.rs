@@ -33,6 +33,14 @@ pub struct ShardStamp {
     pub generation: u64,
 }
 
+/// A copy of the leader's whole assignment, from which a new leader starts.
+#[derive(Debug)]
+pub struct Mirror {
+    pub term: u64,
+    pub generation: u64,
+    pub targets: Vec<crate::targets::Target>,
+}
+
 /// The latest discovery cycle, as `/v1/status` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LastDiscovery {
@@ -64,6 +72,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     coordination: watch::Receiver<CoordinationView>,
     leader: std::sync::RwLock<Option<Arc<LeaderHandle>>>,
+    /// The last full assignment received from the leader (followers and standbys).
+    mirror: RwLock<Option<Arc<Mirror>>>,
     /// Stopping: keep serving the last shard while its slot is handed over.
     draining: std::sync::atomic::AtomicBool,
     targets: watch::Sender<Option<Arc<Published>>>,
@@ -85,6 +95,7 @@ impl Shared {
             coordination,
             leader: std::sync::RwLock::new(None),
             draining: std::sync::atomic::AtomicBool::new(false),
+            mirror: RwLock::new(None),
             targets: watch::Sender::new(None),
             status: RwLock::new(DiscoveryStatus::default()),
         })
@@ -151,6 +162,17 @@ impl Shared {
 
     pub fn set_leader(&self, handle: Option<Arc<LeaderHandle>>) {
         *self.leader.write().unwrap_or_else(|e| e.into_inner()) = handle;
+    }
+
+    pub fn mirror(&self) -> Option<Arc<Mirror>> {
+        self.mirror
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_mirror(&self, mirror: Mirror) {
+        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(mirror));
     }
 
     pub fn is_draining(&self) -> bool {

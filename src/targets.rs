@@ -408,6 +408,48 @@ pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<u8> {
     serde_json::to_vec(&groups).unwrap_or_else(|_| b"[]".to_vec())
 }
 
+/// A target group as read back from `http_sd` JSON.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct Group {
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The inverse of [`render`]: targets of `http_sd` groups. Namespace, service and
+/// instance come from the `__meta_cloudmap_*` labels shard-sd writes (else the
+/// `namespace` / `service` labels), the source from `metrics_source`.
+pub fn from_groups(groups: Vec<Group>) -> Vec<Target> {
+    let label = |labels: &BTreeMap<String, String>, meta: &str, plain: &str| {
+        labels
+            .get(&format!("{META_PREFIX}{meta}"))
+            .or_else(|| labels.get(plain))
+            .cloned()
+            .unwrap_or_default()
+    };
+    groups
+        .into_iter()
+        .flat_map(|g| {
+            let namespace = label(&g.labels, "namespace_name", "namespace");
+            let service = label(&g.labels, "service_name", "service");
+            let instance_id = label(&g.labels, "instance_id", "taskid");
+            let source = match g.labels.get(LABEL_METRICS_SOURCE).map(String::as_str) {
+                Some("ecs-exporter") => MetricsSource::EcsExporter,
+                _ => MetricsSource::App,
+            };
+            g.targets.into_iter().map(move |address| Target {
+                namespace: namespace.clone(),
+                service: service.clone(),
+                instance_id: instance_id.clone(),
+                source,
+                address,
+                labels: g.labels.clone(),
+            })
+        })
+        .collect()
+}
+
 /// A strong ETag for a rendered body.
 pub fn etag(body: &[u8]) -> String {
     format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body))
@@ -643,6 +685,21 @@ mod tests {
 
     fn tags_of_ip(ip: &str) -> BTreeMap<String, String> {
         tags(&[(ATTR_IPV4, ip)])
+    }
+
+    #[test]
+    fn rendered_targets_read_back_the_same() {
+        let tags = post_tags();
+        let out = build_all([ServiceData {
+            namespace: "ecs-services",
+            service: "webapp-svc",
+            tags: &tags,
+            instances: &[post_instance()],
+        }]);
+        let groups: Vec<Group> = serde_json::from_slice(&render(&out.targets)).unwrap();
+        let mut back = from_groups(groups);
+        back.sort();
+        assert_eq!(back, out.targets);
     }
 
     #[test]

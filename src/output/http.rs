@@ -44,6 +44,7 @@ pub fn router(shared: Arc<Shared>, peer_token: Option<String>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/shards/{slot}", get(shard))
         .route("/v1/assignment", get(assignment))
+        .route("/v1/snapshot", get(snapshot))
         .with_state(AppState {
             shared,
             peer_token: peer_token.map(Arc::from),
@@ -129,6 +130,44 @@ async fn shard(
             }
             Err(_) if snapshot.is_none() => {
                 return (StatusCode::SERVICE_UNAVAILABLE, "no assignment yet\n").into_response()
+            }
+            Err(_) => return StatusCode::NOT_MODIFIED.into_response(),
+        }
+    }
+}
+
+/// The whole assignment for mirroring: immediately if newer than (`after_term`,
+/// `after`), else when it changes or after `wait_ms` (304).
+async fn snapshot(
+    State(state): State<AppState>,
+    Query(q): Query<ShardQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(leader) = state.shared.leader() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
+    };
+    let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    let mut updates = leader.subscribe();
+    loop {
+        if let Some(snap) = updates.borrow_and_update().clone() {
+            if (snap.term, snap.generation) > (q.after_term, q.after) {
+                return (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    snap.to_json(),
+                )
+                    .into_response();
+            }
+        }
+        match tokio::time::timeout_at(deadline.into(), updates.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
             }
             Err(_) => return StatusCode::NOT_MODIFIED.into_response(),
         }
