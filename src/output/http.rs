@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::follower::{GENERATION_HEADER, TERM_HEADER};
+use crate::leader::LeaderHandle;
 use crate::state::Shared;
 use crate::telemetry::CodeLabels;
 
@@ -65,12 +66,22 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn unauthorized() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        "PEER_TOKEN required: send Authorization: Bearer <token>\n",
-    )
-        .into_response()
+/// The leader's assignment for an internal request, or the answer refusing it:
+/// 401 without the peer token, 503 on a replica that is not the leader.
+fn internal_leader(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Arc<LeaderHandle>, (StatusCode, &'static str)> {
+    if !authorized(state, headers) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "PEER_TOKEN required: send Authorization: Bearer <token>\n",
+        ));
+    }
+    state
+        .shared
+        .leader()
+        .ok_or((StatusCode::SERVICE_UNAVAILABLE, "not the leader\n"))
 }
 
 #[derive(Deserialize)]
@@ -92,11 +103,9 @@ async fn shard(
     Query(q): Query<ShardQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
-    let Some(leader) = state.shared.leader() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
+    let leader = match internal_leader(&state, &headers) {
+        Ok(leader) => leader,
+        Err(refused) => return refused.into_response(),
     };
     leader.confirm(slot, q.after_term, q.after);
     let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
@@ -143,11 +152,9 @@ async fn snapshot(
     Query(q): Query<ShardQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
-    let Some(leader) = state.shared.leader() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
+    let leader = match internal_leader(&state, &headers) {
+        Ok(leader) => leader,
+        Err(refused) => return refused.into_response(),
     };
     let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
     let mut updates = leader.subscribe();
@@ -176,11 +183,9 @@ async fn snapshot(
 
 /// The leader's assignment: per slot its holder, target count and generation.
 async fn assignment(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
-    let Some(leader) = state.shared.leader() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
+    let leader = match internal_leader(&state, &headers) {
+        Ok(leader) => leader,
+        Err(refused) => return refused.into_response(),
     };
     let view = state.shared.coordination();
     let live = view.live_slots.unwrap_or_default();
