@@ -170,17 +170,17 @@ impl Assigner {
     }
 
     /// New discovery result.
-    pub fn set_targets(&mut self, list: &[Target], now: Instant) -> Change {
+    pub fn set_targets(&mut self, list: &[Target]) -> Change {
         self.targets = list
             .iter()
             .map(|t| (sharding::key_bytes(t, ShardBy::Target), t.clone()))
             .collect();
         self.has_targets = true;
-        self.recompute(now)
+        self.recompute()
     }
 
     /// New set of live slots (already debounced by the caller).
-    pub fn set_slots(&mut self, slots: &[Slot], now: Instant) -> Change {
+    pub fn set_slots(&mut self, slots: &[Slot]) -> Change {
         let mut slots = slots.to_vec();
         slots.sort_by_key(|s| s.id);
         if slots == self.slots {
@@ -189,7 +189,7 @@ impl Assigner {
         self.slots = slots;
         self.confirmed
             .retain(|id, _| self.slots.iter().any(|s| s.id == *id));
-        self.recompute(now)
+        self.recompute()
     }
 
     /// The holder of `slot` has the shard of `generation` (term checked by the caller).
@@ -230,7 +230,7 @@ impl Assigner {
         }
         self.draining.retain(|_, d| !d.is_empty());
         if ended {
-            self.render(now)
+            self.render()
         } else {
             Change::default()
         }
@@ -245,7 +245,7 @@ impl Assigner {
             .min()
     }
 
-    fn recompute(&mut self, now: Instant) -> Change {
+    fn recompute(&mut self) -> Change {
         let assignment =
             sharding::assign_targets(self.targets.values(), &self.slots, self.by, &self.params);
         let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
@@ -284,13 +284,13 @@ impl Assigner {
             });
             !drains.is_empty()
         });
-        let mut change = self.render(now);
+        let mut change = self.render();
         change.moved = moved;
         change
     }
 
     /// Rebuilds every live slot's shard; bumps the generation if any changed.
-    fn render(&mut self, _now: Instant) -> Change {
+    fn render(&mut self) -> Change {
         let mut per_slot: BTreeMap<u32, (Vec<&Target>, usize)> =
             self.slots.iter().map(|s| (s.id, (Vec::new(), 0))).collect();
         for (id, target) in &self.targets {
@@ -381,9 +381,9 @@ mod tests {
     #[test]
     fn nothing_published_before_targets() {
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
-        a.set_slots(&slots(&[0, 1]), Instant::now());
+        a.set_slots(&slots(&[0, 1]));
         assert!(a.snapshot().is_none());
-        a.set_targets(&[], Instant::now());
+        a.set_targets(&[]);
         let snap = a.snapshot().unwrap();
         assert_eq!(snap.shards.len(), 2);
         assert!(snap.shards.values().all(|s| &s.body[..] == b"[]"));
@@ -394,13 +394,13 @@ mod tests {
         let t0 = Instant::now();
         let list: Vec<Target> = (0..300).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
-        a.set_slots(&slots(&[0, 1, 2]), t0);
-        a.set_targets(&list, t0);
+        a.set_slots(&slots(&[0, 1, 2]));
+        a.set_targets(&list);
         let before = a.snapshot().unwrap();
         let g1 = before.generation;
 
         // Scale out: slot 3 joins; about a quarter of the targets move to it.
-        let change = a.set_slots(&slots(&[0, 1, 2, 3]), t0);
+        let change = a.set_slots(&slots(&[0, 1, 2, 3]));
         assert!(change.moved > 40 && change.moved < 110, "{change:?}");
         let snap = a.snapshot().unwrap();
         assert!(snap.generation > g1);
@@ -432,12 +432,11 @@ mod tests {
 
     #[test]
     fn a_lost_slot_has_nothing_to_drain() {
-        let t0 = Instant::now();
         let list: Vec<Target> = (0..100).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
-        a.set_slots(&slots(&[0, 1, 2]), t0);
-        a.set_targets(&list, t0);
-        a.set_slots(&slots(&[0, 2]), t0);
+        a.set_slots(&slots(&[0, 1, 2]));
+        a.set_targets(&list);
+        a.set_slots(&slots(&[0, 2]));
         let snap = a.snapshot().unwrap();
         assert_eq!(snap.shards.len(), 2);
         let total: usize = snap.shards.values().map(|s| s.targets).sum();
@@ -450,9 +449,9 @@ mod tests {
         let t0 = Instant::now();
         let list: Vec<Target> = (0..100).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), Duration::ZERO, 1);
-        a.set_slots(&slots(&[0, 1]), t0);
-        a.set_targets(&list, t0);
-        a.set_slots(&slots(&[0, 1, 2]), t0);
+        a.set_slots(&slots(&[0, 1]));
+        a.set_targets(&list);
+        a.set_slots(&slots(&[0, 1, 2]));
         let g = a.snapshot().unwrap().shards[&2].generation;
         let change = a.confirm(2, g, t0);
         assert!(change.shards_changed > 0);
@@ -468,20 +467,19 @@ mod tests {
 
     #[test]
     fn unchanged_input_keeps_the_generation() {
-        let t0 = Instant::now();
         let list: Vec<Target> = (0..50).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
-        a.set_slots(&slots(&[0, 1]), t0);
-        a.set_targets(&list, t0);
+        a.set_slots(&slots(&[0, 1]));
+        a.set_targets(&list);
         let g = a.generation();
         let mut reversed = list.clone();
         reversed.reverse();
-        assert_eq!(a.set_targets(&reversed, t0), Change::default());
+        assert_eq!(a.set_targets(&reversed), Change::default());
         assert_eq!(a.generation(), g);
         // A new target changes one shard only.
         let mut more = list.clone();
         more.push(target(999));
-        let change = a.set_targets(&more, t0);
+        let change = a.set_targets(&more);
         assert_eq!((change.moved, change.shards_changed), (0, 1));
         assert_eq!(a.generation(), g + 1);
     }

@@ -174,7 +174,7 @@ pub async fn run(
         };
         let live = current.live_slots.clone().unwrap_or_default();
         let slots = membership.update(&live, now);
-        let change = handle.apply(|a| a.set_slots(&slots, now));
+        let change = handle.apply(|a| a.set_slots(&slots));
         log_change("slots changed", &change, &handle, &shared);
         if let Some(mirror) = seed.take().filter(|_| targets.borrow().is_none()) {
             tracing::info!(
@@ -184,12 +184,12 @@ pub async fn run(
                 targets = mirror.targets.len(),
                 "starting from the previous leader's assignment"
             );
-            let change = handle.apply(|a| a.set_targets(&mirror.targets, now));
+            let change = handle.apply(|a| a.set_targets(&mirror.targets));
             log_change("mirrored targets", &change, &handle, &shared);
         }
         if std::mem::take(&mut targets_pending) {
             if let Some(list) = targets.borrow_and_update().clone() {
-                let change = handle.apply(|a| a.set_targets(&list, now));
+                let change = handle.apply(|a| a.set_targets(&list));
                 log_change("targets changed", &change, &handle, &shared);
             }
         }
