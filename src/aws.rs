@@ -100,18 +100,32 @@ pub async fn connect(opts: &AwsOptions) -> Result<AwsClients, AwsSetupError> {
     clients_from(&loader.load().await)
 }
 
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// `AWS_ENDPOINT_URL_<SERVICE>`, which wins over `AWS_ENDPOINT_URL` as in the AWS
+/// SDKs' own precedence (an empty value counts as unset).
+fn service_endpoint(env: &impl Fn(&str) -> Option<String>, service: &str) -> Option<String> {
+    env(&format!("AWS_ENDPOINT_URL_{service}")).filter(|url| !url.trim().is_empty())
+}
+
 /// Builds the clients from an SDK configuration (tests pass their own).
 pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupError> {
     let region = sdk.region().ok_or(AwsSetupError::NoRegion)?.to_string();
     let stats = Arc::new(RequestStats::default());
-    let custom_endpoint = sdk.endpoint_url().is_some()
-        || std::env::var_os("AWS_ENDPOINT_URL_SERVICEDISCOVERY").is_some();
+    let custom_endpoint =
+        sdk.endpoint_url().is_some() || service_endpoint(&env_var, "SERVICEDISCOVERY").is_some();
 
-    let ssm = aws_sdk_ssm::config::Builder::from(sdk)
-        .interceptor(CountRequests(stats.clone()))
-        .build();
+    let mut ssm = aws_sdk_ssm::config::Builder::from(sdk).interceptor(CountRequests(stats.clone()));
+    if let Some(url) = service_endpoint(&env_var, "SSM") {
+        ssm = ssm.endpoint_url(url);
+    }
     let mut cloudmap = aws_sdk_servicediscovery::config::Builder::from(sdk)
         .interceptor(CountRequests(stats.clone()));
+    if let Some(url) = service_endpoint(&env_var, "SERVICEDISCOVERY") {
+        cloudmap = cloudmap.endpoint_url(url);
+    }
     if custom_endpoint {
         // DiscoverInstances is a data-plane call: the SDK prefixes the host with
         // `data-`, which only resolves on AWS's own endpoints.
@@ -119,7 +133,7 @@ pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupE
     }
     Ok(AwsClients {
         sdk: sdk.clone(),
-        ssm: aws_sdk_ssm::Client::from_conf(ssm),
+        ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
         cloudmap: aws_sdk_servicediscovery::Client::from_conf(cloudmap.build()),
         stats,
         region,
@@ -149,9 +163,12 @@ impl AwsClients {
                     .with_initial_backoff(Duration::from_millis(50))
                     .with_max_backoff(attempt_timeout),
             )
-            .interceptor(CountRequests(self.stats.clone()))
-            .build();
-        aws_sdk_dynamodb::Client::from_conf(conf)
+            .interceptor(CountRequests(self.stats.clone()));
+        let conf = match service_endpoint(&env_var, "DYNAMODB") {
+            Some(url) => conf.endpoint_url(url),
+            None => conf,
+        };
+        aws_sdk_dynamodb::Client::from_conf(conf.build())
     }
 }
 
@@ -350,5 +367,25 @@ impl AwsCallError {
         self.code
             .as_deref()
             .is_some_and(|c| THROTTLING_CODES.contains(&c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_specific_endpoint_wins_and_empty_means_unset() {
+        let env = |name: &str| match name {
+            "AWS_ENDPOINT_URL_DYNAMODB" => Some("http://127.0.0.1:7000".to_owned()),
+            "AWS_ENDPOINT_URL_SSM" => Some("  ".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            service_endpoint(&env, "DYNAMODB").as_deref(),
+            Some("http://127.0.0.1:7000")
+        );
+        assert_eq!(service_endpoint(&env, "SSM"), None);
+        assert_eq!(service_endpoint(&env, "SERVICEDISCOVERY"), None);
     }
 }
