@@ -97,7 +97,7 @@ fn bench(c: &mut Criterion) {
     let shared = Shared::new("bench".into(), "127.0.0.1:9001".into(), single, metrics);
     shared.publish(targets::render(list.iter()), list.len());
     let etag = shared.targets().expect("published").etag.clone();
-    let ours = rt.block_on(serve(shard_sd::output::http::router(shared, None)));
+    let ours = rt.block_on(serve(shard_sd::output::http::router(shared)));
     let naive = rt.block_on(serve(
         Router::new()
             .route("/prometheus-targets", get(render_per_request))

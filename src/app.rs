@@ -5,27 +5,29 @@
 //! server keeps serving the released slot until its new holder has it.
 
 use std::collections::BTreeSet;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::assignment::AssignmentDoc;
 use crate::aws::{self, AwsClients, AwsOptions, AwsSetupError};
 use crate::clock::WallClock;
 use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::coordination::lease::{HolderInfo, LeaseTable};
 use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator, Role};
+use crate::discovery::guard::{DropGuard, Verdict};
 use crate::discovery::{CycleReport, Discoverer, DiscoveryOptions};
 use crate::follower;
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, NoAdvertiseAddr};
 use crate::leader::{self, LeaderConfig};
 use crate::output;
 use crate::state::{LastDiscovery, Shared};
 use crate::targets;
 use crate::targets::Target;
 use crate::telemetry::Metrics;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,13 +36,28 @@ pub enum RunError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Aws(#[from] AwsSetupError),
-    #[error("cannot listen on {addr} (LISTEN_ADDR): {source}")]
+    #[error(transparent)]
+    Identity(#[from] NoAdvertiseAddr),
+    #[error("cannot listen on {addr} ({variable}): {source}")]
     Bind {
+        variable: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Serve(std::io::Error),
+}
+
+/// ECS kills a task 30 s after SIGTERM by default: everything after the signal
+/// (releasing leases, handing the slot over, finishing requests) fits in this.
+pub const STOP_LIMIT: Duration = Duration::from_secs(20);
+
+async fn bind(variable: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            variable,
+            addr,
+            source,
+        })
 }
 
 /// Runs the sidecar until `shutdown` is cancelled.
@@ -53,15 +70,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         max_attempts: config.aws_max_attempts,
     })
     .await?;
+    let sharded = config.lease_table.is_some();
     let Identity {
         replica_id,
         advertise_addr,
     } = identity::resolve(
         config.replica_id.as_deref(),
         config.advertise_addr.as_deref(),
-        config.listen_addr,
+        config.peer_listen_addr.port(),
+        sharded,
     )
-    .await;
+    .await?;
+    // Bind before joining the cluster: a replica that cannot serve must not take a slot.
+    let listener = bind("LISTEN_ADDR", config.listen_addr).await?;
+    let peer_listener = match sharded {
+        true => Some(bind("PEER_LISTEN_ADDR", config.peer_listen_addr).await?),
+        false => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     // Cancelled after SIGTERM, before the HTTP server stops (see `drain`).
     let tasks_token = CancellationToken::new();
@@ -84,14 +109,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
     };
     let shared = Shared::new(replica_id, advertise_addr, coordination, metrics);
-    let listener = tokio::net::TcpListener::bind(config.listen_addr)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: config.listen_addr,
-            source,
-        })?;
     tracing::info!(
         addr = %config.listen_addr,
+        peer_addr = peer_listener.as_ref().map(|_| config.peer_listen_addr.to_string()),
         mode = ?config.service_discovery_mode,
         replica_id = %shared.replica_id,
         advertise_addr = %shared.advertise_addr,
@@ -105,13 +125,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         health: config.health_status,
         concurrency: config.discovery_concurrency.into(),
     };
+    let guard = DropGuard::new(config.max_drop_fraction, config.drop_confirm_cycles);
     if config.lease_table.is_none() {
         tasks.spawn(discovery_loop(
             Discoverer::new(aws, discovery),
             shared.clone(),
             config.config_reload_frequency,
             shutdown_tasks.clone(),
-            Sink::Serve,
+            Publisher::new(Sink::Serve, guard, None),
         ));
     } else {
         tasks.spawn(follower::run(
@@ -131,6 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             aws,
             discovery,
             config.config_reload_frequency,
+            guard,
             shared.clone(),
             shutdown_tasks.clone(),
         ));
@@ -143,60 +165,81 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         ));
     }
 
-    let app = output::http::router(shared.clone(), config.peer_token.clone());
     let stop_serving = CancellationToken::new();
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
-            .into_future(),
-    );
+    let mut server = tokio::spawn(output::serve::serve(
+        listener,
+        output::http::router(shared.clone()),
+        stop_serving.clone(),
+    ));
+    let peer_server = peer_listener.map(|peer| {
+        let routes = output::http::peer_router(
+            shared.clone(),
+            config.peer_token.clone(),
+            tasks_token.clone(),
+        );
+        tokio::spawn(output::serve::serve(peer, routes, tasks_token.clone()))
+    });
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        // The server failed: stop everything.
-        result = &mut server => {
+        // The server task ended by itself (it only does on a panic): stop everything.
+        _ = &mut server => {
             tasks.shutdown().await;
-            return match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(RunError::Serve(e)),
-                Err(e) => Err(RunError::Serve(std::io::Error::other(e))),
-            };
+            return Ok(());
         }
     }
-    // Stopping: keep serving the last shard while the slot is handed over.
+    // Stopping: keep serving the last shard while the slot is handed over, and be
+    // gone within STOP_LIMIT whatever peers, AWS or clients do.
+    let deadline = tokio::time::Instant::now() + STOP_LIMIT;
     let last_view = shared.coordination();
     shared.set_draining();
     tasks_token.cancel();
-    while tasks.join_next().await.is_some() {}
+    let joined = tokio::time::timeout_at(deadline - Duration::from_secs(2), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("background tasks did not stop in time; stopping anyway");
+        tasks.abort_all();
+    }
     if let Some(slot) = last_view.slot {
+        let limit = config.handoff_grace.min(
+            deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(Duration::from_secs(1)),
+        );
         drain(
             &shared,
             slot,
             &last_view,
             config.peer_token.as_deref(),
-            config.handoff_grace,
+            limit,
         )
         .await;
     }
     stop_serving.cancel();
-    let served = server.await;
-    tracing::info!("shard-sd stopped");
-    match served {
-        Ok(result) => result.map_err(RunError::Serve),
-        Err(e) => Err(RunError::Serve(std::io::Error::other(e))),
+    let servers = async {
+        let _ = server.await;
+        if let Some(peer) = peer_server {
+            let _ = peer.await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, servers).await.is_err() {
+        tracing::warn!("open connections did not finish in time; closing them");
     }
+    tracing::info!("shard-sd stopped");
+    Ok(())
 }
 
 /// After releasing `slot` on shutdown, waits until its new holder has confirmed
 /// its shard with the leader (so the slot's targets are never unserved), at most
-/// `HANDOFF_GRACE` and 20 s (ECS kills a task 30 s after SIGTERM by default).
+/// `limit` (`HANDOFF_GRACE`, within what is left of [`STOP_LIMIT`]).
 async fn drain(
     shared: &Shared,
     slot: u32,
     last: &CoordinationView,
     token: Option<&str>,
-    grace: Duration,
+    limit: Duration,
 ) {
-    let limit = grace.min(Duration::from_secs(20));
     if limit.is_zero() {
         return;
     }
@@ -221,15 +264,9 @@ async fn drain(
                 req = req.bearer_auth(token);
             }
             let handed = async {
-                let v: serde_json::Value = req.send().await.ok()?.json().await.ok()?;
-                let s = v["slots"]
-                    .as_array()?
-                    .iter()
-                    .find(|s| s["slot"] == slot)?
-                    .clone();
-                let taken = s["holder"].as_str().is_some_and(|h| h != shared.replica_id);
-                let confirmed = s["confirmed_generation"].as_u64()? >= s["generation"].as_u64()?;
-                Some(taken && confirmed)
+                let doc: AssignmentDoc = req.send().await.ok()?.json().await.ok()?;
+                let assigned = doc.slots.into_iter().find(|s| s.slot == slot)?;
+                Some(assigned.handed_over_from(&shared.replica_id))
             };
             if handed.await == Some(true) {
                 tracing::info!(slot, "slot handed over");
@@ -265,6 +302,7 @@ fn coordinator(
             create_table: config.create_table,
             me: HolderInfo {
                 id: replica_id.to_owned(),
+                incarnation: crate::coordination::lease::new_rvn(),
                 addr: advertise_addr.to_owned(),
                 weight: config.replica_weight,
                 lease: config.lease_duration,
@@ -307,38 +345,47 @@ fn leader_config(config: &Config) -> LeaderConfig {
 }
 
 /// Whenever this replica becomes leader: runs discovery (fresh caches) and the
-/// leader's assignment work until leadership ends.
+/// leader's assignment work for that one term, until the term ends. A re-taken
+/// lease is a new term: the work restarts from the assignment the last one left.
 async fn lead_when_elected(
     cfg: LeaderConfig,
     aws: AwsClients,
     discovery: DiscoveryOptions,
     interval: Duration,
+    guard: DropGuard,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     let mut view = shared.coordination_receiver();
     loop {
-        while shared.coordination().role != Role::Leader {
+        let term = loop {
+            if let Some(term) = leader::leading_term(&shared.coordination()) {
+                break term;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = view.changed() => {}
                 _ = shutdown.cancelled() => return,
             }
-        }
+        };
+        let seed = leader::seed_for(term, shared.mirror());
         let leading = shutdown.child_token();
         let (targets_tx, targets_rx) = watch::channel(None);
+        let inherited = seed.as_ref().map(|m| Arc::new(m.targets.clone()));
         let discovering = tokio::spawn(discovery_loop(
             Discoverer::new(aws.clone(), discovery.clone()),
             shared.clone(),
             interval,
             leading.clone(),
-            Sink::Leader(targets_tx),
+            Publisher::new(Sink::Leader(targets_tx), guard.clone(), inherited),
         ));
         leader::run(
             cfg.clone(),
+            term,
             shared.clone(),
             view.clone(),
             targets_rx,
+            seed,
             leading.clone(),
         )
         .await;
@@ -358,17 +405,40 @@ enum Sink {
     Leader(watch::Sender<Option<Arc<Vec<Target>>>>),
 }
 
-/// Runs discovery cycles every `interval` and hands their targets to `sink`.
+/// What a discovery loop carries from cycle to cycle besides the discovery caches.
+struct Publisher {
+    sink: Sink,
+    guard: DropGuard,
+    /// The last list this loop published.
+    published: Option<Arc<Vec<Target>>>,
+    /// What is served before this loop's first publication (a new leader's
+    /// inherited assignment): the guard's baseline until then.
+    inherited: Option<Arc<Vec<Target>>>,
+    known_problems: BTreeSet<String>,
+}
+
+impl Publisher {
+    fn new(sink: Sink, guard: DropGuard, inherited: Option<Arc<Vec<Target>>>) -> Self {
+        Publisher {
+            sink,
+            guard,
+            published: None,
+            inherited,
+            known_problems: BTreeSet::new(),
+        }
+    }
+}
+
+/// Runs discovery cycles every `interval` and hands their targets to `publisher`.
 async fn discovery_loop(
     mut discoverer: Discoverer,
     shared: Arc<Shared>,
     interval: Duration,
     shutdown: CancellationToken,
-    sink: Sink,
+    mut publisher: Publisher,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut known_problems = BTreeSet::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -378,65 +448,72 @@ async fn discovery_loop(
             report = discoverer.run_cycle() => report,
             _ = shutdown.cancelled() => return,
         };
-        publish_cycle(&discoverer, &report, &shared, &mut known_problems, &sink);
+        publish_cycle(&discoverer, &report, &shared, &mut publisher);
     }
 }
 
 /// Publishes the targets after a cycle and records its status. The first list is
 /// published only once every configured part has been read; after that the list
-/// is always published (failed parts keep their previous targets).
+/// is always published (failed parts keep their previous targets), unless it
+/// would drop most published targets (see [`DropGuard`]).
 fn publish_cycle(
     discoverer: &Discoverer,
     report: &CycleReport,
     shared: &Shared,
-    known_problems: &mut BTreeSet<String>,
-    sink: &Sink,
+    publisher: &mut Publisher,
 ) {
     let built = discoverer.targets();
     let problems: BTreeSet<String> = built.problems.iter().map(ToString::to_string).collect();
-    for new in problems.difference(known_problems) {
+    for new in problems.difference(&publisher.known_problems) {
         tracing::warn!("{new}");
     }
-    for gone in known_problems.difference(&problems) {
+    for gone in publisher.known_problems.difference(&problems) {
         tracing::info!("resolved: {gone}");
     }
-    *known_problems = problems;
+    publisher.known_problems = problems;
 
-    let (previous, may_publish, changed) = match sink {
-        Sink::Serve => {
-            let previous = shared.targets().map(|p| p.targets);
-            let may_publish = previous.is_some() || report.complete;
-            let changed =
-                may_publish && shared.publish(targets::render(&built.targets), built.targets.len());
-            (previous, may_publish, changed)
-        }
-        Sink::Leader(tx) => {
-            let previous = tx.borrow().as_ref().map(|t| t.len());
-            let may_publish = previous.is_some() || report.complete;
-            let changed = may_publish
-                && tx.send_if_modified(|current| {
-                    let differs = current.as_deref() != Some(&built.targets);
-                    if differs {
-                        *current = Some(Arc::new(built.targets.clone()));
-                    }
-                    differs
-                });
-            (previous, may_publish, changed)
-        }
+    let may_publish = publisher.published.is_some() || report.complete;
+    let baseline = publisher
+        .published
+        .as_ref()
+        .or(publisher.inherited.as_ref());
+    let verdict = match (may_publish, baseline) {
+        (true, Some(baseline)) => publisher.guard.check(baseline, &built.targets),
+        _ => Verdict::Publish,
     };
+    let previous = baseline.map_or(0, |b| b.len());
+    let mut changed = false;
+    if may_publish && verdict == Verdict::Publish {
+        let list = Arc::new(built.targets.clone());
+        changed = match &publisher.sink {
+            Sink::Serve => shared.publish(targets::render(list.iter()), list.len()),
+            Sink::Leader(tx) => tx.send_if_modified(|current| {
+                let differs = current.as_deref() != Some(&*list);
+                if differs {
+                    *current = Some(list.clone());
+                }
+                differs
+            }),
+        };
+        publisher.published = Some(list);
+    }
     if changed {
         tracing::info!(
             cycle = report.cycle,
             targets = built.targets.len(),
-            previous = previous.unwrap_or(0),
+            previous,
             "targets changed"
         );
     } else if !may_publish {
         tracing::warn!(
             cycle = report.cycle,
-            "not serving targets yet: discovery has not read every configured namespace and service"
+            "not serving discovered targets yet: discovery has not read every configured namespace \
+             and service"
         );
     }
+    let hold = publisher.guard.hold().cloned();
+    shared.metrics.drop_hold.set(i64::from(hold.is_some()));
+    shared.update_status(|status| status.drop_hold = hold);
     tracing::debug!(
         cycle = report.cycle,
         outcome = report.outcome(),
@@ -471,7 +548,7 @@ fn publish_cycle(
             status.last_success = Some(time);
         }
         status.namespaces = report.namespaces.clone();
-        status.problems = known_problems.iter().cloned().collect();
+        status.problems = publisher.known_problems.iter().cloned().collect();
         status.skipped_instances = built.skipped_without_ipv4;
     });
 }

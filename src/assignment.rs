@@ -35,16 +35,19 @@ pub struct Shard {
 pub struct Snapshot {
     pub term: u64,
     pub generation: u64,
+    /// The membership the shards were computed for (live slots and those in grace).
+    pub slots: Vec<Slot>,
     pub shards: BTreeMap<u32, Arc<Shard>>,
 }
 
 impl Snapshot {
-    /// The whole assignment as one JSON document, `{"term", "generation", "shards":
-    /// {"<slot>": [http_sd groups]}}`, which followers mirror so that a new leader can
-    /// publish at once.
+    /// The whole assignment as one JSON document, `{"term", "generation", "slots":
+    /// [{"id", "weight"}], "shards": {"<slot>": [http_sd groups]}}`, which followers
+    /// mirror so that a new leader can publish at once, for the same membership.
     pub fn to_json(&self) -> Vec<u8> {
+        let slots = serde_json::to_string(&self.slots).unwrap_or_else(|_| "[]".into());
         let mut out = format!(
-            "{{\"term\":{},\"generation\":{},\"shards\":{{",
+            "{{\"term\":{},\"generation\":{},\"slots\":{slots},\"shards\":{{",
             self.term, self.generation
         )
         .into_bytes();
@@ -65,7 +68,41 @@ impl Snapshot {
 pub struct SnapshotDoc {
     pub term: u64,
     pub generation: u64,
+    #[serde(default)]
+    pub slots: Vec<Slot>,
     pub shards: BTreeMap<String, Vec<crate::targets::Group>>,
+}
+
+/// The leader's assignment as `/v1/assignment` serves it: per slot, its holder
+/// (as the leader sees it) and what that holder confirmed.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct AssignmentDoc {
+    pub term: Option<u64>,
+    pub generation: Option<u64>,
+    pub slots: Vec<AssignedSlot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct AssignedSlot {
+    pub slot: u32,
+    pub holder: Option<String>,
+    pub addr: Option<String>,
+    pub targets: usize,
+    pub draining: usize,
+    pub generation: u64,
+    pub confirmed_generation: u64,
+    pub confirmed_holder: Option<String>,
+}
+
+impl AssignedSlot {
+    /// Whether a holder other than `me` holds this slot and has confirmed its
+    /// current shard: a stopping holder's targets are served by its successor.
+    pub fn handed_over_from(&self, me: &str) -> bool {
+        let holder = self.holder.as_deref().filter(|h| *h != me);
+        holder.is_some()
+            && self.confirmed_holder.as_deref() == holder
+            && self.confirmed_generation >= self.generation
+    }
 }
 
 /// A slot of the assignment, as `/v1/assignment` shows it.
@@ -77,6 +114,8 @@ pub struct SlotSummary {
     pub generation: u64,
     /// Highest generation the slot's holder has confirmed.
     pub confirmed_generation: u64,
+    /// The holder that confirmed it: a drain waits for the new holder, not the old one.
+    pub confirmed_holder: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -110,7 +149,8 @@ pub struct Assigner {
     /// Slots of each target identity under the current assignment.
     owners: HashMap<Vec<u8>, Vec<u32>>,
     draining: HashMap<Vec<u8>, Vec<Drain>>,
-    confirmed: HashMap<u32, u64>,
+    /// Per member slot: which holder confirmed which generation.
+    confirmed: HashMap<u32, (String, u64)>,
     shards: BTreeMap<u32, Arc<Shard>>,
     /// Whether targets were ever given: until then nothing is published.
     has_targets: bool,
@@ -152,6 +192,7 @@ impl Assigner {
         self.has_targets.then(|| Snapshot {
             term: self.term,
             generation: self.generation,
+            slots: self.slots.clone(),
             shards: self.shards.clone(),
         })
     }
@@ -164,9 +205,17 @@ impl Assigner {
                 targets: shard.targets,
                 draining: shard.draining,
                 generation: shard.generation,
-                confirmed_generation: self.confirmed.get(slot).copied().unwrap_or(0),
+                confirmed_generation: self.confirmed.get(slot).map_or(0, |c| c.1),
+                confirmed_holder: self.confirmed.get(slot).map(|c| c.0.clone()),
             })
             .collect()
+    }
+
+    /// What a successor needs to go on where this assignment stands: its targets
+    /// and its membership. `None` before the first targets.
+    pub fn inherited(&self) -> Option<(Vec<Target>, Vec<Slot>)> {
+        self.has_targets
+            .then(|| (self.targets.values().cloned().collect(), self.slots.clone()))
     }
 
     /// New discovery result.
@@ -192,13 +241,26 @@ impl Assigner {
         self.recompute()
     }
 
-    /// The holder of `slot` has the shard of `generation` (term checked by the caller).
-    pub fn confirm(&mut self, slot: u32, generation: u64, now: Instant) -> Change {
-        let entry = self.confirmed.entry(slot).or_insert(0);
-        if generation <= *entry {
+    /// `holder`, the current holder of `slot` (checked by the caller, as is the
+    /// term), has the shard of `generation`. Ignored for a slot outside the
+    /// membership or a generation not published yet, so a confirmation can neither
+    /// end a handoff early nor grow the state.
+    pub fn confirm(&mut self, slot: u32, holder: &str, generation: u64, now: Instant) -> Change {
+        let published = self.shards.get(&slot).map(|s| s.generation);
+        if !self.slots.iter().any(|s| s.id == slot) || published.is_none_or(|g| generation > g) {
             return Change::default();
         }
-        *entry = generation;
+        let entry = self
+            .confirmed
+            .entry(slot)
+            .or_insert_with(|| (holder.to_owned(), 0));
+        if entry.0 != holder {
+            *entry = (holder.to_owned(), 0);
+        }
+        if generation <= entry.1 {
+            return Change::default();
+        }
+        entry.1 = generation;
         let grace = self.grace;
         let confirmed = &self.confirmed;
         let mut started = false;
@@ -206,7 +268,7 @@ impl Assigner {
             for d in drains.iter_mut().filter(|d| d.until.is_none()) {
                 let all =
                     d.to.iter()
-                        .all(|to| confirmed.get(to).is_some_and(|g| *g >= d.since));
+                        .all(|to| confirmed.get(to).is_some_and(|c| c.1 >= d.since));
                 if all {
                     d.until = Some(now + grace);
                     started = true;
@@ -418,7 +480,18 @@ mod tests {
         assert_eq!(total, 300 + change.moved);
 
         // Slot 3 confirms; the grace starts; before it ends nothing changes.
-        a.confirm(3, snap.shards[&3].generation, t0 + Duration::from_secs(1));
+        // Confirmations for a slot outside the membership, or of a generation not
+        // published yet, change nothing.
+        a.confirm(9, "x", 1, t0);
+        a.confirm(3, "r3", u64::MAX, t0);
+        assert_eq!(a.next_deadline(), None);
+        assert_eq!(a.summary().len(), 4);
+        a.confirm(
+            3,
+            "r3",
+            snap.shards[&3].generation,
+            t0 + Duration::from_secs(1),
+        );
         assert_eq!(a.next_deadline(), Some(t0 + Duration::from_secs(11)));
         assert_eq!(a.tick(t0 + Duration::from_secs(5)), Change::default());
         let change = a.tick(t0 + Duration::from_secs(11));
@@ -453,7 +526,7 @@ mod tests {
         a.set_targets(&list);
         a.set_slots(&slots(&[0, 1, 2]));
         let g = a.snapshot().unwrap().shards[&2].generation;
-        let change = a.confirm(2, g, t0);
+        let change = a.confirm(2, "r2", g, t0);
         assert!(change.shards_changed > 0);
         let total: usize = a
             .snapshot()

@@ -153,6 +153,27 @@ pub struct Config {
     )]
     pub listen_addr: SocketAddr,
 
+    /// Address of the peer listener (sharded mode only): the replicas' internal
+    /// endpoints, kept apart so that security groups can open it to replicas only.
+    #[arg(
+        long,
+        env = "PEER_LISTEN_ADDR",
+        value_name = "PEER_LISTEN_ADDR",
+        default_value = "0.0.0.0:9002"
+    )]
+    pub peer_listen_addr: SocketAddr,
+
+    /// Hold a discovery result that would drop more than this fraction of the
+    /// published targets until it is seen DROP_CONFIRM_CYCLES cycles in a row; 0 turns it off.
+    #[arg(long, env = "MAX_DROP_FRACTION", value_name = "MAX_DROP_FRACTION", default_value = "0.5",
+          value_parser = parse_fraction)]
+    pub max_drop_fraction: f64,
+
+    /// Consecutive cycles a large drop must be seen before it is published; 0 turns the guard off.
+    #[arg(long, env = "DROP_CONFIRM_CYCLES", value_name = "DROP_CONFIRM_CYCLES", default_value = "3",
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub drop_confirm_cycles: u32,
+
     /// AWS region; by default the SDK's chain (ECS sets AWS_REGION).
     #[arg(long, env = "AWS_REGION", value_name = "AWS_REGION")]
     pub aws_region: Option<String>,
@@ -224,7 +245,8 @@ pub struct Config {
     #[arg(long, env = "REPLICA_ID", value_name = "REPLICA_ID")]
     pub replica_id: Option<String>,
 
-    /// host:port where peers reach this replica; default the task's private IPv4 and the listen port.
+    /// host:port where peers reach this replica's peer listener; default the task's
+    /// private IPv4 (from the ECS task metadata) and the PEER_LISTEN_ADDR port.
     #[arg(long, env = "ADVERTISE_ADDR", value_name = "ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 
@@ -256,7 +278,7 @@ pub struct Config {
 
     /// How long the leader keeps a slot that stopped being live in the assignment, so a
     /// slot released in a rolling replacement and taken by a standby moves nothing.
-    /// Default: two heartbeats.
+    /// Default: three heartbeats (a standby takes a dead slot within two of its expiry).
     #[arg(long, env = "MEMBERSHIP_GRACE", value_name = "MEMBERSHIP_GRACE", value_parser = parse_grace)]
     pub membership_grace: Option<Duration>,
 
@@ -358,7 +380,7 @@ impl Config {
     }
 
     pub fn membership_grace(&self) -> Duration {
-        self.membership_grace.unwrap_or(self.heartbeat_interval * 2)
+        self.membership_grace.unwrap_or(self.heartbeat_interval * 3)
     }
 
     pub fn sharding_params(&self) -> Params {
@@ -378,6 +400,13 @@ fn parse_grace(raw: &str) -> Result<Duration, String> {
     match raw.trim() {
         "0" | "0s" | "0ms" => Ok(Duration::ZERO),
         other => parse_interval(other),
+    }
+}
+
+fn parse_fraction(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err("expected a fraction from 0 (off) to 1, e.g. 0.5 for half".into()),
     }
 }
 

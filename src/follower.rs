@@ -2,7 +2,8 @@
 //! shard, fetched from the leader by long-poll (a new generation arrives within
 //! milliseconds); as a standby, `[]`. A shard is accepted only if its term is not
 //! older than the highest term seen, and the last shard keeps being served while
-//! the leader is unreachable or leadership changes hands.
+//! the leader is unreachable or leadership changes hands, and while the slot's
+//! lease lapsed without anybody else taking it (prefer duplicates over gaps).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ pub const LONG_POLL: Duration = Duration::from_secs(20);
 struct Target {
     role: Role,
     slot: Option<u32>,
+    stale_slot: Option<u32>,
     leader_addr: Option<String>,
 }
 
@@ -35,6 +37,7 @@ fn target_of(view: &CoordinationView) -> Target {
     Target {
         role: view.role,
         slot: view.slot,
+        stale_slot: view.stale_slot,
         leader_addr: view.leader_addr.clone(),
     }
 }
@@ -68,16 +71,21 @@ async fn poll(
     client: &reqwest::Client,
     addr: &str,
     slot: u32,
+    holder: &str,
     after: (u64, u64),
     token: Option<&str>,
 ) -> Poll {
-    let url = format!(
-        "http://{addr}/v1/shards/{slot}?after_term={}&after={}&wait_ms={}",
-        after.0,
-        after.1,
-        LONG_POLL.as_millis()
-    );
-    let mut req = client.get(&url).timeout(LONG_POLL + Duration::from_secs(5));
+    let url = format!("http://{addr}/v1/shards/{slot}");
+    let query = [
+        ("holder", holder.to_owned()),
+        ("after_term", after.0.to_string()),
+        ("after", after.1.to_string()),
+        ("wait_ms", LONG_POLL.as_millis().to_string()),
+    ];
+    let mut req = client
+        .get(&url)
+        .query(&query)
+        .timeout(LONG_POLL + Duration::from_secs(5));
     if let Some(token) = token {
         req = req.bearer_auth(token);
     }
@@ -150,6 +158,8 @@ pub async fn run(
             (Role::Single, _, _) => return,
             // The leader task serves the leader's own slot.
             (Role::Leader, _, _) => true,
+            // The slot's lease lapsed and nobody else is known to hold it: keep its shard.
+            (_, None, _) if current.stale_slot.is_some() => true,
             (Role::Standby, _, _) | (_, None, _) => {
                 have = None;
                 shared.publish_shard(None, highest_term, 0, Bytes::from_static(b"[]"), 0);
@@ -163,7 +173,7 @@ pub async fn run(
                 }
                 let after = have.map_or((0, 0), |(_, t, g)| (t, g));
                 let result = tokio::select! {
-                    r = poll(&client, addr, slot, after, token.as_deref()) => r,
+                    r = poll(&client, addr, slot, &shared.replica_id, after, token.as_deref()) => r,
                     _ = target_changed(&mut view, &target) => continue,
                     _ = cancel.cancelled() => return,
                 };
@@ -274,6 +284,7 @@ pub async fn mirror(
                     term: doc.term,
                     generation: doc.generation,
                     targets,
+                    slots: doc.slots,
                 });
             }
             // 304, an error, or a deposed leader: back off briefly.

@@ -3,6 +3,10 @@
 //! targets to the live slots, and publishes the versioned assignment that
 //! followers long-poll. Membership changes are debounced so a slot released
 //! during a rolling replacement and taken by a standby moves nothing.
+//!
+//! The work is scoped to one term: it ends when the lease lapses or the term
+//! changes (even if this replica re-took the lease itself), and the next term
+//! starts afresh from the assignment it inherits.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::assignment::{Assigner, Change, SlotSummary, Snapshot};
 use crate::coordination::{CoordinationView, LiveSlot, Role};
 use crate::sharding::{Params, ShardBy, Slot};
-use crate::state::Shared;
+use crate::state::{Mirror, Shared};
 use crate::targets::Target;
 
 #[derive(Clone, Debug)]
@@ -87,11 +91,23 @@ impl LeaderHandle {
         change
     }
 
-    /// The holder of `slot` has received `generation` of `term`.
-    pub fn confirm(&self, slot: u32, term: u64, generation: u64) {
+    /// `holder`, which the caller checked holds `slot`, has received `generation` of `term`.
+    pub fn confirm(&self, slot: u32, holder: &str, term: u64, generation: u64) {
         if term == self.term() {
-            self.apply(|a| a.confirm(slot, generation, Instant::now()));
+            self.apply(|a| a.confirm(slot, holder, generation, Instant::now()));
         }
+    }
+
+    /// The assignment as it stands, for the next term to start from.
+    fn inherited(&self) -> Option<Mirror> {
+        let assigner = self.lock();
+        let (targets, slots) = assigner.inherited()?;
+        Some(Mirror {
+            term: assigner.term(),
+            generation: assigner.generation(),
+            targets,
+            slots,
+        })
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -106,6 +122,14 @@ struct Membership {
 }
 
 impl Membership {
+    /// Members of the inherited assignment count as seen now: a dead slot of the
+    /// previous term that a standby takes over within the grace moves nothing.
+    fn seed(&mut self, slots: &[Slot], now: Instant) {
+        for slot in slots {
+            self.seen.insert(slot.id, (*slot, now));
+        }
+    }
+
     fn update(&mut self, live: &[LiveSlot], now: Instant) -> Vec<Slot> {
         for l in live {
             self.seen.insert(
@@ -135,24 +159,50 @@ impl Membership {
     }
 }
 
-fn is_leading(view: &watch::Receiver<CoordinationView>) -> Option<CoordinationView> {
-    let current = view.borrow().at(Instant::now());
-    (current.role == Role::Leader).then_some(current)
+/// The term this replica leads in now, if any.
+pub fn leading_term(view: &CoordinationView) -> Option<u64> {
+    (view.role == Role::Leader).then_some(view.term).flatten()
 }
 
-/// Runs the leader's work until leadership ends or `cancel` fires. `targets`
-/// carries each complete discovery result from the discovery loop.
+/// The view while it still shows this replica leading in `term`.
+fn leading_in(view: &watch::Receiver<CoordinationView>, term: u64) -> Option<CoordinationView> {
+    let current = view.borrow().at(Instant::now());
+    (leading_term(&current) == Some(term)).then_some(current)
+}
+
+/// The assignment a leader of `term` may start from: the one of the immediately
+/// preceding term (mirrored from its leader, or this replica's own), never an
+/// older one, which could be days out of date.
+pub fn seed_for(term: u64, mirror: Option<Arc<Mirror>>) -> Option<Arc<Mirror>> {
+    let mirror = mirror?;
+    if mirror.term + 1 == term {
+        Some(mirror)
+    } else {
+        tracing::info!(
+            term,
+            mirror_term = mirror.term,
+            "the mirrored assignment is not of the preceding term: waiting for discovery"
+        );
+        None
+    }
+}
+
+/// Runs the leader's work for `term` until that term ends (the lease lapsed, or
+/// the term changed) or `cancel` fires. `targets` carries each complete discovery
+/// result from the discovery loop; `seed`, the inherited assignment, is served
+/// until the first one arrives.
 pub async fn run(
     cfg: LeaderConfig,
+    term: u64,
     shared: Arc<Shared>,
     mut view: watch::Receiver<CoordinationView>,
     mut targets: watch::Receiver<Option<Arc<Vec<Target>>>>,
+    seed: Option<Arc<Mirror>>,
     cancel: CancellationToken,
 ) {
-    let Some(start) = is_leading(&view) else {
+    if leading_in(&view, term).is_none() {
         return;
-    };
-    let term = start.term.unwrap_or(0);
+    }
     let handle = Arc::new(LeaderHandle::new(&cfg, term));
     shared.set_leader(Some(handle.clone()));
     tracing::info!(term, "leading: discovering and assigning");
@@ -160,16 +210,17 @@ pub async fn run(
         grace: cfg.membership_grace,
         seen: BTreeMap::new(),
     };
-    // The previous leader's assignment, mirrored, lets this one publish before its
-    // own first discovery cycle completes.
-    let mut seed = shared.mirror();
+    let mut seed = seed;
+    if let Some(mirror) = &seed {
+        membership.seed(&mirror.slots, Instant::now());
+    }
     // A result may already be waiting.
     let mut targets_pending = true;
     let mut targets_open = true;
     loop {
         let now = Instant::now();
-        // Fenced: act only while the lease is valid.
-        let Some(current) = is_leading(&view) else {
+        // Fenced: act only while the lease of this very term is valid.
+        let Some(current) = leading_in(&view, term) else {
             break;
         };
         let live = current.live_slots.clone().unwrap_or_default();
@@ -182,6 +233,7 @@ pub async fn run(
                 previous_term = mirror.term,
                 previous_generation = mirror.generation,
                 targets = mirror.targets.len(),
+                slots = mirror.slots.len(),
                 "starting from the previous leader's assignment"
             );
             let change = handle.apply(|a| a.set_targets(&mirror.targets));
@@ -213,6 +265,10 @@ pub async fn run(
             _ = cancel.cancelled() => break,
         }
     }
+    // What this term leaves behind is where the next one starts, if it follows at once.
+    if let Some(own) = handle.inherited() {
+        shared.set_mirror(own);
+    }
     shared.set_leader(None);
     tracing::info!(term, "no longer leading");
 }
@@ -236,8 +292,8 @@ fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Share
     let Some(snap) = handle.snapshot() else {
         return;
     };
-    match view.slot {
-        Some(slot) => {
+    match (view.slot, view.stale_slot) {
+        (Some(slot), _) => {
             if let Some(shard) = snap.shards.get(&slot) {
                 shared.publish_shard(
                     Some(slot),
@@ -246,10 +302,12 @@ fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Share
                     shard.body.clone(),
                     shard.targets,
                 );
-                handle.confirm(slot, snap.term, shard.generation);
+                handle.confirm(slot, &shared.replica_id, snap.term, shard.generation);
             }
         }
-        None => {
+        // Its slot lease lapsed: keep serving that slot's last shard.
+        (None, Some(_)) => {}
+        (None, None) => {
             shared.publish_shard(
                 None,
                 snap.term,

@@ -71,7 +71,10 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!("{err}");
             eprintln!("error: {err}");
-            let config_error = matches!(err, RunError::Config(_) | RunError::Aws(_));
+            let config_error = matches!(
+                err,
+                RunError::Config(_) | RunError::Aws(_) | RunError::Identity(_)
+            );
             ExitCode::from(if config_error { 2 } else { 1 })
         }
     }

@@ -42,7 +42,7 @@ pub enum ShardBy {
 }
 
 /// A slot that can be assigned keys.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Slot {
     pub id: u32,
     /// Relative capacity (> 0).

@@ -33,12 +33,15 @@ pub struct ShardStamp {
     pub generation: u64,
 }
 
-/// A copy of the leader's whole assignment, from which a new leader starts.
+/// A copy of a leader's whole assignment (mirrored from the leader, or this
+/// replica's own when it stopped leading), from which the next leader starts.
 #[derive(Debug)]
 pub struct Mirror {
     pub term: u64,
     pub generation: u64,
     pub targets: Vec<crate::targets::Target>,
+    /// The membership of that assignment.
+    pub slots: Vec<crate::sharding::Slot>,
 }
 
 /// The latest discovery cycle, as `/v1/status` shows it.
@@ -62,6 +65,8 @@ pub struct DiscoveryStatus {
     pub problems: Vec<String>,
     /// Instances without an `AWS_INSTANCE_IPV4` attribute (not ECS tasks).
     pub skipped_instances: usize,
+    /// A result held back because it would drop most published targets.
+    pub drop_hold: Option<crate::discovery::guard::DropHold>,
 }
 
 /// Shared between tasks behind an `Arc`.
@@ -195,21 +200,19 @@ impl Shared {
     }
 
     /// Ready to be scraped through: single mode after the first complete discovery;
-    /// sharded, as a standby, or when serving a shard of the current term for the
-    /// slot held.
+    /// sharded, when serving no slot, or when serving a shard of the slot it serves.
+    /// A shard of an older term still counts: during a leader change or an outage the
+    /// last shard is exactly what should be served, and a replica replaced for it
+    /// would serve less.
     pub fn is_ready(&self) -> bool {
         let published = self.targets.borrow().clone();
         let view = self.coordination();
-        match view.role {
-            Role::Single => published.is_some(),
-            Role::Standby => true,
-            Role::Leader | Role::Follower => match (view.slot, published.and_then(|p| p.shard)) {
-                (None, _) => true,
-                (Some(slot), Some(stamp)) => {
-                    stamp.slot == Some(slot) && Some(stamp.term) == view.term
-                }
-                (Some(_), None) => false,
-            },
+        match (view.role, view.serving_slot()) {
+            (Role::Single, _) => published.is_some(),
+            (_, None) => true,
+            (_, Some(slot)) => published
+                .and_then(|p| p.shard)
+                .is_some_and(|stamp| stamp.slot == Some(slot) && stamp.term > 0),
         }
     }
 

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub generation: Gauge,
     pub live_slots: Gauge,
     pub shard_targets: Gauge,
+    pub shard_stale: Gauge,
+    pub drop_hold: Gauge,
     pub targets_discovered: Gauge,
     pub targets_moved: Counter,
     pub discovery_cycle_seconds: Histogram,
@@ -79,6 +81,8 @@ impl Metrics {
             generation: Gauge::default(),
             live_slots: Gauge::default(),
             shard_targets: Gauge::default(),
+            shard_stale: Gauge::default(),
+            drop_hold: Gauge::default(),
             targets_discovered: Gauge::default(),
             targets_moved: Counter::default(),
             discovery_cycle_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
@@ -111,6 +115,18 @@ impl Metrics {
             "shard_targets",
             "Targets this replica serves on /prometheus-targets",
             metrics.shard_targets.clone(),
+        );
+        registry.register(
+            "shard_stale",
+            "1 while this replica serves the last shard of a slot whose lease lapsed because \
+             its own renewals failed (nobody else is known to hold it)",
+            metrics.shard_stale.clone(),
+        );
+        registry.register(
+            "drop_hold",
+            "1 while a discovery result that would drop more than MAX_DROP_FRACTION of the \
+             published targets is held back until it is confirmed",
+            metrics.drop_hold.clone(),
         );
         registry.register(
             "targets_discovered",
@@ -167,6 +183,7 @@ impl Metrics {
         generation: u64,
         live_slots: usize,
         shard_targets: usize,
+        stale: bool,
     ) -> String {
         for r in ["single", "leader", "follower", "standby"] {
             self.role
@@ -178,6 +195,7 @@ impl Metrics {
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
         self.live_slots.set(live_slots as i64);
         self.shard_targets.set(shard_targets as i64);
+        self.shard_stale.set(i64::from(stale));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -472,16 +472,25 @@ async fn a_missing_table_is_reported_once_with_the_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn identity_comes_from_the_ecs_task_metadata_endpoint() {
+    use axum::response::IntoResponse;
     use axum::routing::get;
+    use std::sync::atomic::{AtomicU32, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let meta_addr = listener.local_addr().unwrap();
+    // The endpoint fails twice, as it may while ECS is still starting the task.
+    let calls = std::sync::Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
     let app = axum::Router::new().route(
         "/v4/abc/task",
-        get(|| async {
+        get(move || async move {
+            if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+                return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
             axum::Json(serde_json::json!({
                 "TaskARN": "arn:aws:ecs:us-east-1:123456789012:task/ecs-adot-cluster/0dc5c05b56df432ab6ff2f52f4019000",
                 "Containers": [{"Name": "shard-sd", "Networks": [{"NetworkMode": "awsvpc", "IPv4Addresses": ["127.0.0.9"]}]}]
             }))
+            .into_response()
         }),
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -498,8 +507,34 @@ async fn identity_comes_from_the_ecs_task_metadata_endpoint() {
         status["replica_id"],
         "arn:aws:ecs:us-east-1:123456789012:task/ecs-adot-cluster/0dc5c05b56df432ab6ff2f52f4019000"
     );
-    let port = sd.addr.rsplit(':').next().unwrap();
+    let port = sd.peer_addr.rsplit(':').next().unwrap();
     assert_eq!(status["advertise_addr"], format!("127.0.0.9:{port}"));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "retried after two failures"
+    );
+}
+
+#[test]
+fn a_sharded_replica_without_a_routable_address_refuses_to_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shard-sd"))
+        .env_clear()
+        .envs([
+            ("AWS_REGION", "us-east-1"),
+            ("LEASE_TABLE", "leases"),
+            ("DISCOVERY_NAMESPACES", "x"),
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+            ("PEER_LISTEN_ADDR", "127.0.0.1:0"),
+        ])
+        .output()
+        .expect("run shard-sd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ADVERTISE_ADDR") && stderr.contains("ECS_CONTAINER_METADATA_URI_V4"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

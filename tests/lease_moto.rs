@@ -13,6 +13,7 @@ use shard_sd::coordination::lease::{HolderInfo, LeaseError, LeaseTable};
 fn holder(id: &str) -> HolderInfo {
     HolderInfo {
         id: id.into(),
+        incarnation: format!("inc-{id}"),
         addr: format!("127.0.0.1:{}", 9000 + id.len()),
         weight: 1.0,
         lease: Duration::from_secs(3),
@@ -52,6 +53,17 @@ async fn conditional_acquire_renew_release() {
 
     let renewed = t.renew(&first, &a).await.expect("renew");
     assert_ne!(renewed.rvn, first.rvn);
+    assert_eq!(renewed.incarnation, "inc-a");
+    // Another process started with the same REPLICA_ID cannot renew it, and is told why.
+    let twin = HolderInfo {
+        incarnation: "inc-twin".into(),
+        ..a.clone()
+    };
+    let err = t.renew(&renewed, &twin).await.unwrap_err();
+    assert!(
+        matches!(err, LeaseError::SameReplicaId { .. }) && err.to_string().contains("REPLICA_ID"),
+        "{err}"
+    );
     // Renewing from a stale version, or as someone else, is a loss.
     assert!(matches!(
         t.renew(&first, &a).await,

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cloudmap::{CloudMap, Service};
+use common::cluster::shards;
 use common::proxy::AwsProxy;
-use common::{addresses, aws_env, free_port, http, wait_for, Moto, Prometheus, SampleApp, ShardSd};
+use common::{aws_env, free_port, http, wait_for, Moto, Prometheus, SampleApp, ShardSd};
 
 const LEASE: Duration = Duration::from_secs(3);
 const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -175,35 +176,6 @@ impl Cluster {
     }
 }
 
-/// Each replica's current targets (replicas that do not answer are left out).
-async fn shards(addrs: &[String]) -> BTreeMap<String, Vec<String>> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(150))
-        .no_proxy()
-        .build()
-        .unwrap();
-    let requests = addrs.iter().map(|a| {
-        let client = client.clone();
-        async move {
-            let resp = client
-                .get(format!("http://{a}/prometheus-targets"))
-                .send()
-                .await
-                .ok()?;
-            if !resp.status().is_success() {
-                return None;
-            }
-            let groups: Vec<serde_json::Value> = resp.json().await.ok()?;
-            Some((a.clone(), addresses(&groups)))
-        }
-    });
-    futures::future::join_all(requests)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
 /// When, which targets were missing, and which were served twice.
 type Sample = (Instant, BTreeSet<String>, BTreeSet<String>);
 
@@ -300,8 +272,18 @@ async fn steady_state_registrations_and_prometheus() {
     // The leader's view of the assignment.
     let (li, _) = c.leader().await;
     let leader = c.replicas[li].as_ref().unwrap();
-    let unauth = http()
+    let public = http()
         .get(leader.url("/v1/assignment"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        public.status(),
+        404,
+        "the peer endpoints are on PEER_LISTEN_ADDR only"
+    );
+    let unauth = http()
+        .get(leader.peer_url("/v1/assignment"))
         .send()
         .await
         .unwrap();
@@ -311,7 +293,7 @@ async fn steady_state_registrations_and_prometheus() {
         "PEER_TOKEN guards the internal endpoints"
     );
     let assignment: serde_json::Value = http()
-        .get(leader.url("/v1/assignment"))
+        .get(leader.peer_url("/v1/assignment"))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -340,14 +322,7 @@ async fn steady_state_registrations_and_prometheus() {
     // Each replica's /metrics tells its role; the leader's also the live slots.
     for r in c.alive() {
         let status = r.status().await;
-        let text = http()
-            .get(r.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = r.metrics().await;
         let role = status["role"].as_str().unwrap();
         assert!(
             text.contains(&format!("shard_sd_role{{role=\"{role}\"}} 1")),

@@ -37,12 +37,17 @@ pub struct LeaseItem {
     pub released: bool,
     /// Holder's wall clock at the last write, informational.
     pub renewed_at_ms: i64,
+    /// The process that wrote it (random per start), so that two processes
+    /// sharing one `REPLICA_ID` are told apart.
+    pub incarnation: String,
 }
 
 /// What this replica writes into items it holds.
 #[derive(Clone, Debug)]
 pub struct HolderInfo {
     pub id: String,
+    /// Random per process start: see [`LeaseItem::incarnation`].
+    pub incarnation: String,
     pub addr: String,
     pub weight: f64,
     pub lease: Duration,
@@ -64,6 +69,11 @@ pub enum LeaseError {
          (and dynamodb:CreateTable, dynamodb:DescribeTable with CREATE_TABLE=true) on the table: {detail}"
     )]
     AccessDenied { table: String, detail: String },
+    #[error(
+        "lease {pk} is held by another running process with the same REPLICA_ID {id:?}: give \
+         every replica its own REPLICA_ID (the default, the ECS task ARN, is unique)"
+    )]
+    SameReplicaId { id: String, pk: String },
     #[error(transparent)]
     Aws(AwsCallError),
 }
@@ -73,11 +83,14 @@ impl LeaseError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            LeaseError::TableMissing { .. } | LeaseError::AccessDenied { .. }
+            LeaseError::TableMissing { .. }
+                | LeaseError::AccessDenied { .. }
+                | LeaseError::SameReplicaId { .. }
         )
     }
 }
 
+/// A fresh random id, for record versions and incarnations.
 pub fn new_rvn() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
@@ -113,6 +126,7 @@ impl LeaseItem {
                 .copied()
                 .unwrap_or(false),
             renewed_at_ms: get_n("renewed_at").unwrap_or(0.0) as i64,
+            incarnation: get_s("inc").unwrap_or_default(),
         })
     }
 }
@@ -298,6 +312,7 @@ impl LeaseTable {
             term: seen.map_or(0, |s| s.term) + 1,
             released: false,
             renewed_at_ms: self.clock.now_ms(),
+            incarnation: me.incarnation.clone(),
         };
         let mut req = self
             .client
@@ -312,7 +327,8 @@ impl LeaseTable {
             .item("term", n(item.term))
             .item("released", AttributeValue::Bool(false))
             .item("renewed_at", n(item.renewed_at_ms))
-            .item("acquired_at", n(item.renewed_at_ms));
+            .item("acquired_at", n(item.renewed_at_ms))
+            .item("inc", s(&item.incarnation));
         req = match seen {
             None => req.condition_expression("attribute_not_exists(pk)"),
             Some(seen) => req
@@ -369,7 +385,7 @@ impl LeaseTable {
             .update_expression(
                 "SET rvn = :new, renewed_at = :now, addr = :addr, weight = :w, lease_ms = :l, released = :rel",
             )
-            .condition_expression("holder = :me AND rvn = :old")
+            .condition_expression("holder = :me AND inc = :inc AND rvn = :old")
             .expression_attribute_values(":new", s(&next.rvn))
             .expression_attribute_values(":now", n(next.renewed_at_ms))
             .expression_attribute_values(":addr", s(&next.addr))
@@ -377,6 +393,7 @@ impl LeaseTable {
             .expression_attribute_values(":l", n(next.lease.as_millis()))
             .expression_attribute_values(":rel", AttributeValue::Bool(release))
             .expression_attribute_values(":me", s(&me.id))
+            .expression_attribute_values(":inc", s(&me.incarnation))
             .expression_attribute_values(":old", s(&held.rvn))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
@@ -388,6 +405,12 @@ impl LeaseTable {
                     let current = failed.item().and_then(LeaseItem::from_attrs);
                     match current {
                         Some(cur) if cur.holder == me.id && cur.rvn == next.rvn => Ok(next),
+                        Some(cur) if cur.holder == me.id && cur.incarnation != me.incarnation => {
+                            Err(LeaseError::SameReplicaId {
+                                id: me.id.clone(),
+                                pk: held.pk.clone(),
+                            })
+                        }
                         _ => Err(LeaseError::Lost {
                             pk: held.pk.clone(),
                         }),

@@ -112,6 +112,9 @@ pub struct CoordinationView {
     /// Until when this replica may act as holder of `slot`.
     #[serde(skip)]
     pub slot_until: Option<Instant>,
+    /// A slot whose lease lapsed only because this replica's own renewals failed, and
+    /// that nobody else is known to hold: its last shard is still served (stale).
+    pub stale_slot: Option<u32>,
 }
 
 impl CoordinationView {
@@ -126,7 +129,14 @@ impl CoordinationView {
             error: None,
             leader_until: None,
             slot_until: None,
+            stale_slot: None,
         }
+    }
+
+    /// The slot whose shard this replica serves: the one it holds, else the one it
+    /// keeps serving after its lease lapsed (prefer duplicates over gaps).
+    pub fn serving_slot(&self) -> Option<u32> {
+        self.slot.or(self.stale_slot)
     }
 
     /// The view as of `now`: a lease whose renew deadline has passed is not held,
@@ -141,8 +151,9 @@ impl CoordinationView {
             view.live_slots = None;
         }
         if view.slot_until.is_some_and(|until| until <= now) {
+            // Not renewed in time: nobody else is known to hold it yet.
             view.slot_until = None;
-            view.slot = None;
+            view.stale_slot = view.slot.take().or(view.stale_slot);
         }
         view.role = match (view.leader_until.is_some(), view.slot.is_some()) {
             (true, _) => Role::Leader,
@@ -168,14 +179,13 @@ pub struct Observer {
 
 impl Observer {
     /// Records `item` as received at `at`; the clock restarts when its version moved.
-    pub fn observe(&mut self, item: &LeaseItem, at: Instant) {
-        let moved = self
-            .seen
-            .get(&item.pk)
-            .is_none_or(|(rvn, _)| *rvn != item.rvn);
-        if moved {
+    /// Returns whether a version seen before was replaced by a new one.
+    pub fn observe(&mut self, item: &LeaseItem, at: Instant) -> bool {
+        let previous = self.seen.get(&item.pk).map(|(rvn, _)| rvn.clone());
+        if previous.as_ref() != Some(&item.rvn) {
             self.seen.insert(item.pk.clone(), (item.rvn.clone(), at));
         }
+        previous.is_some_and(|rvn| rvn != item.rvn)
     }
 
     /// When `item` may be taken over if its version does not move: a full lease
@@ -203,17 +213,23 @@ pub enum Claim {
     Held { until: Instant },
 }
 
+/// Whether `item` was last written by this very process (same id and incarnation).
+pub fn is_mine(item: &LeaseItem, me: &HolderInfo) -> bool {
+    item.holder == me.id && item.incarnation == me.incarnation
+}
+
 pub fn claim(
     item: Option<&LeaseItem>,
     observer: &Observer,
     now: Instant,
-    me: &str,
+    me: &HolderInfo,
     default_lease: Duration,
 ) -> Claim {
     let Some(item) = item else {
         return Claim::Missing;
     };
-    if item.released || item.holder.is_empty() || item.holder == me {
+    // Another process with this REPLICA_ID is another holder: it waits like anyone.
+    if item.released || item.holder.is_empty() || is_mine(item, me) {
         return Claim::Takeable(item.clone());
     }
     match observer.expires_at(item, default_lease) {
@@ -267,6 +283,13 @@ pub struct Coordinator {
     view: watch::Sender<CoordinationView>,
     last_error: Option<String>,
     last_live: Option<Vec<LiveSlot>>,
+    /// The slot whose lease lapsed because renewals failed; served until a
+    /// successor is seen or the lease is regained.
+    lapsed: Option<u32>,
+    /// The leader item as last read, kept while the table cannot be read.
+    last_leader: Option<LeaseItem>,
+    /// Items seen held under this REPLICA_ID by another process (reported once).
+    duplicate_id: std::collections::HashSet<String>,
 }
 
 impl Coordinator {
@@ -281,6 +304,9 @@ impl Coordinator {
             view: watch::Sender::new(CoordinationView::starting()),
             last_error: None,
             last_live: None,
+            lapsed: None,
+            last_leader: None,
+            duplicate_id: Default::default(),
         }
     }
 
@@ -313,17 +339,19 @@ impl Coordinator {
 
         let mut wake = Instant::now() + self.cfg.heartbeat;
         match self.read_items().await {
-            Ok(items) => {
+            Ok(mut items) => {
                 self.clear_error();
-                if let Some(at) = self.acquire(&items).await {
+                self.check_lapsed(&items);
+                if let Some(at) = self.acquire(&mut items).await {
                     wake = wake.min(at);
                 }
+                self.last_leader = items.get(&self.table.leader_pk()).cloned();
                 self.act_as_leader(&items);
-                self.publish_view(&items);
+                self.publish_view();
             }
             Err(err) => {
                 self.report_error(&err);
-                self.publish_view(&HashMap::new());
+                self.publish_view();
             }
         }
         wake
@@ -343,9 +371,30 @@ impl Coordinator {
             if let Some((slot, _)) = self.slot.take() {
                 tracing::warn!(
                     slot,
-                    "slot lease not renewed within its deadline: slot given up"
+                    "slot lease not renewed within its deadline: still serving the slot's last \
+                     shard (stale) until another holder takes it or the lease is regained"
                 );
+                self.lapsed = Some(slot);
             }
+        }
+    }
+
+    /// Ends a lapse once the slot's item shows another holder: someone else serves it now.
+    fn check_lapsed(&mut self, items: &HashMap<String, LeaseItem>) {
+        let Some(slot) = self.lapsed else {
+            return;
+        };
+        let successor = items
+            .get(&self.table.slot_pk(slot))
+            .filter(|item| !is_mine(item, &self.cfg.me));
+        if let Some(item) = successor {
+            tracing::info!(
+                slot,
+                holder = %item.holder,
+                released = item.released,
+                "slot taken over by another holder: no longer serving its stale shard"
+            );
+            self.lapsed = None;
         }
     }
 
@@ -378,6 +427,11 @@ impl Coordinator {
             Err(LeaseError::Lost { pk }) => {
                 self.cfg.renewal_failures.inc();
                 tracing::warn!(pk = %pk, "{what} lease lost to another replica");
+                None
+            }
+            Err(err @ LeaseError::SameReplicaId { .. }) => {
+                self.cfg.renewal_failures.inc();
+                self.report_error(&err);
                 None
             }
             Err(err) => {
@@ -422,20 +476,32 @@ impl Coordinator {
         }
         let received = Instant::now();
         for item in items.values() {
-            self.observer.observe(item, received);
+            let moved = self.observer.observe(item, received);
+            let other_process =
+                item.holder == self.cfg.me.id && !item.released && !is_mine(item, &self.cfg.me);
+            // Renewed by another live process under our id: say so once, never act as it.
+            if moved && other_process && self.duplicate_id.insert(item.pk.clone()) {
+                self.report_error(&LeaseError::SameReplicaId {
+                    id: self.cfg.me.id.clone(),
+                    pk: item.pk.clone(),
+                });
+            }
         }
         Ok(items)
     }
 
     /// Tries to take the leader lease and, without a slot, a slot. Returns the
     /// earliest time a lease it waits for could be taken over.
-    async fn acquire(&mut self, items: &HashMap<String, LeaseItem>) -> Option<Instant> {
+    /// Items taken are written back into `items`, so that what this step decides
+    /// next (the live slots) already includes them.
+    async fn acquire(&mut self, items: &mut HashMap<String, LeaseItem>) -> Option<Instant> {
         let now = Instant::now();
         let mut wake: Option<Instant> = None;
         if self.leader.is_none() {
             match self.attempt(&self.table.leader_pk(), items, now).await {
                 Attempt::Took(held, previous) => {
                     tracing::info!(term = held.item.term, previous, "became leader");
+                    items.insert(held.item.pk.clone(), held.item.clone());
                     self.leader = Some(held);
                 }
                 Attempt::Wait(until) => wake = Some(until),
@@ -443,10 +509,21 @@ impl Coordinator {
             }
         }
         if self.slot.is_none() {
-            for (slot, pk) in self.slot_keys() {
+            // A lapsed slot is regained or given up before any other is taken: serving
+            // it stale while holding another would serve two shards' worth.
+            let candidates = match self.lapsed {
+                Some(slot) => vec![(slot, self.table.slot_pk(slot))],
+                None => self.slot_keys(),
+            };
+            for (slot, pk) in candidates {
                 match self.attempt(&pk, items, now).await {
                     Attempt::Took(held, previous) => {
-                        tracing::info!(slot, previous, "took slot");
+                        if self.lapsed.take().is_some() {
+                            tracing::info!(slot, "regained the lapsed slot");
+                        } else {
+                            tracing::info!(slot, previous, "took slot");
+                        }
+                        items.insert(held.item.pk.clone(), held.item.clone());
                         self.slot = Some((slot, held));
                         self.highest_slot = self.highest_slot.max(slot);
                         break;
@@ -473,7 +550,7 @@ impl Coordinator {
             items.get(pk),
             &self.observer,
             now,
-            &self.cfg.me.id,
+            &self.cfg.me,
             self.cfg.lease,
         ) {
             Claim::Held { until } => Attempt::Wait(until),
@@ -558,12 +635,14 @@ impl Coordinator {
         }
     }
 
-    fn publish_view(&mut self, items: &HashMap<String, LeaseItem>) {
+    fn publish_view(&mut self) {
         let now = Instant::now();
+        // A deadline may have passed during this step's calls: it is a lapse now.
+        self.enforce_deadlines(now);
         let leading = self.leader.as_ref().filter(|h| h.is_valid(now));
         let leader_item = leading.map(|h| h.item.clone()).or_else(|| {
-            items
-                .get(&self.table.leader_pk())
+            self.last_leader
+                .as_ref()
                 .filter(|i| !i.released && !i.holder.is_empty())
                 .cloned()
         });
@@ -579,6 +658,7 @@ impl Coordinator {
             error: self.last_error.clone(),
             leader_until: leading.map(Held::deadline),
             slot_until: slot.map(|(_, h)| h.deadline()),
+            stale_slot: self.lapsed,
         }
         .at(now);
         self.view.send_if_modified(|current| {
@@ -640,6 +720,17 @@ mod tests {
             term: 3,
             released: false,
             renewed_at_ms: 0,
+            incarnation: format!("i-{holder}"),
+        }
+    }
+
+    fn me(id: &str) -> HolderInfo {
+        HolderInfo {
+            id: id.into(),
+            incarnation: format!("i-{id}"),
+            addr: "127.0.0.1:9002".into(),
+            weight: 1.0,
+            lease: LEASE,
         }
     }
 
@@ -661,14 +752,14 @@ mod tests {
         let a = item("c#leader", "a", "v1");
         obs.observe(&a, t0);
         assert_eq!(
-            claim(Some(&a), &obs, t0 + LEASE / 2, "b", LEASE),
+            claim(Some(&a), &obs, t0 + LEASE / 2, &me("b"), LEASE),
             Claim::Held { until: t0 + LEASE }
         );
         // The holder renews: the clock restarts from when the new version was seen.
         let a2 = item("c#leader", "a", "v2");
         obs.observe(&a2, t0 + LEASE / 2);
         assert_eq!(
-            claim(Some(&a2), &obs, t0 + LEASE, "b", LEASE),
+            claim(Some(&a2), &obs, t0 + LEASE, &me("b"), LEASE),
             Claim::Held {
                 until: t0 + LEASE / 2 + LEASE
             }
@@ -676,7 +767,7 @@ mod tests {
         // Seeing the same version again does not restart it.
         obs.observe(&a2, t0 + LEASE);
         assert_eq!(
-            claim(Some(&a2), &obs, t0 + LEASE / 2 + LEASE, "b", LEASE),
+            claim(Some(&a2), &obs, t0 + LEASE / 2 + LEASE, &me("b"), LEASE),
             Claim::Takeable(a2.clone())
         );
     }
@@ -685,22 +776,29 @@ mod tests {
     fn missing_released_and_own_items_are_takeable_at_once() {
         let obs = Observer::default();
         let now = Instant::now();
-        assert_eq!(claim(None, &obs, now, "b", LEASE), Claim::Missing);
+        assert_eq!(claim(None, &obs, now, &me("b"), LEASE), Claim::Missing);
         let mut released = item("c#slot#0", "a", "v1");
         released.released = true;
         assert_eq!(
-            claim(Some(&released), &obs, now, "b", LEASE),
+            claim(Some(&released), &obs, now, &me("b"), LEASE),
             Claim::Takeable(released.clone())
         );
         let own = item("c#slot#0", "b", "v1");
         assert_eq!(
-            claim(Some(&own), &obs, now, "b", LEASE),
+            claim(Some(&own), &obs, now, &me("b"), LEASE),
             Claim::Takeable(own.clone())
+        );
+        // The same REPLICA_ID in another process is another holder.
+        let mut twin = own.clone();
+        twin.incarnation = "i-other".into();
+        assert_eq!(
+            claim(Some(&twin), &obs, now, &me("b"), LEASE),
+            Claim::Held { until: now + LEASE }
         );
         // Never observed before: wait a full lease from now.
         let other = item("c#slot#0", "a", "v1");
         assert_eq!(
-            claim(Some(&other), &obs, now, "b", LEASE),
+            claim(Some(&other), &obs, now, &me("b"), LEASE),
             Claim::Held { until: now + LEASE }
         );
     }
@@ -717,7 +815,7 @@ mod tests {
         // The earliest takeover: the contender first receives the version no earlier than it was sent.
         let mut obs = Observer::default();
         obs.observe(&held.item, sent);
-        let Claim::Held { until } = claim(Some(&held.item), &obs, sent, "b", LEASE) else {
+        let Claim::Held { until } = claim(Some(&held.item), &obs, sent, &me("b"), LEASE) else {
             panic!("held lease must not be takeable");
         };
         assert!(until >= held.deadline() + LEASE / 3);
@@ -748,6 +846,34 @@ mod tests {
             CoordinationView::single().at(now + LEASE).role,
             Role::Single
         );
+    }
+
+    #[test]
+    fn a_slot_not_renewed_in_time_stays_served_as_stale() {
+        let now = Instant::now();
+        let view = CoordinationView {
+            role: Role::Follower,
+            slot: Some(1),
+            term: Some(4),
+            slot_until: Some(now + LEASE / 2),
+            ..CoordinationView::single()
+        };
+        assert_eq!(view.at(now).serving_slot(), Some(1));
+        let lapsed = view.at(now + LEASE);
+        assert_eq!(
+            (lapsed.role, lapsed.slot, lapsed.stale_slot),
+            (Role::Standby, None, Some(1))
+        );
+        assert_eq!(lapsed.serving_slot(), Some(1));
+    }
+
+    #[test]
+    fn observing_reports_a_moved_version_only() {
+        let t0 = Instant::now();
+        let mut obs = Observer::default();
+        assert!(!obs.observe(&item("c#slot#0", "a", "v1"), t0));
+        assert!(!obs.observe(&item("c#slot#0", "a", "v1"), t0));
+        assert!(obs.observe(&item("c#slot#0", "a", "v2"), t0));
     }
 
     #[test]

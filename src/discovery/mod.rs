@@ -9,6 +9,7 @@
 //! part has been read at least once, which gates the first publication.
 
 pub mod cloudmap;
+pub mod guard;
 pub mod namespaces;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -71,6 +72,9 @@ struct NamespaceState {
     ns: NamespaceRef,
     /// `None` until the first successful listing.
     services: Option<BTreeMap<String, ServiceState>>,
+    /// Listed services whose namespace could not be confirmed (`GetService`
+    /// failed): unread, so the namespace is not complete.
+    unconfirmed: usize,
     stale: bool,
 }
 
@@ -185,11 +189,9 @@ impl Discoverer {
             self.refresh_services(&mut errors).await;
         }
 
+        log_failures(self.cycle, &other_errors, &errors);
         let mut messages: Vec<String> = other_errors;
         messages.extend(errors.iter().map(ToString::to_string));
-        for msg in &messages {
-            tracing::warn!(cycle = self.cycle, "{msg}");
-        }
         CycleReport {
             cycle: self.cycle,
             started,
@@ -234,6 +236,7 @@ impl Discoverer {
                             NamespaceState {
                                 ns: ns.clone(),
                                 services: None,
+                                unconfirmed: 0,
                                 stale: false,
                             },
                         );
@@ -256,6 +259,7 @@ impl Discoverer {
                 }
             };
             state.stale = false;
+            state.unconfirmed = 0;
             let mut previous = state.services.take().unwrap_or_default();
             let mut services = BTreeMap::new();
             for svc in listed {
@@ -267,8 +271,10 @@ impl Discoverer {
                             id
                         }
                         Err(err) => {
+                            // Unread, not absent: a cycle with it is not complete.
                             errors.push(err);
                             state.stale = true;
+                            state.unconfirmed += 1;
                             continue;
                         }
                     },
@@ -326,10 +332,11 @@ impl Discoverer {
         self.names.is_some()
             && self.index.is_some()
             && self.namespaces.values().all(|state| {
-                state
-                    .services
-                    .as_ref()
-                    .is_some_and(|services| services.values().all(ServiceState::is_read))
+                state.unconfirmed == 0
+                    && state
+                        .services
+                        .as_ref()
+                        .is_some_and(|services| services.values().all(ServiceState::is_read))
             })
     }
 
@@ -402,6 +409,45 @@ impl Discoverer {
     pub fn missing_namespaces(&self) -> impl Iterator<Item = &str> {
         self.missing.iter().map(String::as_str)
     }
+}
+
+/// One WARN line per cycle however many calls failed (an unreachable AWS fails
+/// every service's call): counts per error kind and the first few failures.
+/// Each failure is logged at debug.
+fn log_failures(cycle: u64, other: &[String], errors: &[AwsCallError]) {
+    const SHOWN: usize = 3;
+    if other.is_empty() && errors.is_empty() {
+        return;
+    }
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for err in errors {
+        let kind = err.code.clone().unwrap_or_else(|| "no answer".to_owned());
+        *kinds
+            .entry(format!("{} {kind}", err.operation))
+            .or_default() += 1;
+    }
+    if !other.is_empty() {
+        kinds.insert("namespace list".to_owned(), other.len());
+    }
+    let all: Vec<String> = other
+        .iter()
+        .cloned()
+        .chain(errors.iter().map(ToString::to_string))
+        .collect();
+    for msg in &all {
+        tracing::debug!(cycle, "{msg}");
+    }
+    let counts: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} x {k}")).collect();
+    let first: Vec<&str> = all.iter().take(SHOWN).map(String::as_str).collect();
+    tracing::warn!(
+        cycle,
+        failed_calls = all.len(),
+        "discovery cycle: {} calls failed ({}); previous results kept. First: {}{}",
+        all.len(),
+        counts.join(", "),
+        first.join("; "),
+        if all.len() > SHOWN { "; ..." } else { "" }
+    );
 }
 
 /// Refreshes one service's tags (every [`TAG_REFRESH_CYCLES`]) and instances (when

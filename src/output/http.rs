@@ -1,18 +1,24 @@
-//! The HTTP server: `GET /prometheus-targets` (Prometheus `http_sd`), `/healthz`,
-//! `/readyz` and `/v1/status`. Handlers are thin: they copy what the discovery
-//! loop published.
+//! The HTTP routes, in two routers with their own policies. The public one, for
+//! collectors and operators: `GET /prometheus-targets` (Prometheus `http_sd`),
+//! `/healthz`, `/readyz`, `/v1/status`, `/metrics`. The peer one, for replicas only
+//! (its own listener, `PEER_LISTEN_ADDR`, behind `PEER_TOKEN`): `/v1/shards/{slot}`,
+//! `/v1/snapshot`, `/v1/assignment`. Handlers are thin: they copy what the
+//! discovery loop or the leader published.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRef, Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
+use crate::assignment::{AssignedSlot, AssignmentDoc};
 use crate::follower::{GENERATION_HEADER, TERM_HEADER};
 use crate::leader::LeaderHandle;
 use crate::state::Shared;
@@ -23,38 +29,61 @@ pub const TARGETS_PATH: &str = "/prometheus-targets";
 /// Longest long-poll a follower may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// State of the peer routes.
 #[derive(Clone)]
-struct AppState {
+struct PeerState {
     shared: Arc<Shared>,
-    /// `PEER_TOKEN`: required as a bearer token on the internal endpoints when set.
-    peer_token: Option<Arc<str>>,
+    /// Cancelled when the replica stops: long-polls end at once instead of holding
+    /// the process past its stop timeout.
+    stopping: CancellationToken,
 }
 
-impl FromRef<AppState> for Arc<Shared> {
-    fn from_ref(state: &AppState) -> Self {
-        state.shared.clone()
-    }
-}
-
-pub fn router(shared: Arc<Shared>, peer_token: Option<String>) -> Router {
+/// The public routes: what collectors, load balancers and operators read.
+pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(TARGETS_PATH, get(targets))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+/// The peer routes, for other replicas only, behind one authentication layer.
+pub fn peer_router(
+    shared: Arc<Shared>,
+    peer_token: Option<String>,
+    stopping: CancellationToken,
+) -> Router {
+    let token: Option<Arc<str>> = peer_token.map(Arc::from);
+    Router::new()
         .route("/v1/shards/{slot}", get(shard))
         .route("/v1/assignment", get(assignment))
         .route("/v1/snapshot", get(snapshot))
-        .with_state(AppState {
-            shared,
-            peer_token: peer_token.map(Arc::from),
-        })
+        .with_state(PeerState { shared, stopping })
+        .layer(middleware::from_fn_with_state(token, require_token))
+}
+
+/// 401 unless the request carries `PEER_TOKEN` (when one is set).
+async fn require_token(
+    State(token): State<Option<Arc<str>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if authorized(token.as_deref(), request.headers()) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            "PEER_TOKEN required: send Authorization: Bearer <token>\n",
+        )
+            .into_response()
+    }
 }
 
 /// Compares the bearer token in constant time.
-fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(expected) = &state.peer_token else {
+fn authorized(token: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(expected) = token else {
         return true;
     };
     let given = headers
@@ -66,22 +95,22 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The leader's assignment for an internal request, or the answer refusing it:
-/// 401 without the peer token, 503 on a replica that is not the leader.
-fn internal_leader(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<Arc<LeaderHandle>, (StatusCode, &'static str)> {
-    if !authorized(state, headers) {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "PEER_TOKEN required: send Authorization: Bearer <token>\n",
-        ));
+/// The answer of a peer route on a replica that is not the leader.
+struct NotLeader;
+
+impl IntoResponse for NotLeader {
+    fn into_response(self) -> Response {
+        (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response()
     }
-    state
-        .shared
-        .leader()
-        .ok_or((StatusCode::SERVICE_UNAVAILABLE, "not the leader\n"))
+}
+
+/// The leader's assignment, or 503 on a replica that is not the leader.
+fn leader_of(state: &PeerState) -> Result<Arc<LeaderHandle>, NotLeader> {
+    state.shared.leader().ok_or(NotLeader)
+}
+
+fn stopping() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
 }
 
 #[derive(Deserialize)]
@@ -92,22 +121,39 @@ struct ShardQuery {
     after: u64,
     #[serde(default)]
     wait_ms: u64,
+    /// The asking replica; its confirmation counts only if it holds the slot.
+    #[serde(default)]
+    holder: Option<String>,
 }
 
 /// A slot's shard for its holder: immediately if newer than (`after_term`,
 /// `after`), else when it changes or after `wait_ms` (304). Asking with the
-/// leader's term confirms that generation (ending handoffs to this slot).
+/// leader's term confirms that generation (ending handoffs to this slot), when
+/// the asker names itself as `holder` and the leader sees it holding the slot.
 async fn shard(
-    State(state): State<AppState>,
+    State(state): State<PeerState>,
     Path(slot): Path<u32>,
     Query(q): Query<ShardQuery>,
-    headers: HeaderMap,
 ) -> Response {
-    let leader = match internal_leader(&state, &headers) {
+    let leader = match leader_of(&state) {
         Ok(leader) => leader,
         Err(refused) => return refused.into_response(),
     };
-    leader.confirm(slot, q.after_term, q.after);
+    // The leader may see a new holder a heartbeat after the holder sees itself:
+    // until then the confirmation waits, re-checked on every coordination change.
+    let mut view = state.shared.coordination_receiver();
+    let mut unconfirmed = q.holder.as_deref();
+    let confirm = |unconfirmed: &mut Option<&str>| {
+        let Some(holder) = *unconfirmed else {
+            return;
+        };
+        let live = state.shared.coordination().live_slots.unwrap_or_default();
+        if live.iter().any(|l| l.slot == slot && l.holder == holder) {
+            leader.confirm(slot, holder, q.after_term, q.after);
+            *unconfirmed = None;
+        }
+    };
+    confirm(&mut unconfirmed);
     let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
     let mut updates = leader.subscribe();
     loop {
@@ -130,7 +176,25 @@ async fn shard(
                 }
             }
         }
-        let wait = tokio::time::timeout_at(deadline.into(), updates.changed()).await;
+        if unconfirmed.is_some() {
+            tokio::select! {
+                changed = view.changed() => {
+                    if changed.is_ok() {
+                        confirm(&mut unconfirmed);
+                    } else {
+                        unconfirmed = None;
+                    }
+                    continue;
+                }
+                _ = updates.changed() => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = state.stopping.cancelled() => return stopping(),
+            }
+        }
+        let wait = tokio::select! {
+            wait = tokio::time::timeout_at(deadline.into(), updates.changed()) => wait,
+            _ = state.stopping.cancelled() => return stopping(),
+        };
         match wait {
             Ok(Ok(())) => continue,
             // Leadership ended (the sender is gone) or the wait is over.
@@ -147,12 +211,8 @@ async fn shard(
 
 /// The whole assignment for mirroring: immediately if newer than (`after_term`,
 /// `after`), else when it changes or after `wait_ms` (304).
-async fn snapshot(
-    State(state): State<AppState>,
-    Query(q): Query<ShardQuery>,
-    headers: HeaderMap,
-) -> Response {
-    let leader = match internal_leader(&state, &headers) {
+async fn snapshot(State(state): State<PeerState>, Query(q): Query<ShardQuery>) -> Response {
+    let leader = match leader_of(&state) {
         Ok(leader) => leader,
         Err(refused) => return refused.into_response(),
     };
@@ -171,7 +231,11 @@ async fn snapshot(
                     .into_response();
             }
         }
-        match tokio::time::timeout_at(deadline.into(), updates.changed()).await {
+        let wait = tokio::select! {
+            wait = tokio::time::timeout_at(deadline.into(), updates.changed()) => wait,
+            _ = state.stopping.cancelled() => return stopping(),
+        };
+        match wait {
             Ok(Ok(())) => continue,
             Ok(Err(_)) => {
                 return (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
@@ -182,35 +246,36 @@ async fn snapshot(
 }
 
 /// The leader's assignment: per slot its holder, target count and generation.
-async fn assignment(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let leader = match internal_leader(&state, &headers) {
+async fn assignment(State(state): State<PeerState>) -> Response {
+    let leader = match leader_of(&state) {
         Ok(leader) => leader,
         Err(refused) => return refused.into_response(),
     };
     let view = state.shared.coordination();
     let live = view.live_slots.unwrap_or_default();
     let snap = leader.snapshot();
-    let slots: Vec<serde_json::Value> = leader
+    let slots = leader
         .summary()
         .into_iter()
         .map(|s| {
             let holder = live.iter().find(|l| l.slot == s.slot);
-            json!({
-                "slot": s.slot,
-                "holder": holder.map(|h| h.holder.clone()),
-                "addr": holder.map(|h| h.addr.clone()),
-                "targets": s.targets,
-                "draining": s.draining,
-                "generation": s.generation,
-                "confirmed_generation": s.confirmed_generation,
-            })
+            AssignedSlot {
+                slot: s.slot,
+                holder: holder.map(|h| h.holder.clone()),
+                addr: holder.map(|h| h.addr.clone()),
+                targets: s.targets,
+                draining: s.draining,
+                generation: s.generation,
+                confirmed_generation: s.confirmed_generation,
+                confirmed_holder: s.confirmed_holder,
+            }
         })
         .collect();
-    Json(json!({
-        "term": snap.as_ref().map(|s| s.term),
-        "generation": snap.as_ref().map(|s| s.generation),
-        "slots": slots,
-    }))
+    Json(AssignmentDoc {
+        term: snap.as_ref().map(|s| s.term),
+        generation: snap.as_ref().map(|s| s.generation),
+        slots,
+    })
     .into_response()
 }
 
@@ -234,11 +299,12 @@ fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
         )
             .into_response();
     };
-    // A shard of a slot this replica no longer holds is someone else's now (checked
+    // A shard of a slot this replica no longer serves is someone else's now (checked
     // at request time, so a replica resuming from a pause never serves it again).
+    // A slot whose lease lapsed while nobody else took it is still served (stale).
     if let Some(stamp) = published.shard {
-        if stamp.slot.is_some() && stamp.slot != shared.coordination().slot && !shared.is_draining()
-        {
+        let serving = shared.coordination().serving_slot();
+        if stamp.slot.is_some() && stamp.slot != serving && !shared.is_draining() {
             return (
                 [(
                     header::CONTENT_TYPE,
@@ -291,6 +357,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             .map_or(0, |s| s.generation),
         view.live_slots.as_ref().map_or(0, Vec::len),
         published.as_ref().map_or(0, |p| p.targets),
+        view.slot.is_none() && view.stale_slot.is_some(),
     );
     (
         [(
@@ -326,6 +393,8 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "advertise_addr": shared.advertise_addr,
         "role": coordination.role,
         "slot": coordination.slot,
+        "stale_slot": coordination.stale_slot,
+        "stale": coordination.slot.is_none() && coordination.stale_slot.is_some(),
         "term": coordination.term,
         "leader_id": coordination.leader_id,
         "leader_addr": coordination.leader_addr,
@@ -342,6 +411,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "namespaces": status.namespaces,
         "problems": status.problems,
         "skipped_instances": status.skipped_instances,
+        "drop_hold": status.drop_hold,
     }))
 }
 

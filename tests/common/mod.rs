@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cloudmap;
+pub mod cluster;
 pub mod proxy;
 
 use std::future::Future;
@@ -197,21 +198,36 @@ pub fn http() -> reqwest::Client {
 /// A running `shard-sd` binary.
 pub struct ShardSd {
     pub proc: Proc,
+    /// The public listener (`/prometheus-targets`, health, status, metrics).
     pub addr: String,
+    /// The peer listener (`/v1/shards`, `/v1/snapshot`, `/v1/assignment`), also
+    /// its `ADVERTISE_ADDR` in sharded mode.
+    pub peer_addr: String,
 }
 
 impl ShardSd {
     /// Starts shard-sd with `env` on top of a clean environment, and waits for `/healthz`.
+    /// Both listeners get free loopback ports; the peer one is advertised.
     pub async fn start(name: &str, env: &[(String, String)]) -> ShardSd {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let peer_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shard-sd"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("LISTEN_ADDR", &addr)
-            .envs(env.iter().map(|(k, v)| (k, v)));
+            .env("PEER_LISTEN_ADDR", &peer_addr);
+        // Sharded replicas must be told where peers reach them (loopback is never guessed).
+        if env.iter().any(|(k, _)| k == "LEASE_TABLE") {
+            cmd.env("ADVERTISE_ADDR", &peer_addr);
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn(&format!("shard-sd-{name}-{port}"), &mut cmd);
-        let sd = ShardSd { proc, addr };
+        let sd = ShardSd {
+            proc,
+            addr,
+            peer_addr,
+        };
         let client = http();
         let url = sd.url("/healthz");
         wait_for("shard-sd /healthz", Duration::from_secs(20), || {
@@ -226,6 +242,10 @@ impl ShardSd {
         format!("http://{}{path}", self.addr)
     }
 
+    pub fn peer_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.peer_addr)
+    }
+
     pub async fn status(&self) -> serde_json::Value {
         http()
             .get(self.url("/v1/status"))
@@ -235,6 +255,18 @@ impl ShardSd {
             .json()
             .await
             .expect("status json")
+    }
+
+    /// The `/metrics` text (OpenMetrics).
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// The current target groups, or `None` while the endpoint answers non-200.
