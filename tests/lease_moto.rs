@@ -98,7 +98,7 @@ async fn conditional_acquire_renew_release() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_retried_renewal_that_had_succeeded_is_recognised() {
+async fn a_retried_renewal_or_acquisition_that_had_succeeded_is_recognised() {
     let moto = Moto::start().await;
     let proxy = AwsProxy::start(&moto.endpoint).await;
     let direct = table(&moto.endpoint, WallClock::default()).await;
@@ -109,7 +109,7 @@ async fn a_retried_renewal_that_had_succeeded_is_recognised() {
     // The first attempt reaches DynamoDB but its answer is lost; the SDK retries the
     // same write, which now fails its condition. ALL_OLD shows our own new version.
     proxy.set_fault(Fault::DropResponse {
-        op: "UpdateItem".into(),
+        op: Some("UpdateItem".into()),
         remaining: 1,
     });
     proxy.reset_counts();
@@ -131,6 +131,21 @@ async fn a_retried_renewal_that_had_succeeded_is_recognised() {
         t.renew(&renewed, &a).await,
         Err(LeaseError::Lost { .. })
     ));
+
+    // The same for an acquisition: the PutItem took effect, its answer was lost.
+    let taken = direct.read(&[t.slot_pk(0)]).await.unwrap()[&t.slot_pk(0)].clone();
+    proxy.set_fault(Fault::DropResponse {
+        op: Some("PutItem".into()),
+        remaining: 1,
+    });
+    proxy.reset_counts();
+    let acquired = t
+        .acquire(&t.slot_pk(0), Some(&taken), &a)
+        .await
+        .expect("a retried acquisition that had succeeded is a success");
+    assert_eq!(proxy.counts()["PutItem"], 2, "the SDK retried once");
+    let stored = direct.read(&[t.slot_pk(0)]).await.unwrap()[&t.slot_pk(0)].clone();
+    assert_eq!((stored.rvn, stored.holder), (acquired.rvn, "a".to_owned()));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
@@ -295,7 +296,9 @@ impl LeaseTable {
     }
 
     /// Takes a lease that is missing (`seen` is `None`) or that was seen released
-    /// or expired with version `seen.rvn`. Returns the item as written.
+    /// or expired with version `seen.rvn`. Returns the item as written. As with
+    /// renewals, a condition failure whose old item carries the version this call
+    /// wrote is the success of an earlier attempt whose answer was lost.
     pub async fn acquire(
         &self,
         pk: &str,
@@ -334,17 +337,22 @@ impl LeaseTable {
             Some(seen) => req
                 .condition_expression("rvn = :seen")
                 .expression_attribute_values(":seen", s(&seen.rvn)),
-        };
+        }
+        .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         match req.send().await {
             Ok(_) => Ok(item),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(LeaseError::Lost { pk: pk.to_owned() })
-            }
-            Err(err) => Err(self.classify("dynamodb:PutItem", pk, &err)),
+            Err(err) => match err.as_service_error() {
+                Some(PutItemError::ConditionalCheckFailedException(failed)) => {
+                    // The SDK retried a write whose answer was lost: the item is ours.
+                    let current = failed.item().and_then(LeaseItem::from_attrs);
+                    if current.is_some_and(|cur| cur.rvn == item.rvn) {
+                        Ok(item)
+                    } else {
+                        Err(LeaseError::Lost { pk: pk.to_owned() })
+                    }
+                }
+                _ => Err(self.classify("dynamodb:PutItem", pk, &err)),
+            },
         }
     }
 
