@@ -16,7 +16,7 @@ use crate::aws::{self, AwsClients, AwsOptions, AwsSetupError};
 use crate::clock::WallClock;
 use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::coordination::lease::{HolderInfo, LeaseTable};
-use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator, Role};
+use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator};
 use crate::discovery::guard::{DropGuard, Verdict};
 use crate::discovery::{CycleReport, Discoverer, DiscoveryOptions};
 use crate::follower;
@@ -92,13 +92,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let tasks_token = CancellationToken::new();
     let shutdown_tasks = tasks_token.clone();
     let metrics = Arc::new(Metrics::new(&aws.stats));
-    let coordination = match &config.lease_table {
+    let lease_table = config
+        .lease_table
+        .as_deref()
+        .map(|table| lease_table(&config, &aws, table));
+    let coordination = match &lease_table {
         None => tokio::sync::watch::channel(CoordinationView::single()).1,
         Some(table) => {
             let coordinator = coordinator(
                 &config,
-                &aws,
-                table,
+                table.clone(),
                 &replica_id,
                 &advertise_addr,
                 metrics.lease_renewal_failures.clone(),
@@ -201,20 +204,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::warn!("background tasks did not stop in time; stopping anyway");
         tasks.abort_all();
     }
-    if let Some(slot) = last_view.slot {
+    // The slot held, or served stale after its lease lapsed: either way its
+    // collector scrapes it until a successor has it.
+    if let (Some(slot), Some(table)) = (last_view.serving_slot(), &lease_table) {
         let limit = config.handoff_grace.min(
             deadline
                 .saturating_duration_since(tokio::time::Instant::now())
                 .saturating_sub(Duration::from_secs(1)),
         );
-        drain(
-            &shared,
-            slot,
-            &last_view,
-            config.peer_token.as_deref(),
-            limit,
-        )
-        .await;
+        drain(&shared, slot, table, config.peer_token.as_deref(), limit).await;
     }
     stop_serving.cancel();
     let servers = async {
@@ -232,11 +230,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
 /// After releasing `slot` on shutdown, waits until its new holder has confirmed
 /// its shard with the leader (so the slot's targets are never unserved), at most
-/// `limit` (`HANDOFF_GRACE`, within what is left of [`STOP_LIMIT`]).
+/// `limit` (`HANDOFF_GRACE`, within what is left of [`STOP_LIMIT`]). The leader is
+/// looked up in the lease table on every attempt: a stopping leader has just
+/// handed leadership over too.
 async fn drain(
     shared: &Shared,
     slot: u32,
-    last: &CoordinationView,
+    table: &LeaseTable,
     token: Option<&str>,
     limit: Duration,
 ) {
@@ -244,10 +244,6 @@ async fn drain(
         return;
     }
     let deadline = tokio::time::Instant::now() + limit;
-    let leader = last
-        .leader_addr
-        .clone()
-        .filter(|_| last.role != Role::Leader);
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(1))
@@ -257,42 +253,54 @@ async fn drain(
         slot,
         "released slot; serving its targets until the new holder has them (at most {limit:?})"
     );
+    let leader_pk = table.leader_pk();
     while tokio::time::Instant::now() < deadline {
-        if let (Some(addr), Some(client)) = (&leader, &client) {
-            let mut req = client.get(format!("http://{addr}/v1/assignment"));
+        let attempt = async {
+            let items = table.read(std::slice::from_ref(&leader_pk)).await.ok()?;
+            let leader = items
+                .get(&leader_pk)
+                .filter(|l| !l.released && l.holder != shared.replica_id)?;
+            let mut req = client
+                .as_ref()?
+                .get(format!("http://{}/v1/assignment", leader.addr));
             if let Some(token) = token {
                 req = req.bearer_auth(token);
             }
-            let handed = async {
-                let doc: AssignmentDoc = req.send().await.ok()?.json().await.ok()?;
-                let assigned = doc.slots.into_iter().find(|s| s.slot == slot)?;
-                Some(assigned.handed_over_from(&shared.replica_id))
-            };
-            if handed.await == Some(true) {
-                tracing::info!(slot, "slot handed over");
-                return;
-            }
+            let doc: AssignmentDoc = req.send().await.ok()?.json().await.ok()?;
+            let assigned = doc.slots.into_iter().find(|s| s.slot == slot)?;
+            Some(assigned.handed_over_from(&shared.replica_id))
+        };
+        let handed = tokio::time::timeout_at(deadline, attempt).await;
+        if handed == Ok(Some(true)) {
+            tracing::info!(slot, "slot handed over");
+            return;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    tracing::info!(
+        slot,
+        "handoff not confirmed within {limit:?}; stopping anyway"
+    );
 }
 
-fn coordinator(
-    config: &Config,
-    aws: &AwsClients,
-    table: &str,
-    replica_id: &str,
-    advertise_addr: &str,
-    renewal_failures: prometheus_client::metrics::counter::Counter,
-) -> Coordinator {
+fn lease_table(config: &Config, aws: &AwsClients, table: &str) -> LeaseTable {
     // A renewal must fail before its renew deadline (2/3 of the lease), not after.
     let dynamodb = aws.dynamodb(config.heartbeat_interval, config.lease_duration / 3);
-    let table = LeaseTable::new(
+    LeaseTable::new(
         dynamodb,
         table.trim().to_owned(),
         config.cluster_name.clone(),
         WallClock::with_offset_ms(config.clock_offset),
-    );
+    )
+}
+
+fn coordinator(
+    config: &Config,
+    table: LeaseTable,
+    replica_id: &str,
+    advertise_addr: &str,
+    renewal_failures: prometheus_client::metrics::counter::Counter,
+) -> Coordinator {
     Coordinator::new(
         table,
         CoordinationConfig {

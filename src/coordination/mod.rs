@@ -283,9 +283,10 @@ pub struct Coordinator {
     view: watch::Sender<CoordinationView>,
     last_error: Option<String>,
     last_live: Option<Vec<LiveSlot>>,
-    /// The slot whose lease lapsed because renewals failed; served until a
-    /// successor is seen or the lease is regained.
-    lapsed: Option<u32>,
+    /// The slot whose lease lapsed because renewals failed, with the item as this
+    /// replica last wrote it; served until a successor is seen or the lease is
+    /// regained, and released on shutdown if nobody took it.
+    lapsed: Option<(u32, LeaseItem)>,
     /// The leader item as last read, kept while the table cannot be read.
     last_leader: Option<LeaseItem>,
     /// Items seen held under this REPLICA_ID by another process (reported once).
@@ -368,20 +369,20 @@ impl Coordinator {
             );
         }
         if self.slot.as_ref().is_some_and(|(_, h)| !h.is_valid(now)) {
-            if let Some((slot, _)) = self.slot.take() {
+            if let Some((slot, held)) = self.slot.take() {
                 tracing::warn!(
                     slot,
                     "slot lease not renewed within its deadline: still serving the slot's last \
                      shard (stale) until another holder takes it or the lease is regained"
                 );
-                self.lapsed = Some(slot);
+                self.lapsed = Some((slot, held.item));
             }
         }
     }
 
     /// Ends a lapse once the slot's item shows another holder: someone else serves it now.
     fn check_lapsed(&mut self, items: &HashMap<String, LeaseItem>) {
-        let Some(slot) = self.lapsed else {
+        let Some(slot) = self.lapsed.as_ref().map(|(slot, _)| *slot) else {
             return;
         };
         let successor = items
@@ -511,8 +512,8 @@ impl Coordinator {
         if self.slot.is_none() {
             // A lapsed slot is regained or given up before any other is taken: serving
             // it stale while holding another would serve two shards' worth.
-            let candidates = match self.lapsed {
-                Some(slot) => vec![(slot, self.table.slot_pk(slot))],
+            let candidates = match &self.lapsed {
+                Some((slot, _)) => vec![(*slot, self.table.slot_pk(*slot))],
                 None => self.slot_keys(),
             };
             for (slot, pk) in candidates {
@@ -658,7 +659,7 @@ impl Coordinator {
             error: self.last_error.clone(),
             leader_until: leading.map(Held::deadline),
             slot_until: slot.map(|(_, h)| h.deadline()),
-            stale_slot: self.lapsed,
+            stale_slot: self.lapsed.as_ref().map(|(slot, _)| *slot),
         }
         .at(now);
         self.view.send_if_modified(|current| {
@@ -687,18 +688,22 @@ impl Coordinator {
     }
 
     /// Conditional releases on shutdown (SIGTERM), so successors take over at once.
+    /// Every item still written as ours is released, whether its renew deadline
+    /// passed or not (a lapsed slot nobody took included): the write is
+    /// conditional on the version this replica wrote, so it fails harmlessly if
+    /// someone else took the item meanwhile.
     async fn release_all(&mut self) {
-        let now = Instant::now();
-        if let Some((slot, held)) = self.slot.take().filter(|(_, h)| h.is_valid(now)) {
-            match self.table.release(&held.item, &self.cfg.me).await {
+        let slot = self.slot.take().map(|(slot, held)| (slot, held.item));
+        for (slot, item) in slot.into_iter().chain(self.lapsed.take()) {
+            match self.table.release(&item, &self.cfg.me).await {
                 Ok(_) => tracing::info!(slot, "released slot"),
-                Err(err) => tracing::warn!(slot, "releasing slot failed: {err}"),
+                Err(err) => tracing::info!(slot, "slot not released: {err}"),
             }
         }
-        if let Some(held) = self.leader.take().filter(|h| h.is_valid(now)) {
+        if let Some(held) = self.leader.take() {
             match self.table.release(&held.item, &self.cfg.me).await {
                 Ok(_) => tracing::info!(term = held.item.term, "released leadership"),
-                Err(err) => tracing::warn!("releasing leadership failed: {err}"),
+                Err(err) => tracing::info!("leadership not released: {err}"),
             }
         }
         self.view.send_replace(CoordinationView::starting());
