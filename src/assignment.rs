@@ -63,14 +63,16 @@ impl Snapshot {
     }
 }
 
-/// The document of [`Snapshot::to_json`], read back.
+/// The document of [`Snapshot::to_json`], read back. Each shard stays the exact
+/// http_sd bytes the leader rendered, so a replica that takes a slot can serve
+/// it before the leader answers.
 #[derive(Debug, serde::Deserialize)]
 pub struct SnapshotDoc {
     pub term: u64,
     pub generation: u64,
     #[serde(default)]
     pub slots: Vec<Slot>,
-    pub shards: BTreeMap<String, Vec<crate::targets::Group>>,
+    pub shards: BTreeMap<u32, Box<serde_json::value::RawValue>>,
 }
 
 /// The leader's assignment as `/v1/assignment` serves it: per slot, its holder
@@ -242,12 +244,12 @@ impl Assigner {
     }
 
     /// `holder`, the current holder of `slot` (checked by the caller, as is the
-    /// term), has the shard of `generation`. Ignored for a slot outside the
-    /// membership or a generation not published yet, so a confirmation can neither
-    /// end a handoff early nor grow the state.
+    /// term), has the slot's shard as of `generation` (from a long-poll answer, or
+    /// from a mirrored copy of the whole assignment of that generation). Ignored
+    /// for a slot outside the membership or a generation not published yet, so a
+    /// confirmation can neither end a handoff early nor grow the state.
     pub fn confirm(&mut self, slot: u32, holder: &str, generation: u64, now: Instant) -> Change {
-        let published = self.shards.get(&slot).map(|s| s.generation);
-        if !self.slots.iter().any(|s| s.id == slot) || published.is_none_or(|g| generation > g) {
+        if !self.shards.contains_key(&slot) || generation > self.generation {
             return Change::default();
         }
         let entry = self

@@ -24,13 +24,15 @@ pub const GENERATION_HEADER: HeaderName = HeaderName::from_static("x-shard-gener
 /// How long the leader holds a long-poll open.
 pub const LONG_POLL: Duration = Duration::from_secs(20);
 
-/// What a change of which restarts the poll.
+/// What a change of which restarts the poll. The term is part of it: a leader
+/// that re-took its own lease is at the same address, in a new term.
 #[derive(Clone, Debug, PartialEq)]
 struct Target {
     role: Role,
     slot: Option<u32>,
     stale_slot: Option<u32>,
     leader_addr: Option<String>,
+    term: Option<u64>,
 }
 
 fn target_of(view: &CoordinationView) -> Target {
@@ -39,6 +41,7 @@ fn target_of(view: &CoordinationView) -> Target {
         slot: view.slot,
         stale_slot: view.stale_slot,
         leader_addr: view.leader_addr.clone(),
+        term: view.term,
     }
 }
 
@@ -166,10 +169,10 @@ pub async fn run(
                 true
             }
             (Role::Follower, Some(slot), Some(addr)) => {
-                if have.is_some_and(|(s, _, _)| s != slot) {
-                    // A different slot: the old one's targets are someone else's now.
-                    have = None;
-                    shared.publish_shard(Some(slot), 0, 0, Bytes::from_static(b"[]"), 0);
+                if have.is_none_or(|(s, _, _)| s != slot) {
+                    // A slot just taken: serve it from the mirrored assignment until the
+                    // leader answers (it may be the one that is down), else `[]`.
+                    have = start_slot(&shared, slot, highest_term);
                 }
                 let after = have.map_or((0, 0), |(_, t, g)| (t, g));
                 let result = tokio::select! {
@@ -277,14 +280,25 @@ pub async fn mirror(
             Some(doc)
                 if (doc.term, doc.generation) > after && doc.term >= current.term.unwrap_or(0) =>
             {
+                let mut groups = Vec::new();
+                let mut shards = std::collections::BTreeMap::new();
+                let parsed = doc.shards.into_iter().try_for_each(|(slot, raw)| {
+                    let shard: Vec<crate::targets::Group> = serde_json::from_str(raw.get())?;
+                    shards.insert(slot, (Bytes::from(raw.get().to_owned()), shard.len()));
+                    groups.extend(shard);
+                    Ok::<_, serde_json::Error>(())
+                });
+                if let Err(err) = parsed {
+                    tracing::warn!("the leader's assignment has an invalid shard: {err}");
+                    continue;
+                }
                 after = (doc.term, doc.generation);
-                let targets =
-                    crate::targets::from_groups(doc.shards.into_values().flatten().collect());
                 shared.set_mirror(Mirror {
                     term: doc.term,
                     generation: doc.generation,
-                    targets,
+                    targets: crate::targets::from_groups(groups),
                     slots: doc.slots,
+                    shards,
                 });
             }
             // 304, an error, or a deposed leader: back off briefly.
@@ -294,6 +308,39 @@ pub async fn mirror(
                     _ = cancel.cancelled() => return,
                 }
             }
+        }
+    }
+}
+
+/// Publishes what is known of a slot this replica just took: its shard in the
+/// mirrored assignment if that is of a term not older than `highest_term`, else
+/// `[]`. Returns the (slot, term, generation) served, to poll the leader after.
+fn start_slot(shared: &Shared, slot: u32, highest_term: u64) -> Option<(u32, u64, u64)> {
+    let mirror = shared.mirror().filter(|m| m.term >= highest_term);
+    match mirror
+        .as_ref()
+        .and_then(|m| Some((m, m.shards.get(&slot)?)))
+    {
+        Some((mirror, (body, targets))) => {
+            tracing::info!(
+                slot,
+                term = mirror.term,
+                generation = mirror.generation,
+                targets,
+                "serving the new slot from the mirrored assignment until the leader answers"
+            );
+            shared.publish_shard(
+                Some(slot),
+                mirror.term,
+                mirror.generation,
+                body.clone(),
+                *targets,
+            );
+            Some((slot, mirror.term, mirror.generation))
+        }
+        None => {
+            shared.publish_shard(Some(slot), 0, 0, Bytes::from_static(b"[]"), 0);
+            None
         }
     }
 }

@@ -30,10 +30,13 @@ pub struct LeaderConfig {
     pub membership_grace: Duration,
 }
 
-/// The leader's assignment, shared with the HTTP handlers that serve it.
+/// The leader's assignment for one term, shared with the HTTP handlers that serve
+/// it. It ends with its term: handlers waiting on it (long-polls) answer at once
+/// instead of waiting on a term nobody publishes in any more.
 pub struct LeaderHandle {
     assigner: Mutex<Assigner>,
     snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    ended: CancellationToken,
 }
 
 impl std::fmt::Debug for LeaderHandle {
@@ -54,7 +57,18 @@ impl LeaderHandle {
                 term,
             )),
             snapshot: watch::Sender::new(None),
+            ended: CancellationToken::new(),
         }
+    }
+
+    /// Whether the term of this assignment is over.
+    pub fn has_ended(&self) -> bool {
+        self.ended.is_cancelled()
+    }
+
+    /// Completes when the term of this assignment is over.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await
     }
 
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
@@ -102,11 +116,18 @@ impl LeaderHandle {
     fn inherited(&self) -> Option<Mirror> {
         let assigner = self.lock();
         let (targets, slots) = assigner.inherited()?;
+        let shards = assigner
+            .snapshot()?
+            .shards
+            .iter()
+            .map(|(slot, shard)| (*slot, (shard.body.clone(), shard.targets)))
+            .collect();
         Some(Mirror {
             term: assigner.term(),
             generation: assigner.generation(),
             targets,
             slots,
+            shards,
         })
     }
 
@@ -269,6 +290,7 @@ pub async fn run(
     if let Some(own) = handle.inherited() {
         shared.set_mirror(own);
     }
+    handle.ended.cancel();
     shared.set_leader(None);
     tracing::info!(term, "no longer leading");
 }

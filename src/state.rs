@@ -34,7 +34,8 @@ pub struct ShardStamp {
 }
 
 /// A copy of a leader's whole assignment (mirrored from the leader, or this
-/// replica's own when it stopped leading), from which the next leader starts.
+/// replica's own when it stopped leading), from which the next leader starts,
+/// and from which a replica that takes a slot serves it until the leader answers.
 #[derive(Debug)]
 pub struct Mirror {
     pub term: u64,
@@ -42,6 +43,8 @@ pub struct Mirror {
     pub targets: Vec<crate::targets::Target>,
     /// The membership of that assignment.
     pub slots: Vec<crate::sharding::Slot>,
+    /// Each slot's rendered shard and its number of targets.
+    pub shards: std::collections::BTreeMap<u32, (Bytes, usize)>,
 }
 
 /// The latest discovery cycle, as `/v1/status` shows it.

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::assignment::{AssignedSlot, AssignmentDoc};
 use crate::follower::{GENERATION_HEADER, TERM_HEADER};
-use crate::leader::LeaderHandle;
+use crate::leader::{self, LeaderHandle};
 use crate::state::Shared;
 use crate::telemetry::CodeLabels;
 
@@ -104,9 +104,20 @@ impl IntoResponse for NotLeader {
     }
 }
 
-/// The leader's assignment, or 503 on a replica that is not the leader.
+/// The leader's assignment, or 503 on a replica that does not lead now: fenced by
+/// the term, so an assignment of a term that ended (the lease lapsed, or was
+/// re-taken as a new term) is never served.
 fn leader_of(state: &PeerState) -> Result<Arc<LeaderHandle>, NotLeader> {
-    state.shared.leader().ok_or(NotLeader)
+    let leading = leader::leading_term(&state.shared.coordination());
+    state
+        .shared
+        .leader()
+        .filter(|h| !h.has_ended() && leading == Some(h.term()))
+        .ok_or(NotLeader)
+}
+
+fn term_ended() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
 }
 
 fn stopping() -> Response {
@@ -189,18 +200,18 @@ async fn shard(
                 _ = updates.changed() => continue,
                 _ = tokio::time::sleep_until(deadline.into()) => {}
                 _ = state.stopping.cancelled() => return stopping(),
+                _ = leader.ended() => return term_ended(),
             }
         }
         let wait = tokio::select! {
             wait = tokio::time::timeout_at(deadline.into(), updates.changed()) => wait,
             _ = state.stopping.cancelled() => return stopping(),
+            _ = leader.ended() => return term_ended(),
         };
         match wait {
             Ok(Ok(())) => continue,
             // Leadership ended (the sender is gone) or the wait is over.
-            Ok(Err(_)) => {
-                return (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
-            }
+            Ok(Err(_)) => return term_ended(),
             Err(_) if snapshot.is_none() => {
                 return (StatusCode::SERVICE_UNAVAILABLE, "no assignment yet\n").into_response()
             }
@@ -234,12 +245,11 @@ async fn snapshot(State(state): State<PeerState>, Query(q): Query<ShardQuery>) -
         let wait = tokio::select! {
             wait = tokio::time::timeout_at(deadline.into(), updates.changed()) => wait,
             _ = state.stopping.cancelled() => return stopping(),
+            _ = leader.ended() => return term_ended(),
         };
         match wait {
             Ok(Ok(())) => continue,
-            Ok(Err(_)) => {
-                return (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
-            }
+            Ok(Err(_)) => return term_ended(),
             Err(_) => return StatusCode::NOT_MODIFIED.into_response(),
         }
     }
