@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{aws_env, wait_for, Moto, ShardSd};
-use serde_json::Value;
 
 const LEASE: Duration = Duration::from_secs(3);
 const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -251,36 +250,13 @@ async fn sigkill_of_the_leader_or_a_slot_holder_is_taken_over_within_lease_plus_
 }
 
 /// Leader actions logged by a replica: (timestamp, replica, term).
-fn leader_actions(sd: &ShardSd) -> Vec<(String, String, u64)> {
-    sd.proc
-        .log_text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "leader_action" || v["message"] == "leader acting")
-        .filter_map(|v| {
-            Some((
-                v["timestamp"].as_str()?.to_owned(),
-                sd.proc.name_id(),
-                v["term"].as_u64()?,
-            ))
-        })
-        .collect()
-}
-
 /// No action carries a term older than one a newer leader already used.
 fn assert_terms_never_go_back(replicas: &[&ShardSd]) -> usize {
-    let mut actions: Vec<(String, String, u64)> =
-        replicas.iter().flat_map(|r| leader_actions(r)).collect();
-    actions.sort();
-    let mut highest = 0;
-    for (ts, who, term) in &actions {
-        assert!(
-            *term >= highest,
-            "{who} acted with term {term} at {ts} after term {highest} was used"
-        );
-        highest = highest.max(*term);
-    }
-    actions.len()
+    let actions = replicas
+        .iter()
+        .flat_map(|r| common::leader_actions(&r.proc.name_id(), &r.proc.log_text()))
+        .collect();
+    common::terms_never_go_back(actions).unwrap_or_else(|violation| panic!("{violation}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,46 @@ pub const LEASE: Duration = Duration::from_secs(3);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 pub const TOKEN: &str = "fault-test-token";
 
+/// Starts replica `id` over `shard_count` slots with fast leases (3 s, heartbeat
+/// 500 ms), Cloud Map and SSM through `cloud`, DynamoDB through a proxy of its own,
+/// JSON logs with term-stamped leader actions; `env` comes last and wins.
+pub async fn start_replica(
+    moto: &Moto,
+    cloud: &AwsProxy,
+    id: &str,
+    shard_count: &str,
+    env: &[(String, String)],
+) -> Replica {
+    let dynamodb = AwsProxy::start(&moto.endpoint).await;
+    let mut all = aws_env(&cloud.endpoint);
+    all.retain(|(k, _)| k != "RUST_LOG");
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL_DYNAMODB", dynamodb.endpoint.as_str()),
+        ("LEASE_TABLE", "leases"),
+        ("CREATE_TABLE", "true"),
+        ("SHARD_COUNT", shard_count),
+        ("REPLICA_ID", id),
+        ("LEASE_DURATION", "3s"),
+        ("HEARTBEAT_INTERVAL", "500ms"),
+        ("HANDOFF_GRACE", "2s"),
+        ("MEMBERSHIP_GRACE", "1500ms"),
+        ("PEER_TOKEN", TOKEN),
+        ("CONFIG_RELOAD_FREQUENCY", "1"),
+        ("AWS_CALL_TIMEOUT", "2s"),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,leader_action=debug"),
+    ] {
+        all.push((k.into(), v.into()));
+    }
+    all.extend(env.iter().cloned());
+    let sd = ShardSd::start(id, &all).await;
+    Replica {
+        id: id.to_owned(),
+        sd,
+        dynamodb,
+    }
+}
+
 pub struct Replica {
     pub id: String,
     pub sd: ShardSd,
@@ -80,32 +120,17 @@ impl Cluster {
 
     pub async fn add_replica(&mut self) -> usize {
         let i = self.replicas.len();
-        let id = format!("r{i}");
-        let dynamodb = AwsProxy::start(&self.moto.endpoint).await;
-        let mut env = aws_env(&self.cloud.endpoint);
-        env.retain(|(k, _)| k != "RUST_LOG");
-        for (k, v) in [
-            ("AWS_ENDPOINT_URL_DYNAMODB", dynamodb.endpoint.as_str()),
-            ("LEASE_TABLE", "leases"),
-            ("CREATE_TABLE", "true"),
-            ("SHARD_COUNT", self.shard_count.as_str()),
-            ("REPLICA_ID", &id),
-            ("LEASE_DURATION", "3s"),
-            ("HEARTBEAT_INTERVAL", "500ms"),
-            ("HANDOFF_GRACE", "2s"),
-            ("MEMBERSHIP_GRACE", "1500ms"),
-            ("PEER_TOKEN", TOKEN),
-            ("DISCOVERY_NAMESPACES", "ecs-services"),
-            ("CONFIG_RELOAD_FREQUENCY", "1"),
-            ("AWS_CALL_TIMEOUT", "2s"),
-            ("LOG_FORMAT", "json"),
-            ("RUST_LOG", "info,leader_action=debug"),
-        ] {
-            env.push((k.into(), v.into()));
-        }
+        let mut env = vec![("DISCOVERY_NAMESPACES".to_owned(), "ecs-services".to_owned())];
         env.extend(self.extra_env.iter().cloned());
-        let sd = ShardSd::start(&id, &env).await;
-        self.replicas.push(Some(Replica { id, sd, dynamodb }));
+        let replica = start_replica(
+            &self.moto,
+            &self.cloud,
+            &format!("r{i}"),
+            &self.shard_count,
+            &env,
+        )
+        .await;
+        self.replicas.push(Some(replica));
         i
     }
 

@@ -407,3 +407,46 @@ impl Prometheus {
             .unwrap_or_default()
     }
 }
+
+/// One term-stamped leader action read from a replica's JSON log.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeaderAction {
+    /// RFC 3339 with a fixed number of digits: sorts as time does.
+    pub timestamp: String,
+    pub who: String,
+    pub term: u64,
+}
+
+/// The leader actions (`leader_action` events) in the JSON log `text` of `who`.
+pub fn leader_actions(who: &str, text: &str) -> Vec<LeaderAction> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "leader_action" || v["message"] == "leader acting")
+        .filter_map(|v| {
+            Some(LeaderAction {
+                timestamp: v["timestamp"].as_str()?.to_owned(),
+                who: who.to_owned(),
+                term: v["term"].as_u64()?,
+            })
+        })
+        .collect()
+}
+
+/// Checks, over the actions of every replica in time order, that none carries a term
+/// older than one already used. Returns how many actions were checked.
+pub fn terms_never_go_back(mut actions: Vec<LeaderAction>) -> Result<usize, String> {
+    actions.sort();
+    let mut highest: Option<&LeaderAction> = None;
+    for action in &actions {
+        if let Some(h) = highest.filter(|h| action.term < h.term) {
+            return Err(format!(
+                "{} acted with term {} at {} after {} used term {} at {}",
+                action.who, action.term, action.timestamp, h.who, h.term, h.timestamp
+            ));
+        }
+        if highest.is_none_or(|h| action.term > h.term) {
+            highest = Some(action);
+        }
+    }
+    Ok(actions.len())
+}

@@ -2,7 +2,8 @@
 //! and ignores `MaxResults`; real AWS pages at 100 and caps `DiscoverInstances`
 //! at its `MaxResults` (default 100). The proxy restores those behaviours so tests
 //! prove pagination, counts every request per operation (independent of the
-//! code under test), and injects faults: throttling, server errors, stalls.
+//! code under test), and injects faults: throttling, errors, stalls, added
+//! latency and lost responses (the call took effect, the client never hears).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -36,11 +37,16 @@ pub enum Fault {
     },
     /// Never answer (the client times out).
     Hang,
-    /// Forward the next `remaining` requests of `op` to moto, then never answer them:
-    /// the request takes effect but the client sees a timeout.
+    /// Forward the next `remaining` requests of `op` (any op when `None`) to moto,
+    /// then never answer them: the request takes effect but the client sees a timeout.
     DropResponse {
-        op: String,
+        op: Option<String>,
         remaining: u32,
+    },
+    /// Answer every request of `op` (any op when `None`) only after `by`.
+    Delay {
+        op: Option<String>,
+        by: Duration,
     },
 }
 
@@ -144,13 +150,14 @@ fn take_fault(state: &ProxyState, op: &str) -> Fault {
             op: None,
             code: code.clone(),
         },
-        Fault::DropResponse { op: f, remaining } if f == op && *remaining > 0 => {
+        Fault::DropResponse { op: f, remaining } if matches(f) && *remaining > 0 => {
             *remaining -= 1;
             Fault::DropResponse {
-                op: op.to_owned(),
+                op: None,
                 remaining: 1,
             }
         }
+        Fault::Delay { op: f, by } if matches(f) => Fault::Delay { op: None, by: *by },
         Fault::Hang => Fault::Hang,
         _ => Fault::None,
     }
@@ -194,6 +201,7 @@ async fn handle(
         Fault::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
+        Fault::Delay { by, .. } => tokio::time::sleep(*by).await,
         Fault::DropResponse { .. } | Fault::None => {}
     }
 

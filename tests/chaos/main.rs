@@ -1,0 +1,973 @@
+//! The randomized fault campaign. A seeded schedule of faults runs against a real
+//! cluster: 5 replicas over 3 slots (2 standbys), moto behind test proxies (one
+//! for Cloud Map and SSM, one per replica for DynamoDB), real registrations,
+//! deregistrations and SSM edits of the namespace list. Actions: SIGKILL then a
+//! replacement, SIGSTOP/SIGCONT shorter and longer than a lease, SIGTERM with a
+//! replacement, DynamoDB faults for one replica or all (stall, HTTP 500, access
+//! denied, throttling, added latency, lost responses of applied writes), Cloud Map
+//! and SSM faults (stall, HTTP 500, throttling, access denied on one operation,
+//! latency), registration churn.
+//!
+//! The checker (see `checker.rs`) reads every replica's http_sd every 200 ms the
+//! way Prometheus does and holds the cluster to four invariants: bounded
+//! uncovered time, long duplicates only where DynamoDB faults or pauses explain
+//! them, leader actions never going back in term (from the JSON logs), and
+//! convergence within lease + 2 heartbeats after the last fault.
+//!
+//! `CHAOS_SEED` (one seed, or several comma-separated) and `CHAOS_DURATION`
+//! (e.g. `90s`, `10m`) select the run; a failure prints the seed, the schedule and
+//! the timeline of actions and samples. At most two replicas are impaired
+//! (killed and not yet replaced, paused, stopping, or cut off from DynamoDB) at
+//! once, so that a standby exists for the checker's bounds to be meaningful;
+//! DynamoDB faults on every replica come on top of that.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod checker;
+mod schedule;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use checker::{Blind, Bounds, Checker};
+use common::cloudmap::{CloudMap, Service};
+use common::cluster::{start_replica, Replica};
+use common::proxy::{AwsProxy, Fault};
+use common::Moto;
+use schedule::{fault_name, schedule, Action, Who};
+
+pub const LEASE: Duration = Duration::from_secs(3);
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+const HANDOFF_GRACE: Duration = Duration::from_secs(2);
+const RELOAD: Duration = Duration::from_secs(1);
+/// Longest a Cloud Map call may take with its retries (AWS_CALL_TIMEOUT x attempts).
+const CALL_LIMIT: Duration = Duration::from_secs(3);
+const REPLICAS: usize = 5;
+const SLOTS: &str = "3";
+const MAX_IMPAIRED: usize = 2;
+const PARAMETER: &str = "chaos-namespaces";
+const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+
+/// The seeds CI runs, each for `CHAOS_DURATION` (default 90 s).
+const CI_SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
+
+fn bounds() -> Bounds {
+    Bounds {
+        gap: LEASE + HEARTBEAT + Duration::from_secs(1),
+        // A cycle, then a leader change at worst: election and the new leader's cycle.
+        pending: RELOAD + LEASE + HEARTBEAT + Duration::from_secs(2),
+        duplicate: HANDOFF_GRACE + LEASE,
+    }
+}
+
+fn duration() -> Duration {
+    std::env::var("CHAOS_DURATION")
+        .ok()
+        .map(|d| {
+            humantime::parse_duration(d.trim())
+                .unwrap_or_else(|e| panic!("CHAOS_DURATION {d:?}: {e}"))
+        })
+        .unwrap_or(Duration::from_secs(90))
+}
+
+/// `CHAOS_SEED` if set, else `default`.
+fn seeds(default: u64) -> Vec<u64> {
+    match std::env::var("CHAOS_SEED") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let s = s.trim();
+                let parsed = match s.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => s.parse(),
+                };
+                parsed.unwrap_or_else(|e| panic!("CHAOS_SEED {s:?}: {e}"))
+            })
+            .collect(),
+        Err(_) => vec![default],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn campaign_first_seed() {
+    for seed in seeds(CI_SEEDS[0]) {
+        run(seed, duration()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn campaign_second_seed() {
+    if std::env::var("CHAOS_SEED").is_ok() {
+        return; // the first test runs the chosen seeds
+    }
+    run(CI_SEEDS[1], duration()).await;
+}
+
+#[derive(Debug)]
+enum Life {
+    Running,
+    Paused,
+    Stopping,
+}
+
+struct Member {
+    replica: Replica,
+    life: Life,
+    /// The window of this member's own DynamoDB fault.
+    dynamodb: Option<usize>,
+    /// Windows to close when the member resumes or stops.
+    open: Vec<usize>,
+}
+
+/// Something scheduled to end a fault.
+#[derive(Debug)]
+enum Undo {
+    Resume(String, Vec<usize>),
+    Replace(usize),
+    ClearDynamoDb(Option<String>, Vec<usize>),
+    ClearCloudMap(usize),
+}
+
+struct Task {
+    service: usize,
+    instance: String,
+}
+
+struct Campaign {
+    moto: Moto,
+    cloud: AwsProxy,
+    cm: CloudMap,
+    /// (service, namespace) of each service targets are registered in.
+    services: Vec<(Service, &'static str)>,
+    members: Vec<Member>,
+    next_id: usize,
+    tasks: BTreeMap<String, Task>,
+    next_ip: u32,
+    second_namespace: bool,
+    checker: Arc<Mutex<Checker>>,
+    addrs: Arc<Mutex<BTreeMap<String, String>>>,
+    undos: Vec<(Instant, Undo)>,
+    injected: BTreeMap<String, u64>,
+    skipped: u64,
+    logs: Vec<(String, PathBuf)>,
+    /// The fault every replica's DynamoDB proxy has now, and its window.
+    dynamodb_all: Option<(Fault, usize)>,
+    cloud_map: Option<usize>,
+}
+
+fn replica_env() -> Vec<(String, String)> {
+    [
+        ("DISCOVERY_NAMESPACES_PARAMETER_NAME", PARAMETER),
+        ("AWS_CALL_TIMEOUT", "1s"),
+        ("AWS_MAX_ATTEMPTS", "3"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// What a replica's http_sd answers: `Some(addresses)` for a 200, else `None`.
+async fn fetch(client: &reqwest::Client, addr: &str) -> Option<BTreeSet<String>> {
+    let resp = client
+        .get(format!("http://{addr}/prometheus-targets"))
+        .send()
+        .await
+        .ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let groups: Vec<serde_json::Value> = resp.json().await.ok()?;
+    Some(common::addresses(&groups).into_iter().collect())
+}
+
+/// Samples every live collector's replica every 200 ms into the checker.
+fn spawn_sampler(
+    checker: Arc<Mutex<Checker>>,
+    addrs: Arc<Mutex<BTreeMap<String, String>>>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .no_proxy()
+        .build()
+        .expect("client");
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let started = Instant::now();
+            let list = addrs.lock().unwrap().clone();
+            let answers = futures::future::join_all(list.iter().map(|(id, addr)| {
+                let client = client.clone();
+                async move { (id.clone(), fetch(&client, addr).await) }
+            }))
+            .await;
+            let now = Instant::now();
+            {
+                let mut checker = checker.lock().unwrap();
+                // A collector that went away while we asked has no say.
+                let live = addrs.lock().unwrap().clone();
+                let answers = answers
+                    .into_iter()
+                    .filter(|(id, _)| live.contains_key(id))
+                    .collect();
+                checker.sample(now, answers);
+            }
+            tokio::time::sleep_until((started + SAMPLE_EVERY).into()).await;
+        }
+    })
+}
+
+async fn status(addr: &str) -> Option<serde_json::Value> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .no_proxy()
+        .build()
+        .ok()?
+        .get(format!("http://{addr}/v1/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+impl Campaign {
+    async fn start() -> Campaign {
+        let moto = Moto::start().await;
+        let cloud = AwsProxy::start(&moto.endpoint).await;
+        let cm = CloudMap::new(&moto.sdk_config().await);
+        let tags = [("METRICS_PATH", "/metrics"), ("METRICS_PORT", "3000")];
+        let a = cm.dns_namespace("ns-a").await;
+        let b = cm.http_namespace("ns-b").await;
+        let services = vec![
+            (cm.service(&a, "a-web", &tags).await, "ns-a"),
+            (cm.service(&a, "a-api", &tags).await, "ns-a"),
+            (cm.service(&b, "b-worker", &tags).await, "ns-b"),
+        ];
+        cm.put_namespaces_parameter(PARAMETER, "ns-a,ns-b").await;
+        let start = Instant::now();
+        let mut campaign = Campaign {
+            moto,
+            cloud,
+            cm,
+            services,
+            members: Vec::new(),
+            next_id: 0,
+            tasks: BTreeMap::new(),
+            next_ip: 0,
+            second_namespace: true,
+            checker: Arc::new(Mutex::new(Checker::new(bounds(), start))),
+            addrs: Arc::new(Mutex::new(BTreeMap::new())),
+            undos: Vec::new(),
+            injected: BTreeMap::new(),
+            skipped: 0,
+            logs: Vec::new(),
+            dynamodb_all: None,
+            cloud_map: None,
+        };
+        for (service, count) in [(0, 20), (1, 15), (2, 10)] {
+            campaign.register(service, count).await;
+        }
+        for _ in 0..REPLICAS {
+            campaign.add_member().await;
+        }
+        campaign
+    }
+
+    fn now_note(&self, what: impl Into<String>) {
+        self.checker.lock().unwrap().note(Instant::now(), what);
+    }
+
+    async fn register(&mut self, service: usize, count: usize) {
+        for _ in 0..count {
+            let n = self.next_ip;
+            self.next_ip += 1;
+            let ip = format!("127.1.{}.{}", n / 250, n % 250 + 1);
+            let instance = format!("task-{n}");
+            let (svc, ns) = &self.services[service];
+            self.cm.register_task(&svc.id, &instance, &ip).await;
+            let target = format!("{ip}:3000");
+            if *ns == "ns-a" || self.second_namespace {
+                self.checker.lock().unwrap().expect(&target, Instant::now());
+            }
+            self.tasks.insert(target, Task { service, instance });
+        }
+    }
+
+    async fn deregister(&mut self, count: usize, pick: u64) {
+        let mut rng = fastrand::Rng::with_seed(pick);
+        for _ in 0..count {
+            // Keep the population near its size: churn, not shrinkage.
+            if self.tasks.len() <= 30 {
+                return;
+            }
+            let keys: Vec<String> = self.tasks.keys().cloned().collect();
+            let target = keys[rng.usize(0..keys.len())].clone();
+            let task = self.tasks.remove(&target).expect("task");
+            self.checker.lock().unwrap().unexpect(&target);
+            let svc = &self.services[task.service].0;
+            self.cm.deregister(&svc.id, &task.instance).await;
+        }
+    }
+
+    async fn toggle_namespace(&mut self) {
+        self.second_namespace = !self.second_namespace;
+        let value = if self.second_namespace {
+            "ns-a,ns-b"
+        } else {
+            "ns-a"
+        };
+        self.cm.put_namespaces_parameter(PARAMETER, value).await;
+        let now = Instant::now();
+        let mut checker = self.checker.lock().unwrap();
+        for (target, task) in &self.tasks {
+            if self.services[task.service].1 == "ns-b" {
+                if self.second_namespace {
+                    checker.expect(target, now);
+                } else {
+                    checker.unexpect(target);
+                }
+            }
+        }
+    }
+
+    async fn add_member(&mut self) {
+        let id = format!("c{}", self.next_id);
+        self.next_id += 1;
+        let replica = start_replica(&self.moto, &self.cloud, &id, SLOTS, &replica_env()).await;
+        if let Some((fault, _)) = &self.dynamodb_all {
+            replica.dynamodb.set_fault(fault.clone());
+        }
+        self.logs.push((id.clone(), replica.sd.proc.log.clone()));
+        self.checker.lock().unwrap().add_collector(&id);
+        self.addrs
+            .lock()
+            .unwrap()
+            .insert(id.clone(), replica.sd.addr.clone());
+        self.now_note(format!("{id} started at {}", replica.sd.addr));
+        self.members.push(Member {
+            replica,
+            life: Life::Running,
+            dynamodb: None,
+            open: Vec::new(),
+        });
+    }
+
+    fn member(&mut self, id: &str) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.replica.id == id)
+    }
+
+    fn impaired(&self) -> usize {
+        let replacing = self
+            .undos
+            .iter()
+            .filter(|(_, u)| matches!(u, Undo::Replace(_)))
+            .count();
+        let members = self
+            .members
+            .iter()
+            .filter(|m| !matches!(m.life, Life::Running) || m.dynamodb.is_some())
+            .count();
+        replacing + members
+    }
+
+    /// The running member `who` names, and whether it leads now.
+    async fn resolve(&self, who: &Who) -> Option<(String, bool)> {
+        let running: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| matches!(m.life, Life::Running))
+            .collect();
+        let statuses = futures::future::join_all(
+            running
+                .iter()
+                .map(|m| async move { (m.replica.id.clone(), status(&m.replica.sd.addr).await) }),
+        )
+        .await;
+        let role = |s: &Option<serde_json::Value>| {
+            s.as_ref()
+                .and_then(|s| s["role"].as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        let with = |want: &str| -> Vec<(String, bool)> {
+            statuses
+                .iter()
+                .filter(|(_, s)| want.is_empty() || role(s) == want)
+                .map(|(id, s)| (id.clone(), role(s) == "leader"))
+                .collect()
+        };
+        let (candidates, pick) = match who {
+            Who::Leader => (with("leader"), 0),
+            Who::Holder(k) => (with("follower"), *k),
+            Who::Standby(k) => (with("standby"), *k),
+            Who::Any(k) => (with(""), *k),
+        };
+        let candidates = if candidates.is_empty() {
+            with("")
+        } else {
+            candidates
+        };
+        (!candidates.is_empty())
+            .then(|| candidates[(pick % candidates.len() as u64) as usize].clone())
+    }
+
+    /// Opens the windows of an action that hits member `id`.
+    fn hit(&self, kind: &str, leader: bool, tail: Duration, explains: bool) -> Vec<usize> {
+        let now = Instant::now();
+        let mut checker = self.checker.lock().unwrap();
+        let mut windows = vec![checker.open(kind, now, tail, Blind::Nothing, explains)];
+        if leader {
+            // Discovery stops until a new leader runs a cycle.
+            windows.push(checker.open(
+                "leader impaired",
+                now,
+                LEASE + HEARTBEAT + RELOAD + CALL_LIMIT,
+                Blind::Discovery,
+                false,
+            ));
+        }
+        windows
+    }
+
+    async fn act(&mut self, action: &Action) {
+        let kind = action.kind();
+        let needs_room = matches!(
+            action,
+            Action::Kill { .. }
+                | Action::Term { .. }
+                | Action::Pause { .. }
+                | Action::DynamoDb { who: Some(_), .. }
+        );
+        let busy = match action {
+            Action::DynamoDb { who: None, .. } => {
+                self.dynamodb_all.is_some() || self.members.iter().any(|m| m.dynamodb.is_some())
+            }
+            Action::DynamoDb { who: Some(_), .. } => self.dynamodb_all.is_some(),
+            Action::CloudMap { .. } => self.cloud_map.is_some(),
+            _ => false,
+        };
+        if (needs_room && self.impaired() >= MAX_IMPAIRED) || busy {
+            self.skipped += 1;
+            self.now_note(format!("skipped {kind}: too much already broken"));
+            return;
+        }
+        let now = Instant::now();
+        match action {
+            Action::Kill { who, restart_after } => {
+                let Some((id, leader)) = self.resolve(who).await else {
+                    return;
+                };
+                let windows = self.hit("SIGKILL", leader, LEASE + HEARTBEAT, false);
+                let pos = self
+                    .members
+                    .iter()
+                    .position(|m| m.replica.id == id)
+                    .expect("member");
+                let member = self.members.remove(pos);
+                member.replica.sd.proc.signal(libc::SIGKILL);
+                // The task is gone, and its collector with it.
+                self.addrs.lock().unwrap().remove(&id);
+                {
+                    let mut checker = self.checker.lock().unwrap();
+                    checker.remove_collector(&id);
+                    for w in member.open.iter().chain(&windows) {
+                        checker.close(*w, now);
+                    }
+                    if let Some(w) = member.dynamodb {
+                        checker.close(w, now);
+                    }
+                }
+                drop(member);
+                self.now_note(format!(
+                    "SIGKILL {id}{}; replacement in {restart_after:?}",
+                    if leader { " (leader)" } else { "" }
+                ));
+                self.undos.push((now + *restart_after, Undo::Replace(1)));
+            }
+            Action::Term { who, replace_first } => {
+                let Some((id, leader)) = self.resolve(who).await else {
+                    return;
+                };
+                if *replace_first {
+                    self.add_member().await;
+                }
+                let windows = self.hit("SIGTERM", leader, LEASE + HEARTBEAT, false);
+                let member = self.member(&id).expect("member");
+                member.replica.sd.proc.signal(libc::SIGTERM);
+                member.life = Life::Stopping;
+                member.open.extend(windows);
+                self.now_note(format!(
+                    "SIGTERM {id}{}{}",
+                    if leader { " (leader)" } else { "" },
+                    if *replace_first {
+                        ", after its replacement started"
+                    } else {
+                        ""
+                    }
+                ));
+                if !*replace_first {
+                    self.add_member().await;
+                }
+            }
+            Action::Pause { who, pause } => {
+                let Some((id, leader)) = self.resolve(who).await else {
+                    return;
+                };
+                let windows = self.hit(&kind, leader, HEARTBEAT, true);
+                let member = self.member(&id).expect("member");
+                member.replica.sd.proc.signal(libc::SIGSTOP);
+                member.life = Life::Paused;
+                self.now_note(format!(
+                    "SIGSTOP {id}{} for {pause:?}",
+                    if leader { " (leader)" } else { "" }
+                ));
+                self.undos.push((now + *pause, Undo::Resume(id, windows)));
+            }
+            Action::DynamoDb {
+                who: Some(who),
+                fault,
+                lasts,
+            } => {
+                let Some((id, leader)) = self.resolve(who).await else {
+                    return;
+                };
+                let windows = self.hit(&kind, leader, LEASE + HEARTBEAT, true);
+                let member = self.member(&id).expect("member");
+                member.replica.dynamodb.set_fault(fault.clone());
+                member.dynamodb = Some(windows[0]);
+                self.now_note(format!(
+                    "DynamoDB of {id}{}: {} for {lasts:?}",
+                    if leader { " (leader)" } else { "" },
+                    fault_name(fault)
+                ));
+                self.undos
+                    .push((now + *lasts, Undo::ClearDynamoDb(Some(id), windows)));
+            }
+            Action::DynamoDb {
+                who: None,
+                fault,
+                lasts,
+            } => {
+                let window = self.checker.lock().unwrap().open(
+                    kind.clone(),
+                    now,
+                    LEASE + HEARTBEAT,
+                    Blind::Coordination,
+                    true,
+                );
+                for m in &self.members {
+                    m.replica.dynamodb.set_fault(fault.clone());
+                }
+                self.dynamodb_all = Some((fault.clone(), window));
+                self.now_note(format!(
+                    "DynamoDB of every replica: {} for {lasts:?}",
+                    fault_name(fault)
+                ));
+                self.undos
+                    .push((now + *lasts, Undo::ClearDynamoDb(None, vec![window])));
+            }
+            Action::CloudMap { fault, lasts } => {
+                let window = self.checker.lock().unwrap().open(
+                    kind.clone(),
+                    now,
+                    CALL_LIMIT + RELOAD * 2,
+                    Blind::Discovery,
+                    false,
+                );
+                self.cloud.set_fault(fault.clone());
+                self.cloud_map = Some(window);
+                self.now_note(format!(
+                    "Cloud Map and SSM: {} for {lasts:?}",
+                    fault_name(fault)
+                ));
+                self.undos.push((now + *lasts, Undo::ClearCloudMap(window)));
+            }
+            Action::Register { service, count } => {
+                self.register(*service, *count).await;
+                self.now_note(format!(
+                    "registered {count} tasks in {}",
+                    self.services[*service].0.name
+                ));
+            }
+            Action::Deregister { count, pick } => {
+                self.deregister(*count, *pick).await;
+                self.now_note(format!("deregistered up to {count} tasks"));
+            }
+            Action::ToggleNamespace => {
+                self.toggle_namespace().await;
+                self.now_note(format!(
+                    "SSM: ns-b {}",
+                    if self.second_namespace {
+                        "added"
+                    } else {
+                        "removed"
+                    }
+                ));
+            }
+        }
+        *self.injected.entry(kind).or_default() += 1;
+    }
+
+    async fn undo(&mut self, undo: Undo) {
+        let now = Instant::now();
+        match undo {
+            Undo::Resume(id, windows) => {
+                if let Some(member) = self.member(&id) {
+                    member.replica.sd.proc.signal(libc::SIGCONT);
+                    member.life = Life::Running;
+                }
+                let mut checker = self.checker.lock().unwrap();
+                for w in windows {
+                    checker.close(w, now);
+                }
+                checker.note(now, format!("SIGCONT {id}"));
+            }
+            Undo::Replace(n) => {
+                for _ in 0..n {
+                    self.add_member().await;
+                }
+            }
+            Undo::ClearDynamoDb(Some(id), windows) => {
+                if let Some(member) = self.member(&id) {
+                    member.replica.dynamodb.set_fault(Fault::None);
+                    member.dynamodb = None;
+                }
+                let mut checker = self.checker.lock().unwrap();
+                for w in windows {
+                    checker.close(w, now);
+                }
+                checker.note(now, format!("DynamoDB of {id} answers again"));
+            }
+            Undo::ClearDynamoDb(None, windows) => {
+                for m in &self.members {
+                    m.replica.dynamodb.set_fault(Fault::None);
+                }
+                self.dynamodb_all = None;
+                let mut checker = self.checker.lock().unwrap();
+                for w in windows {
+                    checker.close(w, now);
+                }
+                checker.note(now, "DynamoDB answers every replica again");
+            }
+            Undo::ClearCloudMap(window) => {
+                self.cloud.set_fault(Fault::None);
+                self.cloud_map = None;
+                let mut checker = self.checker.lock().unwrap();
+                checker.close(window, now);
+                checker.note(now, "Cloud Map and SSM answer again");
+            }
+        }
+    }
+
+    /// Runs undos that are due and reaps stopped members.
+    async fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.undos)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.undos = later;
+        for (_, undo) in due {
+            self.undo(undo).await;
+        }
+        let mut exited = Vec::new();
+        for m in &mut self.members {
+            if matches!(m.life, Life::Stopping) {
+                if let Ok(Some(status)) = m.replica.sd.proc.child.try_wait() {
+                    exited.push((m.replica.id.clone(), status.code()));
+                }
+            }
+        }
+        for (id, code) in exited {
+            let pos = self
+                .members
+                .iter()
+                .position(|m| m.replica.id == id)
+                .expect("member");
+            let member = self.members.remove(pos);
+            self.addrs.lock().unwrap().remove(&id);
+            let mut checker = self.checker.lock().unwrap();
+            checker.remove_collector(&id);
+            for w in member.open.iter().chain(member.dynamodb.iter()) {
+                checker.close(*w, now);
+            }
+            checker.note(now, format!("{id} exited with {code:?} after SIGTERM"));
+            if code != Some(0) {
+                let msg = format!("{id} exited with {code:?} after SIGTERM, not 0");
+                checker.violations.push(msg);
+            }
+        }
+        // A stop must finish within 20 s (ECS kills at 30 s).
+        for m in &self.members {
+            if matches!(m.life, Life::Stopping) {
+                let started = m
+                    .open
+                    .first()
+                    .map(|w| self.checker.lock().unwrap().windows[*w].start);
+                if started.is_some_and(|s| now.duration_since(s) > Duration::from_secs(21)) {
+                    self.checker
+                        .lock()
+                        .unwrap()
+                        .violations
+                        .push(format!("{} still running 21 s after SIGTERM", m.replica.id));
+                }
+            }
+        }
+    }
+
+    /// Ends every fault and brings the cluster back to its size.
+    async fn end_faults(&mut self) {
+        let undos = std::mem::take(&mut self.undos);
+        for (_, undo) in undos {
+            self.undo(undo).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(25);
+        while self
+            .members
+            .iter()
+            .any(|m| matches!(m.life, Life::Stopping))
+            && Instant::now() < deadline
+        {
+            self.housekeeping().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while self.members.len() < REPLICAS {
+            self.add_member().await;
+        }
+    }
+
+    /// Members whose `/v1/status` does not say ready.
+    async fn not_ready(&self) -> Vec<String> {
+        let statuses = futures::future::join_all(
+            self.members
+                .iter()
+                .map(|m| async move { (m.replica.id.clone(), status(&m.replica.sd.addr).await) }),
+        )
+        .await;
+        statuses
+            .into_iter()
+            .filter(|(_, s)| !s.as_ref().is_some_and(|s| s["ready"] == true))
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
+async fn run(seed: u64, duration: Duration) {
+    let actions = schedule(seed, duration, 3);
+    let mut c = Campaign::start().await;
+    println!(
+        "CHAOS seed={seed:#x} duration={duration:?}: {} actions scheduled",
+        actions.len()
+    );
+    // Settle: every target served exactly once, every replica ready.
+    let settle_deadline = Instant::now() + Duration::from_secs(40);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .no_proxy()
+        .build()
+        .expect("client");
+    loop {
+        let mut all = Vec::new();
+        for m in &c.members {
+            all.extend(fetch(&client, &m.replica.sd.addr).await.unwrap_or_default());
+        }
+        let expected = c.checker.lock().unwrap().expected();
+        let union: BTreeSet<String> = all.iter().cloned().collect();
+        if union == expected && all.len() == expected.len() && c.not_ready().await.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < settle_deadline,
+            "seed {seed:#x}: the cluster did not settle before the campaign"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = spawn_sampler(c.checker.clone(), c.addrs.clone(), stop.clone());
+    let begin = Instant::now();
+    c.checker.lock().unwrap().reset_reports();
+    c.now_note("campaign starts");
+    for (at, action) in &actions {
+        let when = begin + *at;
+        while Instant::now() < when {
+            c.housekeeping().await;
+            let next = c
+                .undos
+                .iter()
+                .map(|(t, _)| *t)
+                .min()
+                .unwrap_or(when)
+                .min(when)
+                .min(Instant::now() + Duration::from_millis(50));
+            tokio::time::sleep_until(next.into()).await;
+        }
+        c.act(action).await;
+    }
+    while Instant::now() < begin + duration {
+        c.housekeeping().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.end_faults().await;
+    let quiet = Instant::now();
+    c.now_note("last fault ended");
+    let converge_bound = LEASE + HEARTBEAT * 2;
+    let mut described = false;
+    let converged = loop {
+        let (union, expected) = {
+            let checker = c.checker.lock().unwrap();
+            (checker.union(), checker.expected())
+        };
+        let not_ready = c.not_ready().await;
+        if union == expected && not_ready.is_empty() {
+            break Some(quiet.elapsed());
+        }
+        if quiet.elapsed() > converge_bound && !std::mem::replace(&mut described, true) {
+            let extra: Vec<String> = {
+                let checker = c.checker.lock().unwrap();
+                union
+                    .difference(&expected)
+                    .map(|t| format!("{t} (held by {:?})", checker.holders(t)))
+                    .collect()
+            };
+            c.now_note(format!(
+                "not converged: missing {:?}, no longer registered {extra:?}, not ready \
+                 {not_ready:?}",
+                expected.difference(&union).collect::<Vec<_>>(),
+            ));
+            for m in &c.members {
+                let s = status(&m.replica.sd.addr).await.unwrap_or_default();
+                let served = fetch(&client, &m.replica.sd.addr).await;
+                c.now_note(format!(
+                    "  {}: serves {:?}; role {} slot {} stale_slot {} term {} generation {} \
+                     targets {} coordination_error {}",
+                    m.replica.id,
+                    served.map(|s| s.len()),
+                    s["role"],
+                    s["slot"],
+                    s["stale_slot"],
+                    s["term"],
+                    s["generation"],
+                    s["targets"],
+                    s["coordination_error"]
+                ));
+                if s["role"] == "leader" {
+                    for slot in 0..3 {
+                        let shard: Option<Vec<serde_json::Value>> = async {
+                            client
+                                .get(m.replica.sd.peer_url(&format!("/v1/shards/{slot}")))
+                                .bearer_auth(common::cluster::TOKEN)
+                                .send()
+                                .await
+                                .ok()?
+                                .json()
+                                .await
+                                .ok()
+                        }
+                        .await;
+                        let shard: BTreeSet<String> = common::addresses(&shard.unwrap_or_default())
+                            .into_iter()
+                            .collect();
+                        let extra: Vec<&String> = shard.difference(&expected).collect();
+                        c.now_note(format!(
+                            "    leader's slot {slot}: {} targets, not registered: {extra:?}",
+                            shard.len()
+                        ));
+                    }
+                }
+            }
+        }
+        if quiet.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A few more samples of the calm state.
+    tokio::time::sleep(SAMPLE_EVERY * 3).await;
+    stop.cancel();
+    let _ = sampler.await;
+    let end = Instant::now();
+    let members = std::mem::take(&mut c.members);
+    drop(members);
+    let mut checker = c.checker.lock().unwrap();
+    checker.finish(end);
+    match converged {
+        Some(d) if d <= converge_bound => checker.note(
+            end,
+            format!("converged {:.2}s after the last fault", d.as_secs_f64()),
+        ),
+        other => {
+            let msg = format!(
+                "not converged within lease + 2 heartbeats ({converge_bound:?}) after the last \
+                 fault: {}",
+                other.map_or("not within 30 s".into(), |d| format!("after {d:?}"))
+            );
+            checker.violations.push(msg);
+        }
+    }
+    let actions_taken: Vec<common::LeaderAction> = c
+        .logs
+        .iter()
+        .flat_map(|(id, path)| {
+            common::leader_actions(id, &std::fs::read_to_string(path).unwrap_or_default())
+        })
+        .collect();
+    let checked = match common::terms_never_go_back(actions_taken) {
+        Ok(n) => n,
+        Err(v) => {
+            checker.violations.push(format!("fencing: {v}"));
+            0
+        }
+    };
+    let report = format!(
+        "CHAOS seed={seed:#x} ran {:.0}s, {} samples, {} leader actions checked, {} actions \
+         skipped\n  injected: {}\n  worst uncovered (served targets): {}\n  worst \
+         registration-to-served: {}\n  worst duplicate: {}\n  converged after the last fault: \
+         {}\n  violations: {}",
+        (end - begin).as_secs_f64(),
+        checker.samples,
+        checked,
+        c.skipped,
+        c.injected
+            .iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        checker.worst_gap.render(),
+        checker.worst_pending.render(),
+        checker.worst_dup.render(),
+        converged.map_or("no".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        checker.violations.len(),
+    );
+    println!("{report}");
+    // The whole story, for post-mortems of passing runs too.
+    let story = common::log_dir().join(format!("chaos-{seed:#x}-{}.txt", std::process::id()));
+    let _ = std::fs::write(
+        &story,
+        format!(
+            "{report}\n\nviolations:\n{}\n\ntimeline:\n{}\n",
+            checker.violations.join("\n"),
+            checker.timeline_text()
+        ),
+    );
+    println!("  timeline: {}", story.display());
+    assert!(checker.samples > 50, "the checker hardly sampled: {report}");
+    assert!(
+        checked > 10,
+        "no leader actions found in the logs: {report}"
+    );
+    if !checker.violations.is_empty() {
+        panic!(
+            "seed {seed:#x} (CHAOS_SEED={seed:#x} CHAOS_DURATION={duration:?}):\n{}\n\nviolations:\n{}\n\ntimeline:\n{}\n\nschedule:\n{}",
+            report,
+            checker.violations.join("\n"),
+            checker.timeline_text(),
+            actions
+                .iter()
+                .map(|(at, a)| format!("{:>8.2}s  {a:?}", at.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! The seeded schedule: which fault when, drawn before the run from `CHAOS_SEED`,
+//! so a seed names the same sequence of actions every time (a shorter
+//! `CHAOS_DURATION` gives a prefix of it). Which replica an action hits is
+//! resolved when it runs, by role (the leader, a slot holder, a standby), from a
+//! number drawn here.
+
+use std::time::Duration;
+
+use crate::common::proxy::Fault;
+
+#[derive(Clone, Debug)]
+pub enum Who {
+    Leader,
+    Holder(u64),
+    Standby(u64),
+    Any(u64),
+}
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// SIGKILL; a replacement task starts after `restart_after`.
+    Kill { who: Who, restart_after: Duration },
+    /// SIGTERM; the replacement starts first (a rolling deployment) or right after.
+    Term { who: Who, replace_first: bool },
+    /// SIGSTOP for `pause`, then SIGCONT.
+    Pause { who: Who, pause: Duration },
+    /// A fault between one replica (or, with `None`, every replica) and DynamoDB.
+    DynamoDb {
+        who: Option<Who>,
+        fault: Fault,
+        lasts: Duration,
+    },
+    /// A fault between the cluster and Cloud Map and SSM.
+    CloudMap { fault: Fault, lasts: Duration },
+    /// New ECS tasks in service `service`.
+    Register { service: usize, count: usize },
+    /// Tasks stopped: `count` registered tasks, picked by `pick`.
+    Deregister { count: usize, pick: u64 },
+    /// The second namespace is added to or removed from the SSM parameter.
+    ToggleNamespace,
+}
+
+/// Short names of faults, for reports.
+pub fn fault_name(fault: &Fault) -> String {
+    match fault {
+        Fault::None => "none".into(),
+        Fault::Throttle { code, .. } => format!("throttle {code}"),
+        Fault::Fail { .. } => "http 500".into(),
+        Fault::Error { op, code } => format!("{code} on {}", op.as_deref().unwrap_or("every call")),
+        Fault::Hang => "stall".into(),
+        Fault::DropResponse { op, .. } => {
+            format!("lost {} responses", op.as_deref().unwrap_or("any"))
+        }
+        Fault::Delay { by, .. } => format!("latency {}ms", by.as_millis()),
+    }
+}
+
+impl Action {
+    /// The kind this action counts as in reports.
+    pub fn kind(&self) -> String {
+        match self {
+            Action::Kill { .. } => "SIGKILL".into(),
+            Action::Term { .. } => "SIGTERM".into(),
+            Action::Pause { pause, .. } if *pause < crate::LEASE => "SIGSTOP < lease".into(),
+            Action::Pause { .. } => "SIGSTOP > lease".into(),
+            Action::DynamoDb {
+                who: Some(_),
+                fault,
+                ..
+            } => format!("DynamoDB one replica: {}", fault_name(fault)),
+            Action::DynamoDb {
+                who: None, fault, ..
+            } => {
+                format!("DynamoDB all replicas: {}", fault_name(fault))
+            }
+            Action::CloudMap { fault, .. } => format!("Cloud Map: {}", fault_name(fault)),
+            Action::Register { .. } => "registration".into(),
+            Action::Deregister { .. } => "deregistration".into(),
+            Action::ToggleNamespace => "SSM edit".into(),
+        }
+    }
+}
+
+fn ms(rng: &mut fastrand::Rng, range: std::ops::Range<u64>) -> Duration {
+    Duration::from_millis(rng.u64(range))
+}
+
+fn who(rng: &mut fastrand::Rng) -> Who {
+    match rng.u8(0..10) {
+        0..=3 => Who::Leader,
+        4..=6 => Who::Holder(rng.u64(..)),
+        7..=8 => Who::Standby(rng.u64(..)),
+        _ => Who::Any(rng.u64(..)),
+    }
+}
+
+fn dynamodb_fault(rng: &mut fastrand::Rng) -> Fault {
+    match rng.u8(0..6) {
+        0 => Fault::Hang,
+        1 => Fault::Fail { op: None },
+        2 => Fault::Throttle {
+            op: None,
+            remaining: u32::MAX,
+            code: "ProvisionedThroughputExceededException".into(),
+        },
+        3 => Fault::Delay {
+            op: None,
+            by: ms(rng, 200..2500),
+        },
+        4 => Fault::DropResponse {
+            op: Some(if rng.bool() { "UpdateItem" } else { "PutItem" }.into()),
+            remaining: rng.u32(1..5),
+        },
+        _ => Fault::Error {
+            op: None,
+            code: "AccessDeniedException".into(),
+        },
+    }
+}
+
+const CLOUD_MAP_OPS: &[&str] = &[
+    "GetParameter",
+    "ListNamespaces",
+    "ListServices",
+    "GetService",
+    "ListTagsForResource",
+    "DiscoverInstances",
+    "DiscoverInstancesRevision",
+];
+
+fn cloud_map_fault(rng: &mut fastrand::Rng) -> Fault {
+    match rng.u8(0..5) {
+        0 => Fault::Hang,
+        1 => Fault::Fail { op: None },
+        2 => Fault::Throttle {
+            op: [
+                None,
+                Some("DiscoverInstances"),
+                Some("DiscoverInstancesRevision"),
+            ][rng.usize(0..3)]
+            .map(str::to_owned),
+            remaining: u32::MAX,
+            code: if rng.bool() {
+                "RequestLimitExceeded"
+            } else {
+                "ThrottlingException"
+            }
+            .into(),
+        },
+        3 => Fault::Delay {
+            op: None,
+            by: ms(rng, 200..3000),
+        },
+        _ => Fault::Error {
+            op: Some(CLOUD_MAP_OPS[rng.usize(0..CLOUD_MAP_OPS.len())].into()),
+            code: "AccessDeniedException".into(),
+        },
+    }
+}
+
+fn draw(rng: &mut fastrand::Rng, services: usize) -> Action {
+    match rng.u32(0..100) {
+        0..=11 => Action::Kill {
+            who: who(rng),
+            restart_after: ms(rng, 0..2500),
+        },
+        12..=20 => Action::Term {
+            who: who(rng),
+            replace_first: rng.bool(),
+        },
+        21..=28 => Action::Pause {
+            who: who(rng),
+            pause: ms(rng, 300..2800),
+        },
+        29..=36 => Action::Pause {
+            who: who(rng),
+            pause: ms(rng, 3500..8000),
+        },
+        37..=50 => Action::DynamoDb {
+            who: Some(who(rng)),
+            fault: dynamodb_fault(rng),
+            lasts: ms(rng, 500..9000),
+        },
+        51..=57 => Action::DynamoDb {
+            who: None,
+            fault: dynamodb_fault(rng),
+            lasts: ms(rng, 500..8000),
+        },
+        58..=69 => Action::CloudMap {
+            fault: cloud_map_fault(rng),
+            lasts: ms(rng, 500..8000),
+        },
+        70..=81 => Action::Register {
+            service: rng.usize(0..services),
+            count: rng.usize(1..4),
+        },
+        82..=92 => Action::Deregister {
+            count: rng.usize(1..4),
+            pick: rng.u64(..),
+        },
+        _ => Action::ToggleNamespace,
+    }
+}
+
+/// The actions of a run of `duration` with `seed`, at their offsets from the start.
+pub fn schedule(seed: u64, duration: Duration, services: usize) -> Vec<(Duration, Action)> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut at = Duration::from_secs(1);
+    let mut out = Vec::new();
+    while at < duration {
+        out.push((at, draw(&mut rng, services)));
+        at += ms(&mut rng, 300..2500);
+    }
+    out
+}
