@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::cluster::{log_lines, shards, Cluster, Collectors, HEARTBEAT, LEASE};
+use common::cluster::{log_lines, shards, Cluster, Collectors, HEARTBEAT, LEASE, TOKEN};
 use common::proxy::Fault;
 use common::{aws_env, http, wait_for, Moto, ShardSd};
 
@@ -112,11 +112,18 @@ async fn a_leader_that_retakes_its_own_lease_keeps_assigning() {
     })
     .await;
     assert_eq!(lj, li, "the same replica re-took the lease: {after}");
-    // The leader works in its new term: a registration reaches exactly one replica.
-    c.register(100..101).await;
+    // The leader works in its new term: registrations reach their shards within a
+    // cycle or two; followers do not wait out a long-poll on the ended term.
+    let registered = Instant::now();
+    c.register(100..106).await;
     let settled = c
-        .settle("the new target served, every replica ready", 3)
+        .settle("the new targets served, every replica ready", 3)
         .await;
+    let took = registered.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "new targets reached their shards after {took:?}"
+    );
     let new_term = after["term"].as_u64().unwrap();
     for s in c.statuses().await {
         assert_eq!(s["term"].as_u64(), Some(new_term), "{s}");
@@ -305,4 +312,331 @@ async fn a_re_elected_leader_starts_from_its_own_last_assignment() {
     assert_eq!(last["term"].as_u64(), Some(term + 1), "{last}");
     assert_eq!(last["previous_term"].as_u64(), Some(term), "{last}");
     c.settle("steady after the re-take", 2).await;
+}
+
+/// Confirmations are the leader's record of who has which generation: anyone who
+/// reaches the peer port with the token must not be able to forge them.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_confirmations_change_nothing() {
+    let c = Cluster::start("3", 3, 30).await;
+    c.settle("three shards", 3).await;
+    let (li, status) = c.leader().await;
+    let term = status["term"].as_u64().unwrap();
+    let leader = &c.replica(li).sd;
+    let assignment = || async {
+        http()
+            .get(leader.peer_url("/v1/assignment"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let before = assignment().await;
+    let slot0 = before["slots"][0].clone();
+    let holder = slot0["holder"].as_str().unwrap().to_owned();
+    for (slot, who) in [
+        (0, "intruder".to_owned()),
+        (0, holder.clone()),
+        (7, holder.clone()),
+        (4_000_000, "intruder".to_owned()),
+    ] {
+        let url = leader.peer_url(&format!(
+            "/v1/shards/{slot}?holder={who}&after_term={term}&after={}&wait_ms=0",
+            u64::MAX
+        ));
+        http().get(url).bearer_auth(TOKEN).send().await.unwrap();
+    }
+    let after = assignment().await;
+    let slots = after["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 3, "a confirmation grew the assignment: {after}");
+    for s in slots {
+        assert!(
+            s["confirmed_generation"].as_u64() <= after["generation"].as_u64(),
+            "a generation never published was confirmed: {s}"
+        );
+        assert_ne!(s["confirmed_holder"], "intruder", "{s}");
+    }
+    assert_eq!(
+        slots[0]["confirmed_holder"], slot0["confirmed_holder"],
+        "{after}"
+    );
+}
+
+/// ECS kills a task 30 s after SIGTERM: shard-sd is gone within 20 s whatever its
+/// clients do, and a client that sends half a request head is cut off.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_within_20s_with_open_long_polls_and_half_sent_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = Cluster::start("1", 1, 5).await;
+    c.settle("one shard", 1).await;
+    let sd = &c.replica(0).sd;
+    // A long-poll of a minute, from a peer that already has the shard.
+    let status = sd.status().await;
+    let (term, generation) = (status["term"].as_u64().unwrap(), status["generation"].as_u64().unwrap());
+    let poll = http()
+        .get(sd.peer_url(&format!(
+            "/v1/shards/0?after_term={term}&after={generation}&wait_ms=60000"
+        )))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(70))
+        .send();
+    let poll = tokio::spawn(poll);
+    // Half a request head, on both listeners.
+    let mut half = Vec::new();
+    for addr in [&sd.addr, &sd.peer_addr] {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /prometheus-targets HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        half.push(conn);
+    }
+    // The header-read timeout closes them without an answer to the request.
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), half[0].read(&mut buf))
+        .await
+        .expect("the half-sent request was not cut off within 10 s")
+        .unwrap_or(0);
+    let cut_after = started.elapsed();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).find(" 200 ").is_none(),
+        "a half-sent request was answered"
+    );
+    assert!(cut_after >= Duration::from_secs(4), "cut after {cut_after:?}");
+    // A listener holds at most MAX_CONNECTIONS: with that many half-sent heads open,
+    // the next client waits until the header-read timeout frees places.
+    let cap = shard_sd::output::serve::MAX_CONNECTIONS;
+    let mut crowd = Vec::new();
+    for _ in 0..cap {
+        let mut conn = tokio::net::TcpStream::connect(&sd.addr).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        crowd.push(conn);
+    }
+    let crowded = Instant::now();
+    let quick = http()
+        .get(sd.url("/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(quick.is_err(), "served beyond the connection cap");
+    common::wait_for("a place after the header timeout", Duration::from_secs(10), || async {
+        http()
+            .get(sd.url("/healthz"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+    })
+    .await;
+    let freed_after = crowded.elapsed();
+    drop(crowd);
+    // More half-sent heads, then SIGTERM while they and the long-poll are open.
+    for _ in 0..5 {
+        let mut conn = tokio::net::TcpStream::connect(&sd.addr).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        half.push(conn);
+    }
+    let term_at = Instant::now();
+    c.replicas[0].as_ref().unwrap().sd.proc.signal(libc::SIGTERM);
+    let mut replica = c.replicas[0].take().unwrap();
+    let code = replica.sd.proc.wait_exit(Duration::from_secs(25));
+    let took = term_at.elapsed();
+    assert_eq!(code, Some(0), "{}", replica.sd.proc.log_text());
+    assert!(took < Duration::from_secs(20), "exited {took:?} after SIGTERM");
+    let answer = poll.await.unwrap();
+    assert!(
+        answer.is_err() || answer.unwrap().status() == 503,
+        "the long-poll was cut at shutdown"
+    );
+    println!(
+        "MEASURE exited {took:?} after SIGTERM; a half-sent head was cut after {cut_after:?}; \
+         {cap} connections kept the next client out for {freed_after:?}"
+    );
+}
+
+/// The shutdown drain waits for a successor that confirmed, not for the slot's
+/// old confirmation (its own): an impostor that takes the released slot and never
+/// confirms must not end it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_waits_for_the_successor_itself_to_confirm() {
+    use shard_sd::clock::WallClock;
+    use shard_sd::coordination::lease::{HolderInfo, LeaseTable};
+    let mut c = Cluster::start_with("3", 3, 30, &[("HANDOFF_GRACE", "4s")]).await;
+    c.settle("three shards", 3).await;
+    let statuses = c.statuses().await;
+    let victim = statuses
+        .iter()
+        .position(|s| s["role"] == "follower")
+        .expect("a follower");
+    let slot = statuses[victim]["slot"].as_u64().unwrap() as u32;
+    let sdk = common::sdk_config(&c.moto.endpoint).await;
+    let aws = shard_sd::aws::clients_from(&sdk).expect("clients");
+    let table = LeaseTable::new(
+        aws.dynamodb(Duration::from_millis(500), Duration::from_secs(1)),
+        "leases".into(),
+        "default".into(),
+        WallClock::default(),
+    );
+    let impostor = HolderInfo {
+        id: "impostor".into(),
+        incarnation: "i".into(),
+        addr: "127.0.0.1:9".into(),
+        weight: 1.0,
+        lease: LEASE,
+    };
+    let pk = table.slot_pk(slot);
+    let stopping_at = Instant::now();
+    c.replica(victim).sd.proc.signal(libc::SIGTERM);
+    // Take the released slot at once and keep it alive, never confirming anything.
+    let mut held = wait_for("the slot released", Duration::from_secs(5), || async {
+        let item = table.read(std::slice::from_ref(&pk)).await.ok()?.remove(&pk)?;
+        if !item.released {
+            return None;
+        }
+        table.acquire(&pk, Some(&item), &impostor).await.ok()
+    })
+    .await;
+    let mut replica = c.replicas[victim].take().unwrap();
+    let exited = loop {
+        if let Some(code) = replica.sd.proc.wait_exit(Duration::from_millis(400)) {
+            break code;
+        }
+        held = table.renew(&held, &impostor).await.expect("renew");
+        assert!(stopping_at.elapsed() < Duration::from_secs(20), "did not stop");
+    };
+    let took = stopping_at.elapsed();
+    let log = replica.sd.proc.log_text();
+    assert_eq!(exited, 0, "{log}");
+    assert!(!log.contains("slot handed over"), "{log}");
+    assert!(log.contains("handoff not confirmed"), "{log}");
+    assert!(took >= Duration::from_secs(4), "stopped after {took:?}");
+}
+
+/// Two processes started with one REPLICA_ID are told apart by their incarnation:
+/// neither takes the other's leases, and both say what to fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_with_one_replica_id_do_not_act_as_each_other() {
+    let mut c = Cluster::start("3", 1, 10).await;
+    c.settle("one replica", 1).await;
+    let term = c.leader().await.1["term"].as_u64().unwrap();
+    c.extra_env.push(("REPLICA_ID".into(), "r0".into()));
+    c.add_replica().await;
+    tokio::time::sleep(LEASE * 2).await;
+    let statuses = c.statuses().await;
+    let leaders: Vec<_> = statuses.iter().filter(|s| s["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1, "{statuses:?}");
+    assert_eq!(
+        leaders[0]["term"].as_u64(),
+        Some(term),
+        "the twin took the leader lease: {statuses:?}"
+    );
+    let slots: BTreeSet<u64> = statuses.iter().filter_map(|s| s["slot"].as_u64()).collect();
+    assert_eq!(slots.len(), 2, "each process holds a slot of its own: {statuses:?}");
+    let twin = log_lines(&c.replica(1).sd, "REPLICA_ID");
+    assert!(
+        twin.iter().any(|l| l["level"] == "ERROR"),
+        "the twin logged no error naming REPLICA_ID"
+    );
+}
+
+/// A replica whose DynamoDB stalled serves its slot stale; stopped then (SIGTERM),
+/// it keeps serving until a successor has the slot instead of leaving at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_holder_stopped_by_sigterm_drains_its_slot() {
+    let mut c = Cluster::start_with("3", 4, 30, &[("HANDOFF_GRACE", "6s")]).await;
+    c.settle("three shards and a standby", 3).await;
+    let statuses = c.statuses().await;
+    let victim = statuses
+        .iter()
+        .position(|s| s["role"] == "follower")
+        .expect("a follower");
+    c.replica(victim).dynamodb.set_fault(Fault::Hang);
+    wait_for("the slot served stale", LEASE * 2, || async {
+        (c.replica(victim).sd.status().await["stale"] == true).then_some(())
+    })
+    .await;
+    let mut collectors = Collectors::new();
+    collectors.sample(&c.addrs(), &c.expected).await;
+    c.replica(victim).sd.proc.signal(libc::SIGTERM);
+    let stopped_at = Instant::now();
+    let mut gaps = Vec::new();
+    let mut exited = None;
+    while stopped_at.elapsed() < LEASE * 4 {
+        let addrs = c.addrs();
+        let missing = collectors.sample(&addrs, &c.expected).await;
+        if !missing.is_empty() {
+            gaps.push((stopped_at.elapsed(), missing.len()));
+        }
+        if exited.is_none() {
+            if let Some(code) = c.replicas[victim]
+                .as_mut()
+                .unwrap()
+                .sd
+                .proc
+                .wait_exit(Duration::from_millis(1))
+            {
+                exited = Some((code, stopped_at.elapsed()));
+                let addr = c.replica(victim).sd.addr.clone();
+                collectors.forget(&addr);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, took) = exited.expect("the stale holder stopped");
+    assert_eq!(code, 0);
+    assert!(took >= LEASE, "it left after {took:?}, before a successor could take the slot");
+    assert!(gaps.is_empty(), "targets went uncovered: {gaps:?}");
+}
+
+/// A replica that takes a slot while the leader is unreachable to its peers (a
+/// partition; DynamoDB still answers) serves the slot from its mirrored copy of
+/// the assignment instead of `[]`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_holder_serves_its_slot_while_the_leader_is_unreachable() {
+    let mut c = Cluster::start("3", 4, 30).await;
+    c.settle("three shards and a standby", 3).await;
+    let (li, _) = c.leader().await;
+    let statuses = c.statuses().await;
+    let victim = statuses
+        .iter()
+        .position(|s| s["role"] == "follower")
+        .expect("a follower");
+    let mut collectors = Collectors::new();
+    collectors.sample(&c.addrs(), &c.expected).await;
+    c.replica(li).peers.set_fault(Fault::Partition);
+    let dead = c.replica(victim).sd.addr.clone();
+    c.replica(victim).sd.proc.signal(libc::SIGKILL);
+    c.replicas[victim] = None;
+    collectors.forget(&dead);
+    let killed = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut since: Option<Instant> = None;
+    while killed.elapsed() < LEASE * 3 {
+        let missing = collectors.sample(&c.addrs(), &c.expected).await;
+        match (missing.is_empty(), since) {
+            (false, None) => since = Some(Instant::now()),
+            (true, Some(s)) => {
+                longest = longest.max(s.elapsed());
+                since = None;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open = since.map_or(Duration::ZERO, |s| s.elapsed());
+    assert!(
+        open.is_zero(),
+        "targets still uncovered {open:?} into the partition"
+    );
+    assert!(
+        longest <= LEASE + HEARTBEAT + Duration::from_secs(1),
+        "uncovered for {longest:?}"
+    );
+    c.replica(li).peers.set_fault(Fault::None);
+    c.settle("settled after the partition", 3).await;
+    println!("MEASURE dead slot uncovered {longest:?} with the leader unreachable");
 }

@@ -349,3 +349,131 @@ async fn missing_region_is_a_configuration_error() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("AWS_REGION"), "{stderr}");
 }
+
+/// An unreachable Cloud Map fails every service's call each cycle: that is one
+/// WARN line per cycle, with counts per error kind, not one per service.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_cycle_logs_one_warn_line() {
+    let moto = Moto::start().await;
+    let proxy = AwsProxy::start(&moto.endpoint).await;
+    let cm = CloudMap::new(&moto.sdk_config().await);
+    let ns = cm.dns_namespace("ecs-services").await;
+    for i in 0..20 {
+        let svc = cm.service(&ns, &format!("svc-{i}"), POST_TAGS).await;
+        cm.register_task(&svc.id, &format!("task-{i}"), &format!("10.0.1.{i}"))
+            .await;
+    }
+    let sd = ShardSd::start(
+        "warn",
+        &env_with(
+            &proxy.endpoint,
+            &[
+                ("CONFIG_RELOAD_FREQUENCY", "300ms"),
+                ("DISCOVERY_NAMESPACES", "ecs-services"),
+                ("AWS_MAX_ATTEMPTS", "1"),
+                ("LOG_FORMAT", "json"),
+                ("RUST_LOG", "info"),
+            ],
+        ),
+    )
+    .await;
+    sd.wait_targets("first targets", Duration::from_secs(20), |t| t.len() == 40)
+        .await;
+    let warn_lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("\"level\":\"WARN\""))
+            .count()
+    };
+    let before = warn_lines(&sd.proc.log_text());
+    // Every service's revision call fails with a server error.
+    proxy.set_fault(Fault::Fail {
+        op: Some("DiscoverInstancesRevision".into()),
+    });
+    let cycles_before = sd.status().await["last_discovery"]["time"].clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set_fault(Fault::None);
+    let log = sd.proc.log_text();
+    let failed_cycles = log
+        .lines()
+        .filter(|l| l.contains("discovery cycle:") && l.contains("calls failed"))
+        .count();
+    let warns = warn_lines(&log) - before;
+    assert!(failed_cycles >= 5, "{failed_cycles} failed cycles logged");
+    assert_eq!(warns, failed_cycles, "one WARN line per failed cycle:\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("calls failed"))
+        .expect("a cycle's line");
+    assert!(
+        line.contains("servicediscovery:DiscoverInstancesRevision") && line.contains("20"),
+        "the line counts the failures by kind and names one: {line}"
+    );
+    assert_ne!(sd.status().await["last_discovery"]["time"], cycles_before);
+}
+
+/// A successful answer that most targets are gone (here: the namespace list now
+/// names a namespace that does not exist, as after a wrong edit) is held until
+/// seen DROP_CONFIRM_CYCLES cycles in a row; `MAX_DROP_FRACTION=0` turns that off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mass_disappearance_is_held_until_confirmed() {
+    let moto = Moto::start().await;
+    let (cm, _svc) = post_setup(&moto).await;
+    cm.put_namespaces_parameter("ECS-Namespaces", "ecs-services")
+        .await;
+    let start = |name: &'static str, extra: &'static [(&'static str, &'static str)]| {
+        let mut env = env_with(
+            &moto.endpoint,
+            &[
+                ("CONFIG_RELOAD_FREQUENCY", "1"),
+                ("DISCOVERY_NAMESPACES_PARAMETER_NAME", "ECS-Namespaces"),
+                ("DROP_CONFIRM_CYCLES", "3"),
+                ("LOG_FORMAT", "json"),
+            ],
+        );
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        async move { ShardSd::start(name, &env).await }
+    };
+    let guarded = start("guarded", &[]).await;
+    let unguarded = start("unguarded", &[("MAX_DROP_FRACTION", "0")]).await;
+    for sd in [&guarded, &unguarded] {
+        sd.wait_targets("targets", Duration::from_secs(10), |t| t.len() == 4)
+            .await;
+    }
+    cm.put_namespaces_parameter("ECS-Namespaces", "ecs-servcies")
+        .await;
+    let edited = Instant::now();
+    unguarded
+        .wait_targets("the unguarded replica to drop", Duration::from_secs(5), |t| {
+            t.is_empty()
+        })
+        .await;
+    // Held: the list stays, the hold shows in status and metrics.
+    let status = common::wait_for("a hold", Duration::from_secs(5), || async {
+        let s = guarded.status().await;
+        s["drop_hold"].is_object().then_some(s)
+    })
+    .await;
+    assert_eq!(status["drop_hold"]["would_drop"], 4, "{status}");
+    assert_eq!(status["drop_hold"]["cycles_needed"], 3, "{status}");
+    assert_eq!(guarded.targets().await.map(|t| t.len()), Some(4));
+    assert!(guarded.metrics().await.contains("shard_sd_drop_hold 1"));
+    // Confirmed by the third identical answer: published.
+    guarded
+        .wait_targets("the confirmed drop", Duration::from_secs(10), |t| t.is_empty())
+        .await;
+    let held_for = edited.elapsed();
+    assert!(
+        held_for >= Duration::from_secs(2),
+        "published after {held_for:?}, under 3 cycles"
+    );
+    assert!(guarded.status().await["drop_hold"].is_null());
+    assert!(guarded.metrics().await.contains("shard_sd_drop_hold 0"));
+    let warned = guarded
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("MAX_DROP_FRACTION") && l.contains("\"WARN\""))
+        .count();
+    assert_eq!(warned, 1, "one WARN line for the hold");
+    println!("MEASURE a drop of every target was published {held_for:?} after the edit");
+}

@@ -242,14 +242,14 @@ impl Checker {
         }
     }
 
-    /// Kinds of the windows whose effect overlaps `[from, to]`.
+    /// Kinds of the windows in effect when a run that lasted until `to` began at `from`.
     fn kinds(&self, from: Instant, to: Instant) -> Vec<String> {
         let mut kinds: Vec<String> = self
             .windows
             .iter()
             .filter(|w| {
                 let (s, e) = w.span(to);
-                s <= to && e >= from
+                s <= from && e >= from
             })
             .map(|w| w.kind.clone())
             .collect();

@@ -6,7 +6,8 @@
 //! replacement, DynamoDB faults for one replica or all (stall, HTTP 500, access
 //! denied, throttling, added latency, lost responses of applied writes), Cloud Map
 //! and SSM faults (stall, HTTP 500, throttling, access denied on one operation,
-//! latency), registration churn.
+//! latency), a replica's peer listener partitioned from the others (the leader's,
+//! often), registration churn.
 //!
 //! The checker (see `checker.rs`) reads every replica's http_sd every 200 ms the
 //! way Prometheus does and holds the cluster to four invariants: bounded
@@ -17,8 +18,8 @@
 //! `CHAOS_SEED` (one seed, or several comma-separated) and `CHAOS_DURATION`
 //! (e.g. `90s`, `10m`) select the run; a failure prints the seed, the schedule and
 //! the timeline of actions and samples. At most two replicas are impaired
-//! (killed and not yet replaced, paused, stopping, or cut off from DynamoDB) at
-//! once, so that a standby exists for the checker's bounds to be meaningful;
+//! (killed and not yet replaced, paused, stopping, cut off from DynamoDB or from
+//! their peers) at once, so that a standby exists for the checker's bounds to be meaningful;
 //! DynamoDB faults on every replica come on top of that.
 
 #[path = "../common/mod.rs"]
@@ -118,6 +119,8 @@ struct Member {
     life: Life,
     /// The window of this member's own DynamoDB fault.
     dynamodb: Option<usize>,
+    /// The window of a partition of this member's peer listener.
+    partition: Option<usize>,
     /// Windows to close when the member resumes or stops.
     open: Vec<usize>,
 }
@@ -129,6 +132,7 @@ enum Undo {
     Replace(usize),
     ClearDynamoDb(Option<String>, Vec<usize>),
     ClearCloudMap(usize),
+    Heal(String, Vec<usize>),
 }
 
 struct Task {
@@ -352,6 +356,7 @@ impl Campaign {
             replica,
             life: Life::Running,
             dynamodb: None,
+            partition: None,
             open: Vec::new(),
         });
     }
@@ -369,7 +374,9 @@ impl Campaign {
         let members = self
             .members
             .iter()
-            .filter(|m| !matches!(m.life, Life::Running) || m.dynamodb.is_some())
+            .filter(|m| {
+                !matches!(m.life, Life::Running) || m.dynamodb.is_some() || m.partition.is_some()
+            })
             .count();
         replacing + members
     }
@@ -439,6 +446,7 @@ impl Campaign {
             Action::Kill { .. }
                 | Action::Term { .. }
                 | Action::Pause { .. }
+                | Action::Partition { .. }
                 | Action::DynamoDb { who: Some(_), .. }
         );
         let busy = match action {
@@ -476,8 +484,8 @@ impl Campaign {
                     for w in member.open.iter().chain(&windows) {
                         checker.close(*w, now);
                     }
-                    if let Some(w) = member.dynamodb {
-                        checker.close(w, now);
+                    for w in member.dynamodb.iter().chain(member.partition.iter()) {
+                        checker.close(*w, now);
                     }
                 }
                 drop(member);
@@ -585,6 +593,28 @@ impl Campaign {
                 ));
                 self.undos.push((now + *lasts, Undo::ClearCloudMap(window)));
             }
+            Action::Partition { who, lasts } => {
+                let Some((id, leader)) = self.resolve(who).await else {
+                    return;
+                };
+                // Nothing propagates from a partitioned leader, and drains wait.
+                let window = self.checker.lock().unwrap().open(
+                    kind.clone(),
+                    now,
+                    HEARTBEAT * 4,
+                    Blind::Discovery,
+                    true,
+                );
+                let member = self.member(&id).expect("member");
+                member.replica.peers.set_fault(Fault::Partition);
+                member.partition = Some(window);
+                self.now_note(format!(
+                    "peer listener of {id}{} cut off for {lasts:?}",
+                    if leader { " (leader)" } else { "" }
+                ));
+                self.undos
+                    .push((now + *lasts, Undo::Heal(id, vec![window])));
+            }
             Action::Register { service, count } => {
                 self.register(*service, *count).await;
                 self.now_note(format!(
@@ -652,6 +682,17 @@ impl Campaign {
                 }
                 checker.note(now, "DynamoDB answers every replica again");
             }
+            Undo::Heal(id, windows) => {
+                if let Some(member) = self.member(&id) {
+                    member.replica.peers.set_fault(Fault::None);
+                    member.partition = None;
+                }
+                let mut checker = self.checker.lock().unwrap();
+                for w in windows {
+                    checker.close(w, now);
+                }
+                checker.note(now, format!("peer listener of {id} reachable again"));
+            }
             Undo::ClearCloudMap(window) => {
                 self.cloud.set_fault(Fault::None);
                 self.cloud_map = None;
@@ -690,7 +731,12 @@ impl Campaign {
             self.addrs.lock().unwrap().remove(&id);
             let mut checker = self.checker.lock().unwrap();
             checker.remove_collector(&id);
-            for w in member.open.iter().chain(member.dynamodb.iter()) {
+            for w in member
+                .open
+                .iter()
+                .chain(member.dynamodb.iter())
+                .chain(member.partition.iter())
+            {
                 checker.close(*w, now);
             }
             checker.note(now, format!("{id} exited with {code:?} after SIGTERM"));

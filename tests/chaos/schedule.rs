@@ -32,6 +32,9 @@ pub enum Action {
     },
     /// A fault between the cluster and Cloud Map and SSM.
     CloudMap { fault: Fault, lasts: Duration },
+    /// A network partition between one replica's peer listener and the others
+    /// (DynamoDB and AWS still answer): followers cannot reach it if it leads.
+    Partition { who: Who, lasts: Duration },
     /// New ECS tasks in service `service`.
     Register { service: usize, count: usize },
     /// Tasks stopped: `count` registered tasks, picked by `pick`.
@@ -52,6 +55,7 @@ pub fn fault_name(fault: &Fault) -> String {
             format!("lost {} responses", op.as_deref().unwrap_or("any"))
         }
         Fault::Delay { by, .. } => format!("latency {}ms", by.as_millis()),
+        Fault::Partition => "partition".into(),
     }
 }
 
@@ -74,6 +78,7 @@ impl Action {
                 format!("DynamoDB all replicas: {}", fault_name(fault))
             }
             Action::CloudMap { fault, .. } => format!("Cloud Map: {}", fault_name(fault)),
+            Action::Partition { .. } => "peer partition".into(),
             Action::Register { .. } => "registration".into(),
             Action::Deregister { .. } => "deregistration".into(),
             Action::ToggleNamespace => "SSM edit".into(),
@@ -160,41 +165,45 @@ fn cloud_map_fault(rng: &mut fastrand::Rng) -> Fault {
 
 fn draw(rng: &mut fastrand::Rng, services: usize) -> Action {
     match rng.u32(0..100) {
-        0..=11 => Action::Kill {
+        0..=10 => Action::Kill {
             who: who(rng),
             restart_after: ms(rng, 0..2500),
         },
-        12..=20 => Action::Term {
+        11..=18 => Action::Term {
             who: who(rng),
             replace_first: rng.bool(),
         },
-        21..=28 => Action::Pause {
+        19..=26 => Action::Pause {
             who: who(rng),
             pause: ms(rng, 300..2800),
         },
-        29..=36 => Action::Pause {
+        27..=33 => Action::Pause {
             who: who(rng),
             pause: ms(rng, 3500..8000),
         },
-        37..=50 => Action::DynamoDb {
+        34..=46 => Action::DynamoDb {
             who: Some(who(rng)),
             fault: dynamodb_fault(rng),
             lasts: ms(rng, 500..9000),
         },
-        51..=57 => Action::DynamoDb {
+        47..=53 => Action::DynamoDb {
             who: None,
             fault: dynamodb_fault(rng),
             lasts: ms(rng, 500..8000),
         },
-        58..=69 => Action::CloudMap {
+        54..=64 => Action::CloudMap {
             fault: cloud_map_fault(rng),
             lasts: ms(rng, 500..8000),
         },
-        70..=81 => Action::Register {
+        65..=71 => Action::Partition {
+            who: who(rng),
+            lasts: ms(rng, 500..8000),
+        },
+        72..=82 => Action::Register {
             service: rng.usize(0..services),
             count: rng.usize(1..4),
         },
-        82..=92 => Action::Deregister {
+        83..=92 => Action::Deregister {
             count: rng.usize(1..4),
             pick: rng.u64(..),
         },

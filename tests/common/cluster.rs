@@ -18,6 +18,9 @@ pub const TOKEN: &str = "fault-test-token";
 /// Starts replica `id` over `shard_count` slots with fast leases (3 s, heartbeat
 /// 500 ms), Cloud Map and SSM through `cloud`, DynamoDB through a proxy of its own,
 /// JSON logs with term-stamped leader actions; `env` comes last and wins.
+///
+/// Peers reach it through a proxy of its own (its `ADVERTISE_ADDR`), so a test can
+/// cut it off from the other replicas while DynamoDB and AWS still answer.
 pub async fn start_replica(
     moto: &Moto,
     cloud: &AwsProxy,
@@ -26,9 +29,14 @@ pub async fn start_replica(
     env: &[(String, String)],
 ) -> Replica {
     let dynamodb = AwsProxy::start(&moto.endpoint).await;
+    let peer_listen = format!("127.0.0.1:{}", super::free_port());
+    let peers = AwsProxy::start(&format!("http://{peer_listen}")).await;
+    let advertise = peers.endpoint.trim_start_matches("http://").to_owned();
     let mut all = aws_env(&cloud.endpoint);
     all.retain(|(k, _)| k != "RUST_LOG");
     for (k, v) in [
+        ("PEER_LISTEN_ADDR", peer_listen.as_str()),
+        ("ADVERTISE_ADDR", advertise.as_str()),
         ("AWS_ENDPOINT_URL_DYNAMODB", dynamodb.endpoint.as_str()),
         ("LEASE_TABLE", "leases"),
         ("CREATE_TABLE", "true"),
@@ -52,6 +60,7 @@ pub async fn start_replica(
         id: id.to_owned(),
         sd,
         dynamodb,
+        peers,
     }
 }
 
@@ -60,6 +69,8 @@ pub struct Replica {
     pub sd: ShardSd,
     /// This replica's own way to DynamoDB.
     pub dynamodb: AwsProxy,
+    /// The other replicas' way to this one's peer listener.
+    pub peers: AwsProxy,
 }
 
 pub struct Cluster {
@@ -79,6 +90,16 @@ pub struct Cluster {
 impl Cluster {
     /// `replicas` replicas over `shard_count` slots, `targets` registered targets.
     pub async fn start(shard_count: &str, replicas: usize, targets: usize) -> Cluster {
+        Self::start_with(shard_count, replicas, targets, &[]).await
+    }
+
+    /// [`Cluster::start`], with `env` for every replica.
+    pub async fn start_with(
+        shard_count: &str,
+        replicas: usize,
+        targets: usize,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let moto = Moto::start().await;
         let cloud = AwsProxy::start(&moto.endpoint).await;
         let cm = CloudMap::new(&moto.sdk_config().await);
@@ -98,7 +119,10 @@ impl Cluster {
             replicas: Vec::new(),
             shard_count: shard_count.into(),
             expected: BTreeSet::new(),
-            extra_env: Vec::new(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         cluster.register(0..targets).await;
         for _ in 0..replicas {

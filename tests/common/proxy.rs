@@ -48,6 +48,9 @@ pub enum Fault {
         op: Option<String>,
         by: Duration,
     },
+    /// A network partition: nothing passes, in either direction, until the fault is
+    /// cleared; then what was held goes through (as TCP retransmits would).
+    Partition,
 }
 
 struct ProxyState {
@@ -56,6 +59,8 @@ struct ProxyState {
     page_size: usize,
     counts: Mutex<BTreeMap<String, u64>>,
     fault: Mutex<Fault>,
+    /// Notified whenever the fault changes.
+    changed: tokio::sync::Notify,
 }
 
 pub struct AwsProxy {
@@ -85,6 +90,7 @@ impl AwsProxy {
             page_size,
             counts: Mutex::new(BTreeMap::new()),
             fault: Mutex::new(Fault::None),
+            changed: tokio::sync::Notify::new(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -103,6 +109,7 @@ impl AwsProxy {
 
     pub fn set_fault(&self, fault: Fault) {
         *self.state.fault.lock().unwrap() = fault;
+        self.state.changed.notify_waiters();
     }
 
     /// Requests per operation (e.g. `ListServices`, `GetParameter`) since the last reset.
@@ -163,6 +170,17 @@ fn take_fault(state: &ProxyState, op: &str) -> Fault {
     }
 }
 
+/// Waits while a partition is in force.
+async fn cross_partition(state: &ProxyState) {
+    loop {
+        let changed = state.changed.notified();
+        if *state.fault.lock().unwrap() != Fault::Partition {
+            return;
+        }
+        changed.await;
+    }
+}
+
 async fn handle(
     State(state): State<Arc<ProxyState>>,
     method: Method,
@@ -178,6 +196,7 @@ async fn handle(
         .to_owned();
     *state.counts.lock().unwrap().entry(op.clone()).or_default() += 1;
 
+    cross_partition(&state).await;
     let fault = take_fault(&state, &op);
     match &fault {
         Fault::Throttle { code, .. } => {
@@ -202,7 +221,7 @@ async fn handle(
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
         Fault::Delay { by, .. } => tokio::time::sleep(*by).await,
-        Fault::DropResponse { .. } | Fault::None => {}
+        Fault::DropResponse { .. } | Fault::Partition | Fault::None => {}
     }
 
     let mut request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -232,9 +251,11 @@ async fn handle(
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
-    if matches!(fault, Fault::DropResponse { .. }) {
+    // A stall that began while the request was upstream swallows its answer too.
+    if matches!(fault, Fault::DropResponse { .. }) || *state.fault.lock().unwrap() == Fault::Hang {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
+    cross_partition(&state).await;
     let status = resp.status();
     let resp_headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap_or_default();
