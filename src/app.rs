@@ -267,8 +267,7 @@ async fn drain(
                 req = req.bearer_auth(token);
             }
             let doc: AssignmentDoc = req.send().await.ok()?.json().await.ok()?;
-            let assigned = doc.slots.into_iter().find(|s| s.slot == slot)?;
-            Some(assigned.handed_over_from(&shared.replica_id))
+            Some(doc.handed_over(slot, &shared.replica_id))
         };
         let handed = tokio::time::timeout_at(deadline, attempt).await;
         if handed == Ok(Some(true)) {

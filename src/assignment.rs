@@ -96,6 +96,27 @@ pub struct AssignedSlot {
     pub confirmed_holder: Option<String>,
 }
 
+impl AssignmentDoc {
+    /// Whether the targets of `slot`, which `me` released, are served by someone
+    /// else now: a new holder confirmed the slot's current shard, or the slot left
+    /// the assignment (no standby took it) and every remaining slot's holder
+    /// confirmed its current shard, the released targets included.
+    pub fn handed_over(&self, slot: u32, me: &str) -> bool {
+        match self.slots.iter().find(|s| s.slot == slot) {
+            Some(assigned) => assigned.handed_over_from(me),
+            None => {
+                self.generation.is_some()
+                    && !self.slots.is_empty()
+                    && self.slots.iter().all(|s| {
+                        s.holder.is_some()
+                            && s.confirmed_holder == s.holder
+                            && s.confirmed_generation >= s.generation
+                    })
+            }
+        }
+    }
+}
+
 impl AssignedSlot {
     /// Whether a holder other than `me` holds this slot and has confirmed its
     /// current shard: a stopping holder's targets are served by its successor.
@@ -538,6 +559,49 @@ mod tests {
             .map(|s| s.targets)
             .sum();
         assert_eq!(total, 100);
+    }
+
+    #[test]
+    fn a_released_slot_is_handed_over_only_once_someone_else_confirmed_its_targets() {
+        let slot =
+            |slot, holder: Option<&str>, generation, confirmed: Option<(&str, u64)>| AssignedSlot {
+                slot,
+                holder: holder.map(str::to_owned),
+                addr: None,
+                targets: 1,
+                draining: 0,
+                generation,
+                confirmed_generation: confirmed.map_or(0, |c| c.1),
+                confirmed_holder: confirmed.map(|c| c.0.to_owned()),
+            };
+        let doc = |slots| AssignmentDoc {
+            term: Some(2),
+            generation: Some(9),
+            slots,
+        };
+        // Still confirmed by the stopping holder only, or taken but not confirmed.
+        assert!(!doc(vec![slot(1, Some("me"), 5, Some(("me", 5)))]).handed_over(1, "me"));
+        assert!(!doc(vec![slot(1, Some("new"), 5, Some(("me", 5)))]).handed_over(1, "me"));
+        assert!(!doc(vec![slot(1, Some("new"), 5, Some(("new", 4)))]).handed_over(1, "me"));
+        assert!(doc(vec![slot(1, Some("new"), 5, Some(("new", 5)))]).handed_over(1, "me"));
+        // The slot left the assignment: every other slot must have confirmed.
+        let others = vec![
+            slot(0, Some("a"), 9, Some(("a", 9))),
+            slot(2, Some("b"), 8, Some(("b", 7))),
+        ];
+        assert!(!doc(others.clone()).handed_over(1, "me"));
+        let mut confirmed = others;
+        confirmed[1].confirmed_generation = 8;
+        assert!(doc(confirmed).handed_over(1, "me"));
+        let empty = AssignmentDoc {
+            term: None,
+            generation: None,
+            slots: vec![],
+        };
+        assert!(
+            !empty.handed_over(1, "me"),
+            "no assignment yet is no handover"
+        );
     }
 
     #[test]

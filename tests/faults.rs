@@ -351,7 +351,11 @@ async fn forged_confirmations_change_nothing() {
     }
     let after = assignment().await;
     let slots = after["slots"].as_array().unwrap();
-    assert_eq!(slots.len(), 3, "a confirmation grew the assignment: {after}");
+    assert_eq!(
+        slots.len(),
+        3,
+        "a confirmation grew the assignment: {after}"
+    );
     for s in slots {
         assert!(
             s["confirmed_generation"].as_u64() <= after["generation"].as_u64(),
@@ -375,7 +379,10 @@ async fn sigterm_exits_within_20s_with_open_long_polls_and_half_sent_requests() 
     let sd = &c.replica(0).sd;
     // A long-poll of a minute, from a peer that already has the shard.
     let status = sd.status().await;
-    let (term, generation) = (status["term"].as_u64().unwrap(), status["generation"].as_u64().unwrap());
+    let (term, generation) = (
+        status["term"].as_u64().unwrap(),
+        status["generation"].as_u64().unwrap(),
+    );
     let poll = http()
         .get(sd.peer_url(&format!(
             "/v1/shards/0?after_term={term}&after={generation}&wait_ms=60000"
@@ -405,7 +412,10 @@ async fn sigterm_exits_within_20s_with_open_long_polls_and_half_sent_requests() 
         String::from_utf8_lossy(&buf[..n]).find(" 200 ").is_none(),
         "a half-sent request was answered"
     );
-    assert!(cut_after >= Duration::from_secs(4), "cut after {cut_after:?}");
+    assert!(
+        cut_after >= Duration::from_secs(4),
+        "cut after {cut_after:?}"
+    );
     // A listener holds at most MAX_CONNECTIONS: with that many half-sent heads open,
     // the next client waits until the header-read timeout frees places.
     let cap = shard_sd::output::serve::MAX_CONNECTIONS;
@@ -422,15 +432,19 @@ async fn sigterm_exits_within_20s_with_open_long_polls_and_half_sent_requests() 
         .send()
         .await;
     assert!(quick.is_err(), "served beyond the connection cap");
-    common::wait_for("a place after the header timeout", Duration::from_secs(10), || async {
-        http()
-            .get(sd.url("/healthz"))
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status() == 200)
-    })
+    common::wait_for(
+        "a place after the header timeout",
+        Duration::from_secs(10),
+        || async {
+            http()
+                .get(sd.url("/healthz"))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+        },
+    )
     .await;
     let freed_after = crowded.elapsed();
     drop(crowd);
@@ -441,12 +455,20 @@ async fn sigterm_exits_within_20s_with_open_long_polls_and_half_sent_requests() 
         half.push(conn);
     }
     let term_at = Instant::now();
-    c.replicas[0].as_ref().unwrap().sd.proc.signal(libc::SIGTERM);
+    c.replicas[0]
+        .as_ref()
+        .unwrap()
+        .sd
+        .proc
+        .signal(libc::SIGTERM);
     let mut replica = c.replicas[0].take().unwrap();
     let code = replica.sd.proc.wait_exit(Duration::from_secs(25));
     let took = term_at.elapsed();
     assert_eq!(code, Some(0), "{}", replica.sd.proc.log_text());
-    assert!(took < Duration::from_secs(20), "exited {took:?} after SIGTERM");
+    assert!(
+        took < Duration::from_secs(20),
+        "exited {took:?} after SIGTERM"
+    );
     let answer = poll.await.unwrap();
     assert!(
         answer.is_err() || answer.unwrap().status() == 503,
@@ -493,7 +515,11 @@ async fn the_drain_waits_for_the_successor_itself_to_confirm() {
     c.replica(victim).sd.proc.signal(libc::SIGTERM);
     // Take the released slot at once and keep it alive, never confirming anything.
     let mut held = wait_for("the slot released", Duration::from_secs(5), || async {
-        let item = table.read(std::slice::from_ref(&pk)).await.ok()?.remove(&pk)?;
+        let item = table
+            .read(std::slice::from_ref(&pk))
+            .await
+            .ok()?
+            .remove(&pk)?;
         if !item.released {
             return None;
         }
@@ -506,7 +532,10 @@ async fn the_drain_waits_for_the_successor_itself_to_confirm() {
             break code;
         }
         held = table.renew(&held, &impostor).await.expect("renew");
-        assert!(stopping_at.elapsed() < Duration::from_secs(20), "did not stop");
+        assert!(
+            stopping_at.elapsed() < Duration::from_secs(20),
+            "did not stop"
+        );
     };
     let took = stopping_at.elapsed();
     let log = replica.sd.proc.log_text();
@@ -535,7 +564,11 @@ async fn two_processes_with_one_replica_id_do_not_act_as_each_other() {
         "the twin took the leader lease: {statuses:?}"
     );
     let slots: BTreeSet<u64> = statuses.iter().filter_map(|s| s["slot"].as_u64()).collect();
-    assert_eq!(slots.len(), 2, "each process holds a slot of its own: {statuses:?}");
+    assert_eq!(
+        slots.len(),
+        2,
+        "each process holds a slot of its own: {statuses:?}"
+    );
     let twin = log_lines(&c.replica(1).sd, "REPLICA_ID");
     assert!(
         twin.iter().any(|l| l["level"] == "ERROR"),
@@ -588,7 +621,10 @@ async fn a_stale_holder_stopped_by_sigterm_drains_its_slot() {
     }
     let (code, took) = exited.expect("the stale holder stopped");
     assert_eq!(code, 0);
-    assert!(took >= LEASE, "it left after {took:?}, before a successor could take the slot");
+    assert!(
+        took >= LEASE,
+        "it left after {took:?}, before a successor could take the slot"
+    );
     assert!(gaps.is_empty(), "targets went uncovered: {gaps:?}");
 }
 

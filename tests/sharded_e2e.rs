@@ -458,6 +458,13 @@ async fn scale_out_and_in_move_about_a_quarter_with_no_gap() {
     let mut stopping = c.replicas[i].take().unwrap();
     stopping.proc.signal(libc::SIGTERM);
     assert_eq!(stopping.proc.wait_exit(Duration::from_secs(15)), Some(0));
+    // Nobody takes the released slot: it served until the leader reassigned its
+    // targets and their new holders confirmed them.
+    assert!(
+        stopping.proc.log_text().contains("slot handed over"),
+        "{}",
+        stopping.proc.log_text()
+    );
     sampler.set_addrs(c.addrs());
     let back = c.settle_on("three shards again", 3).await;
     let o3 = owner(&back);

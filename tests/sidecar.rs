@@ -399,7 +399,10 @@ async fn a_failing_cycle_logs_one_warn_line() {
         .count();
     let warns = warn_lines(&log) - before;
     assert!(failed_cycles >= 5, "{failed_cycles} failed cycles logged");
-    assert_eq!(warns, failed_cycles, "one WARN line per failed cycle:\n{log}");
+    assert_eq!(
+        warns, failed_cycles,
+        "one WARN line per failed cycle:\n{log}"
+    );
     let line = log
         .lines()
         .find(|l| l.contains("calls failed"))
@@ -443,9 +446,11 @@ async fn a_mass_disappearance_is_held_until_confirmed() {
         .await;
     let edited = Instant::now();
     unguarded
-        .wait_targets("the unguarded replica to drop", Duration::from_secs(5), |t| {
-            t.is_empty()
-        })
+        .wait_targets(
+            "the unguarded replica to drop",
+            Duration::from_secs(5),
+            |t| t.is_empty(),
+        )
         .await;
     // Held: the list stays, the hold shows in status and metrics.
     let status = common::wait_for("a hold", Duration::from_secs(5), || async {
@@ -459,7 +464,9 @@ async fn a_mass_disappearance_is_held_until_confirmed() {
     assert!(guarded.metrics().await.contains("shard_sd_drop_hold 1"));
     // Confirmed by the third identical answer: published.
     guarded
-        .wait_targets("the confirmed drop", Duration::from_secs(10), |t| t.is_empty())
+        .wait_targets("the confirmed drop", Duration::from_secs(10), |t| {
+            t.is_empty()
+        })
         .await;
     let held_for = edited.elapsed();
     assert!(

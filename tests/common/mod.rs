@@ -213,8 +213,8 @@ impl ShardSd {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let given = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        let peer_addr = given("PEER_LISTEN_ADDR")
-            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let peer_addr =
+            given("PEER_LISTEN_ADDR").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shard-sd"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
