@@ -41,13 +41,13 @@ async fn conditional_acquire_renew_release() {
     let pk = t.leader_pk();
 
     let first = t
-        .acquire(&pk, None, &a)
+        .acquire(&pk, None, 0, &a)
         .await
         .expect("acquire missing item");
     assert_eq!(first.term, 1);
     // A second acquisition of a missing item loses: it exists now.
     assert!(matches!(
-        t.acquire(&pk, None, &b).await,
+        t.acquire(&pk, None, 0, &b).await,
         Err(LeaseError::Lost { .. })
     ));
 
@@ -64,18 +64,20 @@ async fn conditional_acquire_renew_release() {
         matches!(err, LeaseError::SameReplicaId { .. }) && err.to_string().contains("REPLICA_ID"),
         "{err}"
     );
-    // Renewing from a stale version, or as someone else, is a loss.
-    assert!(matches!(
-        t.renew(&first, &a).await,
-        Err(LeaseError::Lost { .. })
-    ));
+    // Renewing from an older version of an item still ours (holder, incarnation, not
+    // released) is an earlier renewal of ours that was applied unheard: it renews.
+    let renewed = t
+        .renew(&first, &a)
+        .await
+        .expect("the item is still ours at a version we never heard of");
+    // As someone else, it is a loss.
     assert!(matches!(
         t.renew(&renewed, &b).await,
         Err(LeaseError::Lost { .. })
     ));
     // Taking over needs the current version.
     assert!(matches!(
-        t.acquire(&pk, Some(&first), &b).await,
+        t.acquire(&pk, Some(&first), 0, &b).await,
         Err(LeaseError::Lost { .. })
     ));
 
@@ -87,10 +89,16 @@ async fn conditional_acquire_renew_release() {
     assert_eq!(stored.rvn, released.rvn);
 
     let taken = t
-        .acquire(&pk, Some(stored), &b)
+        .acquire(&pk, Some(stored), 0, &b)
         .await
         .expect("acquire released");
     assert_eq!(taken.term, 2, "each acquisition increments the term");
+    // Terms grow past what the acquirer has seen, even if the item was deleted.
+    let other = t
+        .acquire(&t.slot_pk(9), None, 41, &a)
+        .await
+        .expect("acquire missing");
+    assert_eq!(other.term, 42);
     assert_eq!(
         t.read(std::slice::from_ref(&pk)).await.unwrap()[&pk].holder,
         "bb"
@@ -104,7 +112,10 @@ async fn a_retried_renewal_or_acquisition_that_had_succeeded_is_recognised() {
     let direct = table(&moto.endpoint, WallClock::default()).await;
     let t = table(&proxy.endpoint, WallClock::default()).await;
     let a = holder("a");
-    let held = t.acquire(&t.slot_pk(0), None, &a).await.expect("acquire");
+    let held = t
+        .acquire(&t.slot_pk(0), None, 0, &a)
+        .await
+        .expect("acquire");
 
     // The first attempt reaches DynamoDB but its answer is lost; the SDK retries the
     // same write, which now fails its condition. ALL_OLD shows our own new version.
@@ -124,7 +135,7 @@ async fn a_retried_renewal_or_acquisition_that_had_succeeded_is_recognised() {
     // A real loss is still a loss: someone else took the item meanwhile.
     let b = holder("bb");
     direct
-        .acquire(&t.slot_pk(0), Some(&stored), &b)
+        .acquire(&t.slot_pk(0), Some(&stored), 0, &b)
         .await
         .expect("take over");
     assert!(matches!(
@@ -140,7 +151,7 @@ async fn a_retried_renewal_or_acquisition_that_had_succeeded_is_recognised() {
     });
     proxy.reset_counts();
     let acquired = t
-        .acquire(&t.slot_pk(0), Some(&taken), &a)
+        .acquire(&t.slot_pk(0), Some(&taken), 0, &a)
         .await
         .expect("a retried acquisition that had succeeded is a success");
     assert_eq!(proxy.counts()["PutItem"], 2, "the SDK retried once");
@@ -153,7 +164,7 @@ async fn wall_clock_offset_is_only_written_down() {
     let moto = Moto::start().await;
     let skewed = table(&moto.endpoint, WallClock::with_offset_ms(10 * 60_000)).await;
     let item = skewed
-        .acquire(&skewed.leader_pk(), None, &holder("a"))
+        .acquire(&skewed.leader_pk(), None, 0, &holder("a"))
         .await
         .unwrap();
     let now = WallClock::default().now_ms();
@@ -205,7 +216,7 @@ async fn denied_access_names_the_table_and_the_iam_actions() {
         code: "AccessDeniedException".into(),
     });
     let err = t
-        .acquire(&t.leader_pk(), None, &holder("a"))
+        .acquire(&t.leader_pk(), None, 0, &holder("a"))
         .await
         .unwrap_err();
     assert!(err.is_configuration());
@@ -218,4 +229,35 @@ async fn denied_access_names_the_table_and_the_iam_actions() {
     ] {
         assert!(msg.contains(needle), "{needle} not in {msg}");
     }
+}
+
+/// A renewal applied whose every answer was lost (the call timed out) leaves the
+/// item at a version this replica never heard of: the next renewal, on the old
+/// version, finds the item still its own and renews it instead of giving it up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_applied_unheard_does_not_lose_the_lease() {
+    let moto = Moto::start().await;
+    let proxy = AwsProxy::start(&moto.endpoint).await;
+    let t = table(&proxy.endpoint, WallClock::default()).await;
+    let a = holder("a");
+    let held = t
+        .acquire(&t.slot_pk(0), None, 0, &a)
+        .await
+        .expect("acquire");
+    proxy.set_fault(Fault::DropResponse {
+        op: Some("UpdateItem".into()),
+        remaining: 100,
+    });
+    assert!(t.renew(&held, &a).await.is_err(), "every answer was lost");
+    proxy.set_fault(Fault::None);
+    let stored = t.read(&[t.slot_pk(0)]).await.unwrap()[&t.slot_pk(0)].clone();
+    assert_ne!(stored.rvn, held.rvn, "the lost renewal was applied");
+    let renewed = t.renew(&held, &a).await.expect("still ours");
+    assert_eq!(renewed.holder, "a");
+    // Releasing from the old version works the same way.
+    let _ = t.renew(&held, &a).await.expect("still ours");
+    t.release(&held, &a)
+        .await
+        .expect("release from an old version");
+    assert!(t.read(&[t.slot_pk(0)]).await.unwrap()[&t.slot_pk(0)].released);
 }

@@ -24,6 +24,10 @@ use crate::clock::WallClock;
 pub const IAM_ACTIONS: &str =
     "dynamodb:GetItem, dynamodb:BatchGetItem, dynamodb:PutItem, dynamodb:UpdateItem";
 
+/// Longest lease an item may claim: a corrupted `lease_ms` must not make an item
+/// untakeable for ever.
+pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+
 /// A lease as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LeaseItem {
@@ -112,6 +116,15 @@ impl LeaseItem {
                 .get(k)
                 .and_then(|v| v.as_n().ok())
                 .and_then(|n| n.parse::<f64>().ok())
+                .filter(|n| n.is_finite())
+        };
+        // Whole numbers as written; anything else (a fraction, an exponent, a
+        // negative) reads as 0, which the next acquisition writes over.
+        let get_u64 = |k: &str| {
+            attrs
+                .get(k)
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse::<u64>().ok())
         };
         Some(LeaseItem {
             pk: get_s("pk")?,
@@ -119,8 +132,8 @@ impl LeaseItem {
             addr: get_s("addr").unwrap_or_default(),
             weight: get_n("weight").filter(|w| *w > 0.0).unwrap_or(1.0),
             rvn: get_s("rvn").unwrap_or_default(),
-            lease: Duration::from_millis(get_n("lease_ms").unwrap_or(0.0).max(0.0) as u64),
-            term: get_n("term").unwrap_or(0.0).max(0.0) as u64,
+            lease: Duration::from_millis(get_u64("lease_ms").unwrap_or(0)).min(MAX_LEASE),
+            term: get_u64("term").unwrap_or(0),
             released: attrs
                 .get("released")
                 .and_then(|v| v.as_bool().ok())
@@ -296,13 +309,16 @@ impl LeaseTable {
     }
 
     /// Takes a lease that is missing (`seen` is `None`) or that was seen released
-    /// or expired with version `seen.rvn`. Returns the item as written. As with
+    /// or expired with version `seen.rvn`. The new term is one above both the seen
+    /// item's and `after_term` (the highest this replica knows, so that terms grow
+    /// even if the item was deleted). Returns the item as written. As with
     /// renewals, a condition failure whose old item carries the version this call
     /// wrote is the success of an earlier attempt whose answer was lost.
     pub async fn acquire(
         &self,
         pk: &str,
         seen: Option<&LeaseItem>,
+        after_term: u64,
         me: &HolderInfo,
     ) -> Result<LeaseItem, LeaseError> {
         let item = LeaseItem {
@@ -312,7 +328,7 @@ impl LeaseTable {
             weight: me.weight,
             rvn: new_rvn(),
             lease: me.lease,
-            term: seen.map_or(0, |s| s.term) + 1,
+            term: seen.map_or(0, |s| s.term).max(after_term).saturating_add(1),
             released: false,
             renewed_at_ms: self.clock.now_ms(),
             incarnation: me.incarnation.clone(),
@@ -372,12 +388,36 @@ impl LeaseTable {
         self.write_conditional(held, me, true).await
     }
 
+    /// A condition failure whose old item is still this process's (holder and
+    /// incarnation ours, not released) means an earlier write of ours was applied
+    /// but its answer lost: the write is made once more on the version found.
     async fn write_conditional(
         &self,
         held: &LeaseItem,
         me: &HolderInfo,
         release: bool,
     ) -> Result<LeaseItem, LeaseError> {
+        match self.write_conditional_once(held, me, release).await {
+            Err(Retry::On(current)) => {
+                match self.write_conditional_once(&current, me, release).await {
+                    Err(Retry::On(_)) => Err(LeaseError::Lost {
+                        pk: held.pk.clone(),
+                    }),
+                    Err(Retry::Failed(err)) => Err(err),
+                    Ok(item) => Ok(item),
+                }
+            }
+            Err(Retry::Failed(err)) => Err(err),
+            Ok(item) => Ok(item),
+        }
+    }
+
+    async fn write_conditional_once(
+        &self,
+        held: &LeaseItem,
+        me: &HolderInfo,
+        release: bool,
+    ) -> Result<LeaseItem, Retry> {
         let mut next = held.clone();
         next.rvn = new_rvn();
         next.renewed_at_ms = self.clock.now_ms();
@@ -414,18 +454,30 @@ impl LeaseTable {
                     match current {
                         Some(cur) if cur.holder == me.id && cur.rvn == next.rvn => Ok(next),
                         Some(cur) if cur.holder == me.id && cur.incarnation != me.incarnation => {
-                            Err(LeaseError::SameReplicaId {
+                            Err(Retry::Failed(LeaseError::SameReplicaId {
                                 id: me.id.clone(),
                                 pk: held.pk.clone(),
-                            })
+                            }))
                         }
-                        _ => Err(LeaseError::Lost {
+                        Some(cur) if cur.holder == me.id && !cur.released => Err(Retry::On(cur)),
+                        _ => Err(Retry::Failed(LeaseError::Lost {
                             pk: held.pk.clone(),
-                        }),
+                        })),
                     }
                 }
-                _ => Err(self.classify("dynamodb:UpdateItem", &held.pk, &err)),
+                _ => Err(Retry::Failed(self.classify(
+                    "dynamodb:UpdateItem",
+                    &held.pk,
+                    &err,
+                ))),
             },
         }
     }
+}
+
+/// Why one conditional write did not succeed.
+enum Retry {
+    /// The item is still ours, at this version: write again on it.
+    On(LeaseItem),
+    Failed(LeaseError),
 }

@@ -291,6 +291,9 @@ pub struct Coordinator {
     last_leader: Option<LeaseItem>,
     /// Items seen held under this REPLICA_ID by another process (reported once).
     duplicate_id: std::collections::HashSet<String>,
+    /// The highest leader term this replica has seen: a new term goes above it,
+    /// even if the leader item was deleted meanwhile.
+    highest_term: u64,
 }
 
 impl Coordinator {
@@ -308,6 +311,7 @@ impl Coordinator {
             lapsed: None,
             last_leader: None,
             duplicate_id: Default::default(),
+            highest_term: 0,
         }
     }
 
@@ -407,7 +411,15 @@ impl Coordinator {
             }
         }
         if let Some((slot, held)) = self.slot.clone() {
-            self.slot = self.renew_one(held, "slot").await.map(|h| (slot, h));
+            self.slot = self
+                .renew_one(held.clone(), "slot")
+                .await
+                .map(|h| (slot, h));
+            if self.slot.is_none() {
+                // A failed condition says only that the item moved: it is served
+                // stale until the table shows who holds it now.
+                self.lapsed = Some((slot, held.item));
+            }
         }
     }
 
@@ -427,7 +439,7 @@ impl Coordinator {
             }),
             Err(LeaseError::Lost { pk }) => {
                 self.cfg.renewal_failures.inc();
-                tracing::warn!(pk = %pk, "{what} lease lost to another replica");
+                tracing::warn!(pk = %pk, "{what} lease was changed by another writer");
                 None
             }
             Err(err @ LeaseError::SameReplicaId { .. }) => {
@@ -476,6 +488,9 @@ impl Coordinator {
                 .unwrap_or(0);
         }
         let received = Instant::now();
+        if let Some(leader) = items.get(&self.table.leader_pk()) {
+            self.highest_term = self.highest_term.max(leader.term);
+        }
         for item in items.values() {
             let moved = self.observer.observe(item, received);
             let other_process =
@@ -568,8 +583,16 @@ impl Coordinator {
 
     async fn try_acquire(&mut self, pk: &str, seen: Option<&LeaseItem>) -> Option<Held> {
         let sent = Instant::now();
-        match self.table.acquire(pk, seen, &self.cfg.me).await {
+        let after_term = if pk == self.table.leader_pk() {
+            self.highest_term
+        } else {
+            0
+        };
+        match self.table.acquire(pk, seen, after_term, &self.cfg.me).await {
             Ok(item) => {
+                if pk == self.table.leader_pk() {
+                    self.highest_term = self.highest_term.max(item.term);
+                }
                 self.observer.observe(&item, sent);
                 Some(Held {
                     item,
