@@ -150,12 +150,24 @@ pub async fn run(
         }
     };
     let mut highest_term = 0u64;
+    let mut table_term = 0u64;
     // (slot, term, generation) of the shard served.
     let mut have: Option<(u32, u64, u64)> = None;
     let mut last_error: Option<String> = None;
     loop {
         let current = view.borrow().at(Instant::now());
-        highest_term = highest_term.max(current.term.unwrap_or(0));
+        let term = current.term.unwrap_or(0);
+        if term < table_term {
+            // The leader item's term went down (the table was reset): fence anew.
+            tracing::warn!(
+                term,
+                table_term,
+                "the leader term in the lease table went down"
+            );
+            highest_term = term;
+        }
+        table_term = term;
+        highest_term = highest_term.max(term);
         let target = target_of(&current);
         let wait_for_change = match (current.role, current.slot, current.leader_addr.as_deref()) {
             (Role::Single, _, _) => return,
@@ -170,9 +182,10 @@ pub async fn run(
             }
             (Role::Follower, Some(slot), Some(addr)) => {
                 if have.is_none_or(|(s, _, _)| s != slot) {
-                    // A slot just taken: serve it from the mirrored assignment until the
-                    // leader answers (it may be the one that is down), else `[]`.
-                    have = start_slot(&shared, slot, highest_term);
+                    // A slot just taken (or held since this replica led): keep what is
+                    // served for it, else serve it from the mirrored assignment until
+                    // the leader answers (it may be the one that is down), else `[]`.
+                    have = start_slot(&shared, slot);
                 }
                 let after = have.map_or((0, 0), |(_, t, g)| (t, g));
                 let result = tokio::select! {
@@ -266,57 +279,98 @@ pub async fn mirror(
         }
         let fetched = async {
             let resp = req.send().await.ok()?;
+            if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
+                return Some(None);
+            }
             if !resp.status().is_success() {
                 return None;
             }
-            serde_json::from_slice::<SnapshotDoc>(&resp.bytes().await.ok()?).ok()
+            let doc = serde_json::from_slice::<SnapshotDoc>(&resp.bytes().await.ok()?);
+            Some(Some(doc))
         };
-        let doc = tokio::select! {
-            doc = fetched => doc,
+        let answer = tokio::select! {
+            answer = fetched => answer,
             _ = target_changed(&mut view, &target) => continue,
             _ = cancel.cancelled() => return,
         };
-        match doc {
-            Some(doc)
-                if (doc.term, doc.generation) > after && doc.term >= current.term.unwrap_or(0) =>
-            {
-                let mut groups = Vec::new();
-                let mut shards = std::collections::BTreeMap::new();
-                let parsed = doc.shards.into_iter().try_for_each(|(slot, raw)| {
-                    let shard: Vec<crate::targets::Group> = serde_json::from_str(raw.get())?;
-                    shards.insert(slot, (Bytes::from(raw.get().to_owned()), shard.len()));
-                    groups.extend(shard);
-                    Ok::<_, serde_json::Error>(())
-                });
-                if let Err(err) = parsed {
-                    tracing::warn!("the leader's assignment has an invalid shard: {err}");
-                    continue;
-                }
-                after = (doc.term, doc.generation);
-                shared.set_mirror(Mirror {
-                    term: doc.term,
-                    generation: doc.generation,
-                    targets: crate::targets::from_groups(groups),
-                    slots: doc.slots,
-                    shards,
-                });
-            }
-            // 304, an error, or a deposed leader: back off briefly.
-            _ => {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    _ = cancel.cancelled() => return,
+        let term = current.term.unwrap_or(0);
+        if after.0 > term {
+            // The leader term in the lease table went down (the table was reset).
+            after = (0, 0);
+        }
+        match answer {
+            Some(Some(Ok(doc))) if (doc.term, doc.generation) > after && doc.term >= term => {
+                match mirror_of(doc) {
+                    Ok(mirror) => {
+                        after = (mirror.term, mirror.generation);
+                        shared.set_mirror(mirror);
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::warn!("the leader's assignment has an invalid shard: {err}")
+                    }
                 }
             }
+            Some(Some(Err(err))) => tracing::warn!("the leader's assignment is invalid: {err}"),
+            // Nothing changed since the copy held: it is current.
+            Some(None) => {
+                if let Some(m) = shared.mirror().filter(|m| (m.term, m.generation) == after) {
+                    m.confirm_current();
+                }
+            }
+            // An error, or a deposed leader.
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = cancel.cancelled() => return,
         }
     }
 }
 
-/// Publishes what is known of a slot this replica just took: its shard in the
-/// mirrored assignment if that is of a term not older than `highest_term`, else
-/// `[]`. Returns the (slot, term, generation) served, to poll the leader after.
-fn start_slot(shared: &Shared, slot: u32, highest_term: u64) -> Option<(u32, u64, u64)> {
-    let mirror = shared.mirror().filter(|m| m.term >= highest_term);
+/// The mirror of a leader's assignment document: each shard kept as the bytes
+/// the leader rendered, and read once for the targets and their slots.
+fn mirror_of(doc: SnapshotDoc) -> Result<Mirror, serde_json::Error> {
+    let mut shards = std::collections::BTreeMap::new();
+    let mut owners: std::collections::HashMap<Vec<u8>, Vec<u32>> = Default::default();
+    let mut targets = Vec::new();
+    for (slot, raw) in doc.shards {
+        let groups: Vec<crate::targets::Group> = serde_json::from_str(raw.get())?;
+        shards.insert(slot, (Bytes::from(raw.get().to_owned()), groups.len()));
+        for target in crate::targets::from_groups(groups) {
+            let id = crate::sharding::key_bytes(&target, crate::sharding::ShardBy::Target);
+            let slots = owners.entry(id).or_default();
+            if slots.is_empty() {
+                targets.push(target);
+            }
+            slots.push(slot);
+        }
+    }
+    Ok(Mirror::new(
+        doc.term,
+        doc.generation,
+        targets,
+        owners,
+        doc.slots,
+        shards,
+    ))
+}
+
+/// What this replica serves for `slot`, which it holds and has no shard of from
+/// the leader yet: the shard it already serves for that slot (it held the slot
+/// while leading, or regained it after a lapse), else the slot's shard in the
+/// newest mirrored assignment (whatever its term: a copy is better than
+/// nothing), else `[]`. Returns the (slot, term, generation) served, to poll the
+/// leader after.
+fn start_slot(shared: &Shared, slot: u32) -> Option<(u32, u64, u64)> {
+    let served = shared
+        .targets()
+        .and_then(|p| p.shard)
+        .filter(|stamp| stamp.slot == Some(slot) && stamp.term > 0);
+    if let Some(stamp) = served {
+        return Some((slot, stamp.term, stamp.generation));
+    }
+    let mirror = shared.mirror();
     match mirror
         .as_ref()
         .and_then(|m| Some((m, m.shards.get(&slot)?)))

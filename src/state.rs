@@ -41,10 +41,50 @@ pub struct Mirror {
     pub term: u64,
     pub generation: u64,
     pub targets: Vec<crate::targets::Target>,
+    /// The slots serving each target (by identity, see `sharding::key_bytes`),
+    /// draining ones included: a new leader goes on with the handoffs in flight.
+    pub owners: std::collections::HashMap<Vec<u8>, Vec<u32>>,
     /// The membership of that assignment.
     pub slots: Vec<crate::sharding::Slot>,
     /// Each slot's rendered shard and its number of targets.
     pub shards: std::collections::BTreeMap<u32, (Bytes, usize)>,
+    /// When the copy was last known to be current: received, or confirmed
+    /// unchanged by its leader's long-poll, or this replica's own term ended.
+    current_at: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Mirror {
+    pub fn new(
+        term: u64,
+        generation: u64,
+        targets: Vec<crate::targets::Target>,
+        owners: std::collections::HashMap<Vec<u8>, Vec<u32>>,
+        slots: Vec<crate::sharding::Slot>,
+        shards: std::collections::BTreeMap<u32, (Bytes, usize)>,
+    ) -> Self {
+        Mirror {
+            term,
+            generation,
+            targets,
+            owners,
+            slots,
+            shards,
+            current_at: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// Its leader said nothing changed since: the copy is current now.
+    pub fn confirm_current(&self) {
+        *self.current_at.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long ago the copy was last known to be current.
+    pub fn age(&self) -> std::time::Duration {
+        self.current_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
 }
 
 /// The latest discovery cycle, as `/v1/status` shows it.
@@ -124,7 +164,8 @@ impl Shared {
         self.publish_stamped(Bytes::from(body), targets, None)
     }
 
-    /// Publishes this replica's shard (sharded mode).
+    /// Publishes this replica's shard (sharded mode). Nothing changes while
+    /// stopping: the last shard is served until its slot is handed over.
     pub fn publish_shard(
         &self,
         slot: Option<u32>,
@@ -133,6 +174,9 @@ impl Shared {
         body: Bytes,
         targets: usize,
     ) -> bool {
+        if self.is_draining() {
+            return false;
+        }
         let stamp = ShardStamp {
             slot,
             term,
@@ -228,5 +272,31 @@ impl Shared {
 
     pub fn update_status(&self, f: impl FnOnce(&mut DiscoveryStatus)) {
         f(&mut self.status.write().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        let registry = crate::aws::RequestStats::default();
+        Shared::new(
+            "r".into(),
+            "127.0.0.1:9002".into(),
+            watch::channel(CoordinationView::single()).1,
+            Arc::new(Metrics::new(&registry)),
+        )
+    }
+
+    #[test]
+    fn nothing_replaces_the_served_shard_while_stopping() {
+        let s = shared();
+        assert!(s.publish_shard(Some(1), 3, 7, Bytes::from_static(b"[1]"), 1));
+        s.set_draining();
+        assert!(!s.publish_shard(None, 3, 0, Bytes::from_static(b"[]"), 0));
+        let served = s.targets().expect("published");
+        assert_eq!(&served.body[..], b"[1]");
+        assert_eq!(served.shard.and_then(|st| st.slot), Some(1));
     }
 }
