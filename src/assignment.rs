@@ -151,6 +151,14 @@ struct Drain {
     until: Option<Instant>,
 }
 
+/// An assignment as a successor inherits it (see [`Assigner::inherited`]).
+#[derive(Debug)]
+pub struct Inherited {
+    pub targets: Vec<Target>,
+    pub owners: HashMap<Vec<u8>, Vec<u32>>,
+    pub slots: Vec<Slot>,
+}
+
 /// Counts of the last change, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Change {
@@ -234,11 +242,43 @@ impl Assigner {
             .collect()
     }
 
-    /// What a successor needs to go on where this assignment stands: its targets
-    /// and its membership. `None` before the first targets.
-    pub fn inherited(&self) -> Option<(Vec<Target>, Vec<Slot>)> {
-        self.has_targets
-            .then(|| (self.targets.values().cloned().collect(), self.slots.clone()))
+    /// What a successor needs to go on where this assignment stands: its targets,
+    /// the slots serving each (draining ones included) and its membership. `None`
+    /// before the first targets.
+    pub fn inherited(&self) -> Option<Inherited> {
+        if !self.has_targets {
+            return None;
+        }
+        let mut owners = self.owners.clone();
+        for (id, drains) in &self.draining {
+            let slots = owners.entry(id.clone()).or_default();
+            for d in drains {
+                if !slots.contains(&d.from) {
+                    slots.push(d.from);
+                }
+            }
+        }
+        Some(Inherited {
+            targets: self.targets.values().cloned().collect(),
+            owners,
+            slots: self.slots.clone(),
+        })
+    }
+
+    /// Starts from a previous term's assignment: its targets and the slots that
+    /// served each, so that a target still being handed over goes on being served
+    /// by its old slot until its new holder confirms it in this term.
+    pub fn seed(&mut self, targets: &[Target], owners: HashMap<Vec<u8>, Vec<u32>>) -> Change {
+        let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
+        self.owners = owners
+            .into_iter()
+            .map(|(id, mut slots)| {
+                slots.retain(|s| live.contains(s));
+                slots.sort_unstable();
+                (id, slots)
+            })
+            .collect();
+        self.set_targets(targets)
     }
 
     /// New discovery result.
@@ -339,9 +379,12 @@ impl Assigner {
         for (i, (id, _)) in self.targets.iter().enumerate() {
             let new: Vec<u32> = assignment.slots_of(i).to_vec();
             if let Some(old) = self.owners.get(id) {
-                if *old != new {
+                let same = old.len() == new.len() && old.iter().all(|s| new.contains(s));
+                if !same {
                     moved += 1;
-                    let to: Vec<u32> = new.iter().copied().filter(|s| !old.contains(s)).collect();
+                    // Every new owner confirms it in this term (one that had it already
+                    // confirms at once).
+                    let to = new.clone();
                     for from in old
                         .iter()
                         .copied()
@@ -602,6 +645,43 @@ mod tests {
             !empty.handed_over(1, "me"),
             "no assignment yet is no handover"
         );
+    }
+
+    #[test]
+    fn a_new_term_goes_on_with_the_handoffs_of_the_previous_one() {
+        let t0 = Instant::now();
+        let list: Vec<Target> = (0..300).map(target).collect();
+        let mut old = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
+        old.set_slots(&slots(&[0, 1, 2]));
+        old.set_targets(&list);
+        let change = old.set_slots(&slots(&[0, 1, 2, 3]));
+        assert!(change.moved > 0);
+        let before = old.snapshot().unwrap();
+        // The leader dies with the moved targets still draining.
+        let inherited = old.inherited().unwrap();
+        let mut new = Assigner::new(ShardBy::Target, Params::default(), GRACE, 2);
+        new.set_slots(&inherited.slots);
+        new.seed(&inherited.targets, inherited.owners);
+        let seeded = new.snapshot().unwrap();
+        for slot in 0..4 {
+            assert_eq!(
+                addresses(&seeded.shards[&slot]),
+                addresses(&before.shards[&slot]),
+                "slot {slot} serves what it served in the previous term"
+            );
+        }
+        // Only a confirmation in the new term, plus the grace, ends the handoff.
+        let g = seeded.shards[&3].generation;
+        new.confirm(3, "r3", g, t0);
+        new.tick(t0 + GRACE + Duration::from_secs(1));
+        let total: usize = new
+            .snapshot()
+            .unwrap()
+            .shards
+            .values()
+            .map(|s| s.targets)
+            .sum();
+        assert_eq!(total, 300);
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct LeaderConfig {
     pub handoff_grace: Duration,
     /// How long a slot that stopped being live still counts as a member.
     pub membership_grace: Duration,
+    /// How recently a mirrored assignment must have been known current for a new
+    /// leader to start from it.
+    pub seed_max_age: Duration,
 }
 
 /// The leader's assignment for one term, shared with the HTTP handlers that serve
@@ -115,20 +118,21 @@ impl LeaderHandle {
     /// The assignment as it stands, for the next term to start from.
     fn inherited(&self) -> Option<Mirror> {
         let assigner = self.lock();
-        let (targets, slots) = assigner.inherited()?;
+        let inherited = assigner.inherited()?;
         let shards = assigner
             .snapshot()?
             .shards
             .iter()
             .map(|(slot, shard)| (*slot, (shard.body.clone(), shard.targets)))
             .collect();
-        Some(Mirror {
-            term: assigner.term(),
-            generation: assigner.generation(),
-            targets,
-            slots,
+        Some(Mirror::new(
+            assigner.term(),
+            assigner.generation(),
+            inherited.targets,
+            inherited.owners,
+            inherited.slots,
             shards,
-        })
+        ))
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -191,18 +195,22 @@ fn leading_in(view: &watch::Receiver<CoordinationView>, term: u64) -> Option<Coo
     (leading_term(&current) == Some(term)).then_some(current)
 }
 
-/// The assignment a leader of `term` may start from: the one of the immediately
-/// preceding term (mirrored from its leader, or this replica's own), never an
-/// older one, which could be days out of date.
-pub fn seed_for(term: u64, mirror: Option<Arc<Mirror>>) -> Option<Arc<Mirror>> {
+/// The assignment a leader of `term` may start from: the last one this replica
+/// knew of an earlier term (mirrored from its leader, or its own), if that copy
+/// was known to be current within `max_age`, never an older one, which could be
+/// days out of date. A term in between that nobody led (an acquisition whose
+/// answer was lost) does not make a current copy stale.
+pub fn seed_for(term: u64, mirror: Option<Arc<Mirror>>, max_age: Duration) -> Option<Arc<Mirror>> {
     let mirror = mirror?;
-    if mirror.term + 1 == term {
+    let age = mirror.age();
+    if mirror.term < term && age <= max_age {
         Some(mirror)
     } else {
         tracing::info!(
             term,
             mirror_term = mirror.term,
-            "the mirrored assignment is not of the preceding term: waiting for discovery"
+            mirror_age_ms = age.as_millis() as u64,
+            "the mirrored assignment is not known to be current: waiting for discovery"
         );
         None
     }
@@ -257,7 +265,8 @@ pub async fn run(
                 slots = mirror.slots.len(),
                 "starting from the previous leader's assignment"
             );
-            let change = handle.apply(|a| a.set_targets(&mirror.targets));
+            let owners = mirror.owners.clone();
+            let change = handle.apply(|a| a.seed(&mirror.targets, owners));
             log_change("mirrored targets", &change, &handle, &shared);
         }
         if std::mem::take(&mut targets_pending) {
@@ -338,5 +347,34 @@ fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Share
                 0,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(term: u64) -> Arc<Mirror> {
+        Arc::new(Mirror::new(
+            term,
+            9,
+            Vec::new(),
+            Default::default(),
+            Vec::new(),
+            Default::default(),
+        ))
+    }
+
+    #[test]
+    fn a_new_leader_seeds_only_from_a_current_copy_of_an_earlier_term() {
+        let fresh = Duration::from_secs(60);
+        assert!(seed_for(5, Some(mirror(4)), fresh).is_some());
+        // A term in between that nobody led does not make a current copy stale.
+        assert!(seed_for(7, Some(mirror(4)), fresh).is_some());
+        // A copy not known current within the bound (days old, say) is not a seed.
+        assert!(seed_for(5, Some(mirror(4)), Duration::ZERO).is_none());
+        // Nor one of this term or a later one.
+        assert!(seed_for(4, Some(mirror(4)), fresh).is_none());
+        assert!(seed_for(5, None, fresh).is_none());
     }
 }
