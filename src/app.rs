@@ -17,7 +17,7 @@ use crate::clock::WallClock;
 use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::coordination::lease::{HolderInfo, LeaseTable};
 use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator};
-use crate::discovery::guard::{DropGuard, Verdict};
+use crate::discovery::guard::{self, DropGuard, Verdict};
 use crate::discovery::{CycleReport, Discoverer, DiscoveryOptions};
 use crate::follower;
 use crate::identity::{self, Identity, NoAdvertiseAddr};
@@ -206,12 +206,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     // The slot held, or served stale after its lease lapsed: either way its
     // collector scrapes it until a successor has it.
+    // The drain is bounded by the stop limit alone, not by HANDOFF_GRACE: ending it
+    // before a successor has the slot would leave its targets unserved.
     if let (Some(slot), Some(table)) = (last_view.serving_slot(), &lease_table) {
-        let limit = config.handoff_grace.min(
-            deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .saturating_sub(Duration::from_secs(1)),
-        );
+        let limit = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .saturating_sub(Duration::from_secs(1));
         drain(&shared, slot, table, config.peer_token.as_deref(), limit).await;
     }
     stop_serving.cancel();
@@ -230,7 +230,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
 /// After releasing `slot` on shutdown, waits until its new holder has confirmed
 /// its shard with the leader (so the slot's targets are never unserved), at most
-/// `limit` (`HANDOFF_GRACE`, within what is left of [`STOP_LIMIT`]). The leader is
+/// `limit` (what is left of [`STOP_LIMIT`]). The leader is
 /// looked up in the lease table on every attempt: a stopping leader has just
 /// handed leadership over too.
 async fn drain(
@@ -348,6 +348,9 @@ fn leader_config(config: &Config) -> LeaderConfig {
         params: config.sharding_params(),
         handoff_grace: config.handoff_grace,
         membership_grace: config.membership_grace(),
+        // A mirror is confirmed by each long-poll answer (at least every LONG_POLL);
+        // its leader's death and the election take about two leases more.
+        seed_max_age: follower::LONG_POLL + config.lease_duration * 2,
     }
 }
 
@@ -375,10 +378,15 @@ async fn lead_when_elected(
                 _ = shutdown.cancelled() => return,
             }
         };
-        let seed = leader::seed_for(term, shared.mirror());
+        let seed = leader::seed_for(term, shared.mirror(), cfg.seed_max_age);
         let leading = shutdown.child_token();
         let (targets_tx, targets_rx) = watch::channel(None);
-        let inherited = seed.as_ref().map(|m| Arc::new(m.targets.clone()));
+        // The guard's baseline until the first publication: what followers serve,
+        // the inherited assignment, or, without one, the last mirrored copy.
+        let inherited = seed
+            .clone()
+            .or_else(|| shared.mirror())
+            .map(|m| Arc::new(m.targets.clone()));
         let discovering = tokio::spawn(discovery_loop(
             Discoverer::new(aws.clone(), discovery.clone()),
             shared.clone(),
@@ -490,8 +498,13 @@ fn publish_cycle(
     };
     let previous = baseline.map_or(0, |b| b.len());
     let mut changed = false;
-    if may_publish && verdict == Verdict::Publish {
-        let list = Arc::new(built.targets.clone());
+    if may_publish {
+        // A held drop serves what was published and what is new, never less.
+        let (list, confirmed) = match (&verdict, baseline) {
+            (Verdict::Hold(_), Some(baseline)) => (guard::union(baseline, &built.targets), false),
+            _ => (built.targets.clone(), true),
+        };
+        let list = Arc::new(list);
         changed = match &publisher.sink {
             Sink::Serve => shared.publish(targets::render(list.iter()), list.len()),
             Sink::Leader(tx) => tx.send_if_modified(|current| {
@@ -502,7 +515,9 @@ fn publish_cycle(
                 differs
             }),
         };
-        publisher.published = Some(list);
+        if confirmed {
+            publisher.published = Some(list);
+        }
     }
     if changed {
         tracing::info!(

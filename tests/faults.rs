@@ -487,7 +487,7 @@ async fn sigterm_exits_within_20s_with_open_long_polls_and_half_sent_requests() 
 async fn the_drain_waits_for_the_successor_itself_to_confirm() {
     use shard_sd::clock::WallClock;
     use shard_sd::coordination::lease::{HolderInfo, LeaseTable};
-    let mut c = Cluster::start_with("3", 3, 30, &[("HANDOFF_GRACE", "4s")]).await;
+    let mut c = Cluster::start("3", 3, 30).await;
     c.settle("three shards", 3).await;
     let statuses = c.statuses().await;
     let victim = statuses
@@ -523,7 +523,7 @@ async fn the_drain_waits_for_the_successor_itself_to_confirm() {
         if !item.released {
             return None;
         }
-        table.acquire(&pk, Some(&item), &impostor).await.ok()
+        table.acquire(&pk, Some(&item), 0, &impostor).await.ok()
     })
     .await;
     let mut replica = c.replicas[victim].take().unwrap();
@@ -533,7 +533,7 @@ async fn the_drain_waits_for_the_successor_itself_to_confirm() {
         }
         held = table.renew(&held, &impostor).await.expect("renew");
         assert!(
-            stopping_at.elapsed() < Duration::from_secs(20),
+            stopping_at.elapsed() < Duration::from_secs(21),
             "did not stop"
         );
     };
@@ -542,7 +542,8 @@ async fn the_drain_waits_for_the_successor_itself_to_confirm() {
     assert_eq!(exited, 0, "{log}");
     assert!(!log.contains("slot handed over"), "{log}");
     assert!(log.contains("handoff not confirmed"), "{log}");
-    assert!(took >= Duration::from_secs(4), "stopped after {took:?}");
+    // Nobody confirmed: it served until its stop limit, not a moment less.
+    assert!(took >= Duration::from_secs(15), "stopped after {took:?}");
 }
 
 /// Two processes started with one REPLICA_ID are told apart by their incarnation:
@@ -580,7 +581,7 @@ async fn two_processes_with_one_replica_id_do_not_act_as_each_other() {
 /// it keeps serving until a successor has the slot instead of leaving at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_holder_stopped_by_sigterm_drains_its_slot() {
-    let mut c = Cluster::start_with("3", 4, 30, &[("HANDOFF_GRACE", "6s")]).await;
+    let mut c = Cluster::start("3", 4, 30).await;
     c.settle("three shards and a standby", 3).await;
     let statuses = c.statuses().await;
     let victim = statuses
@@ -598,7 +599,7 @@ async fn a_stale_holder_stopped_by_sigterm_drains_its_slot() {
     let stopped_at = Instant::now();
     let mut gaps = Vec::new();
     let mut exited = None;
-    while stopped_at.elapsed() < LEASE * 4 {
+    while exited.is_none() && stopped_at.elapsed() < Duration::from_secs(22) {
         let addrs = c.addrs();
         let missing = collectors.sample(&addrs, &c.expected).await;
         if !missing.is_empty() {
@@ -675,4 +676,87 @@ async fn a_new_holder_serves_its_slot_while_the_leader_is_unreachable() {
     c.replica(li).peers.set_fault(Fault::None);
     c.settle("settled after the partition", 3).await;
     println!("MEASURE dead slot uncovered {longest:?} with the leader unreachable");
+}
+
+/// A leader paused past its lease comes back as a follower of its successor and
+/// re-takes its own slot; with the successor unreachable it keeps serving the
+/// shard it served as leader instead of starting the slot over empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deposed_leader_that_regains_its_slot_keeps_serving_it() {
+    let c = Cluster::start("3", 3, 30).await;
+    let before = c.settle("three shards", 3).await;
+    let (li, status) = c.leader().await;
+    let term = status["term"].as_u64().unwrap();
+    let old = c.replica(li);
+    let served = before[&old.sd.addr].clone();
+    assert!(!served.is_empty());
+    old.sd.proc.signal(libc::SIGSTOP);
+    let (lj, _) = wait_for("a new leader", LEASE * 3, || async {
+        for (i, r) in c.replicas.iter().enumerate() {
+            let Some(r) = r.as_ref().filter(|_| i != li) else {
+                continue;
+            };
+            let s = r.sd.status().await;
+            if s["role"] == "leader" && s["term"].as_u64() > Some(term) {
+                return Some((i, s));
+            }
+        }
+        None
+    })
+    .await;
+    c.replica(lj).peers.set_fault(Fault::Partition);
+    old.sd.proc.signal(libc::SIGCONT);
+    wait_for(
+        "the old leader to hold its slot again",
+        LEASE * 2,
+        || async {
+            let s = old.sd.status().await;
+            (s["role"] == "follower" && s["slot"].is_u64()).then_some(())
+        },
+    )
+    .await;
+    let resumed = Instant::now();
+    while resumed.elapsed() < LEASE {
+        let now = shards(std::slice::from_ref(&old.sd.addr)).await;
+        assert_eq!(
+            now.get(&old.sd.addr),
+            Some(&served),
+            "{:?} after it regained its slot",
+            resumed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.replica(lj).peers.set_fault(Fault::None);
+    c.settle("settled after the partition", 3).await;
+}
+
+/// Terms only grow, even if the leader item is deleted (a table reset): the next
+/// acquisition goes above the highest term seen, and followers take its shards.
+#[tokio::test(flavor = "multi_thread")]
+async fn terms_keep_growing_when_the_leader_item_is_deleted() {
+    let mut c = Cluster::start("3", 3, 30).await;
+    c.settle("three shards", 3).await;
+    let term = c.leader().await.1["term"].as_u64().unwrap();
+    let sdk = common::sdk_config(&c.moto.endpoint).await;
+    let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+    ddb.delete_item()
+        .table_name("leases")
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S("default#leader".into()),
+        )
+        .send()
+        .await
+        .expect("DeleteItem");
+    let after = wait_for("a leader again", LEASE * 3, || async {
+        let statuses = c.statuses().await;
+        statuses
+            .into_iter()
+            .find(|s| s["role"] == "leader")
+            .filter(|s| s["term"].as_u64().is_some_and(|t| t > term))
+    })
+    .await;
+    assert!(after["term"].as_u64() > Some(term), "{after}");
+    c.register(100..106).await;
+    c.settle("new targets served under the new term", 3).await;
 }

@@ -2,11 +2,13 @@
 //! targets are gone: a wrong region or account after a configuration edit, a
 //! deleted namespace, an emptied namespace list. Publishing that at once empties
 //! every collector within one cycle. A result that would drop more than
-//! `MAX_DROP_FRACTION` of the published targets is held instead, until the same
-//! answer has been seen `DROP_CONFIRM_CYCLES` cycles in a row.
+//! `MAX_DROP_FRACTION` of the published targets is held instead, until such a
+//! drop has been seen `DROP_CONFIRM_CYCLES` cycles in a row. While it is held the
+//! publisher serves the union of the published list and the new answer, so that
+//! targets that appeared meanwhile (a deployment replacing most tasks over a few
+//! cycles) are served at once and nothing is served less.
 
-use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -17,14 +19,31 @@ use crate::targets::Target;
 /// A held result, as `/v1/status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DropHold {
-    /// When the result was first seen.
+    /// When the first of these cycles was seen.
     pub since: String,
-    /// Consecutive cycles that returned it, and how many publish it.
+    /// Consecutive cycles that dropped too much, and how many publish the drop.
     pub cycles_seen: u32,
     pub cycles_needed: u32,
     /// Published targets the result lacks, and how many are published.
     pub would_drop: usize,
     pub published: usize,
+}
+
+/// What is served while a drop is held: every target of `next`, and those of
+/// `published` that `next` lacks, in the order `next` is built in.
+pub fn union(published: &[Target], next: &[Target]) -> Vec<Target> {
+    let present: HashSet<Vec<u8>> = next.iter().map(identity).collect();
+    let mut all: Vec<Target> = next.to_vec();
+    let mut kept: HashMap<Vec<u8>, &Target> = HashMap::new();
+    for t in published {
+        let id = identity(t);
+        if !present.contains(&id) {
+            kept.entry(id).or_insert(t);
+        }
+    }
+    all.extend(kept.into_values().cloned());
+    all.sort();
+    all
 }
 
 /// What to do with a cycle's result.
@@ -38,8 +57,8 @@ pub enum Verdict {
 pub struct DropGuard {
     max_fraction: f64,
     confirm_cycles: u32,
-    /// The result being confirmed: its fingerprint and hold.
-    held: Option<(u64, DropHold)>,
+    /// The drop being confirmed.
+    held: Option<DropHold>,
 }
 
 fn identity(t: &Target) -> Vec<u8> {
@@ -62,7 +81,7 @@ impl DropGuard {
 
     /// The hold in force, if any.
     pub fn hold(&self) -> Option<&DropHold> {
-        self.held.as_ref().map(|(_, hold)| hold)
+        self.held.as_ref()
     }
 
     /// Judges `next` against what is `published`. Targets are compared by identity
@@ -79,31 +98,21 @@ impl DropGuard {
             self.release(None);
             return Verdict::Publish;
         }
-        let fingerprint = {
-            let mut ids: Vec<&Vec<u8>> = next_ids.iter().collect();
-            ids.sort();
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            ids.hash(&mut hasher);
-            hasher.finish()
-        };
-        let seen = match &self.held {
-            Some((fp, hold)) if *fp == fingerprint => hold.cycles_seen + 1,
-            _ => 1,
-        };
+        let seen = self.held.as_ref().map_or(0, |h| h.cycles_seen) + 1;
         if seen >= self.confirm_cycles {
             self.release(Some((would_drop, published_ids.len(), seen)));
             return Verdict::Publish;
         }
         let since = match &self.held {
-            Some((fp, hold)) if *fp == fingerprint => hold.since.clone(),
-            _ => {
+            Some(hold) => hold.since.clone(),
+            None => {
                 tracing::warn!(
                     would_drop,
                     published = published_ids.len(),
                     "discovery answered that {would_drop} of {} published targets are gone, more \
-                     than MAX_DROP_FRACTION ({}): holding the published list until the same \
-                     answer is seen {} cycles in a row (a wrong region, account or namespace \
-                     list looks like this; see /v1/status)",
+                     than MAX_DROP_FRACTION ({}): still serving them until such a drop is seen \
+                     {} cycles in a row (a wrong region, account or namespace list looks like \
+                     this; see /v1/status)",
                     published_ids.len(),
                     self.max_fraction,
                     self.confirm_cycles
@@ -118,7 +127,7 @@ impl DropGuard {
             would_drop,
             published: published_ids.len(),
         };
-        self.held = Some((fingerprint, hold.clone()));
+        self.held = Some(hold.clone());
         Verdict::Hold(hold)
     }
 
@@ -174,19 +183,43 @@ mod tests {
     }
 
     #[test]
-    fn a_different_answer_restarts_the_count_and_recovery_ends_the_hold() {
-        let mut guard = DropGuard::new(0.5, 2);
+    fn a_changing_drop_is_confirmed_too_and_recovery_ends_the_hold() {
+        let mut guard = DropGuard::new(0.5, 3);
         let published = targets(0..10);
         assert!(matches!(
             guard.check(&published, &targets(0..2)),
             Verdict::Hold(_)
         ));
-        let Verdict::Hold(hold) = guard.check(&published, &targets(0..3)) else {
-            panic!("a different answer must not be confirmed by the first");
+        // A drop that changes every cycle (new tasks registering) still counts.
+        let Verdict::Hold(hold) = guard.check(&published, &targets(1..4)) else {
+            panic!("held");
         };
-        assert_eq!(hold.cycles_seen, 1);
+        assert_eq!(hold.cycles_seen, 2);
+        // A cycle under the threshold ends the hold and restarts the count.
         assert_eq!(guard.check(&published, &published), Verdict::Publish);
         assert!(guard.hold().is_none());
+        assert!(matches!(
+            guard.check(&published, &targets(0..2)),
+            Verdict::Hold(DropHold { cycles_seen: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_hold_serves_the_union() {
+        let published = targets(0..6);
+        let next = targets(4..9);
+        let both = union(&published, &next);
+        let addrs: Vec<&str> = both.iter().map(|t| t.address.as_str()).collect();
+        assert_eq!(both.len(), 9, "{addrs:?}");
+        let mut sorted = both.clone();
+        sorted.sort();
+        assert_eq!(both, sorted);
+        // The new answer's version of a target wins.
+        let mut relabelled = next.clone();
+        relabelled[0].labels.insert("team".into(), "x".into());
+        let both = union(&published, &relabelled);
+        assert!(both.iter().any(|t| t.labels.contains_key("team")));
+        assert_eq!(both.len(), 9);
     }
 
     #[test]

@@ -90,16 +90,6 @@ pub struct Cluster {
 impl Cluster {
     /// `replicas` replicas over `shard_count` slots, `targets` registered targets.
     pub async fn start(shard_count: &str, replicas: usize, targets: usize) -> Cluster {
-        Self::start_with(shard_count, replicas, targets, &[]).await
-    }
-
-    /// [`Cluster::start`], with `env` for every replica.
-    pub async fn start_with(
-        shard_count: &str,
-        replicas: usize,
-        targets: usize,
-        env: &[(&str, &str)],
-    ) -> Cluster {
         let moto = Moto::start().await;
         let cloud = AwsProxy::start(&moto.endpoint).await;
         let cm = CloudMap::new(&moto.sdk_config().await);
@@ -119,10 +109,7 @@ impl Cluster {
             replicas: Vec::new(),
             shard_count: shard_count.into(),
             expected: BTreeSet::new(),
-            extra_env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            extra_env: Vec::new(),
         };
         cluster.register(0..targets).await;
         for _ in 0..replicas {
