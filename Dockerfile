@@ -19,7 +19,7 @@ FROM gcr.io/distroless/cc-debian12:nonroot AS shard-sd
 COPY --from=build /src/target/release/shard-sd /usr/local/bin/shard-sd
 # The distroless "nonroot" user.
 USER 65532:65532
-EXPOSE 9001
+EXPOSE 9001 9002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
   CMD ["/usr/local/bin/shard-sd", "probe", "http://127.0.0.1:9001/readyz"]
 ENTRYPOINT ["/usr/local/bin/shard-sd"]
