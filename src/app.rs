@@ -68,6 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         endpoint_url: config.aws_endpoint_url.clone(),
         call_timeout: config.aws_call_timeout,
         max_attempts: config.aws_max_attempts,
+        max_rps: config.aws_max_rps,
     })
     .await?;
     let sharded = config.lease_table.is_some();
@@ -127,6 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         source,
         health: config.health_status,
         concurrency: config.discovery_concurrency.into(),
+        interval: config.config_reload_frequency,
     };
     let guard = DropGuard::new(config.max_drop_fraction, config.drop_confirm_cycles);
     if config.lease_table.is_none() {
@@ -549,6 +551,17 @@ fn publish_cycle(
     metrics
         .discovery_cycle_seconds
         .observe(report.duration_ms as f64 / 1000.0);
+    metrics
+        .discovery_cycle_stretch_seconds
+        .set(report.stretch_ms as f64 / 1000.0);
+    let pace = discoverer
+        .aws()
+        .pacer
+        .max_rps()
+        .map(|_| discoverer.aws().pacer.rate());
+    if let Some(rate) = pace {
+        metrics.aws_pace_rps.set(rate);
+    }
     if report.errors.is_empty() {
         let unix = report
             .started
@@ -562,6 +575,8 @@ fn publish_cycle(
             time: time.clone(),
             outcome: report.outcome(),
             duration_ms: report.duration_ms,
+            stretch_ms: report.stretch_ms,
+            pace_rps: pace.filter(|r| r.is_finite()),
             aws_requests: report.aws_requests,
             services_refreshed: report.services_refreshed,
             errors: report.errors.clone(),

@@ -192,6 +192,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=20))]
     pub aws_max_attempts: u32,
 
+    /// Cloud Map calls per second at most, in all, slowed down further while AWS
+    /// throttles: the account's quota is shared with the applications' own discovery.
+    #[arg(long, env = "AWS_MAX_RPS", value_name = "AWS_MAX_RPS", default_value = "50",
+          value_parser = parse_rps)]
+    pub aws_max_rps: f64,
+
     /// Cloud Map services refreshed concurrently.
     #[arg(long, env = "DISCOVERY_CONCURRENCY", value_name = "DISCOVERY_CONCURRENCY", default_value = "8",
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -407,6 +413,13 @@ fn parse_fraction(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
         _ => Err("expected a fraction from 0 (off) to 1, e.g. 0.5 for half".into()),
+    }
+}
+
+fn parse_rps(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(r) if (1.0..=10_000.0).contains(&r) => Ok(r),
+        _ => Err("expected calls per second from 1 to 10000, e.g. 50".into()),
     }
 }
 

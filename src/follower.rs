@@ -200,6 +200,7 @@ pub async fn run(
                         body,
                         targets,
                     } if term >= highest_term => {
+                        shared.metrics.peer_bytes_received.inc_by(body.len() as u64);
                         highest_term = term;
                         have = Some((slot, term, generation));
                         shared.publish_shard(Some(slot), term, generation, body, targets);
@@ -285,8 +286,9 @@ pub async fn mirror(
             if !resp.status().is_success() {
                 return None;
             }
-            let doc = serde_json::from_slice::<SnapshotDoc>(&resp.bytes().await.ok()?);
-            Some(Some(doc))
+            let body = resp.bytes().await.ok()?;
+            shared.metrics.peer_bytes_received.inc_by(body.len() as u64);
+            Some(Some(serde_json::from_slice::<SnapshotDoc>(&body)))
         };
         let answer = tokio::select! {
             answer = fetched => answer,

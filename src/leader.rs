@@ -111,6 +111,7 @@ impl LeaderHandle {
     /// `holder`, which the caller checked holds `slot`, has received `generation` of `term`.
     pub fn confirm(&self, slot: u32, holder: &str, term: u64, generation: u64) {
         if term == self.term() {
+            tracing::debug!(target: "handoff", slot, holder, term, generation, "confirmed");
             self.apply(|a| a.confirm(slot, holder, generation, Instant::now()));
         }
     }

@@ -21,6 +21,9 @@ use crate::telemetry::Metrics;
 pub struct Published {
     pub body: Bytes,
     pub etag: String,
+    /// The same body gzip-compressed (Prometheus accepts gzip), and its own ETag.
+    pub gzip: Bytes,
+    pub gzip_etag: String,
     pub targets: usize,
     /// Sharded mode: the slot, leader term and generation this shard belongs to.
     pub shard: Option<ShardStamp>,
@@ -93,6 +96,10 @@ pub struct LastDiscovery {
     pub time: String,
     pub outcome: &'static str,
     pub duration_ms: u64,
+    /// How much longer than CONFIG_RELOAD_FREQUENCY the cycle took.
+    pub stretch_ms: u64,
+    /// The pace of Cloud Map calls at the end of the cycle, in calls per second.
+    pub pace_rps: Option<f64>,
     pub aws_requests: u64,
     pub services_refreshed: usize,
     pub errors: Vec<String>,
@@ -187,21 +194,26 @@ impl Shared {
 
     fn publish_stamped(&self, body: Bytes, targets: usize, shard: Option<ShardStamp>) -> bool {
         let etag = targets::etag(&body);
-        self.targets.send_if_modified(|current| {
-            if current
-                .as_ref()
-                .is_some_and(|p| p.etag == etag && p.shard == shard)
-            {
-                return false;
-            }
-            *current = Some(Arc::new(Published {
-                body,
-                etag,
-                targets,
-                shard,
-            }));
-            true
-        })
+        let unchanged = self
+            .targets
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| p.etag == etag && p.shard == shard);
+        if unchanged {
+            return false;
+        }
+        // Compressed once per change, never per request, and outside the lock.
+        let gzip = Bytes::from(targets::gzip(&body));
+        let gzip_etag = format!("{}-gzip\"", etag.trim_end_matches('"'));
+        self.targets.send_replace(Some(Arc::new(Published {
+            body,
+            etag,
+            gzip,
+            gzip_etag,
+            targets,
+            shard,
+        })));
+        true
     }
 
     /// The leader's assignment while this replica leads.

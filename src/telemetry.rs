@@ -67,6 +67,9 @@ pub struct Metrics {
     pub targets_moved: Counter,
     pub discovery_cycle_seconds: Histogram,
     pub last_discovery_success: Gauge<f64, AtomicU64>,
+    pub discovery_cycle_stretch_seconds: Gauge<f64, AtomicU64>,
+    pub aws_pace_rps: Gauge<f64, AtomicU64>,
+    pub peer_bytes_received: Counter,
     pub lease_renewal_failures: Counter,
     pub http_sd_requests: Family<CodeLabels, Counter>,
 }
@@ -87,6 +90,9 @@ impl Metrics {
             targets_moved: Counter::default(),
             discovery_cycle_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             last_discovery_success: Gauge::default(),
+            discovery_cycle_stretch_seconds: Gauge::default(),
+            aws_pace_rps: Gauge::default(),
+            peer_bytes_received: Counter::default(),
             lease_renewal_failures: Counter::default(),
             http_sd_requests: Family::default(),
             registry: Registry::default(),
@@ -143,6 +149,23 @@ impl Metrics {
             "Duration of discovery cycles",
             Unit::Seconds,
             metrics.discovery_cycle_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "discovery_cycle_stretch",
+            "How much longer than CONFIG_RELOAD_FREQUENCY the last discovery cycle took \
+             (AWS_MAX_RPS could not fit its calls in the interval); 0 when it fit",
+            Unit::Seconds,
+            metrics.discovery_cycle_stretch_seconds.clone(),
+        );
+        registry.register(
+            "aws_pace_rps",
+            "Cloud Map calls per second allowed now: AWS_MAX_RPS, less while AWS throttles",
+            metrics.aws_pace_rps.clone(),
+        );
+        registry.register(
+            "peer_bytes_received",
+            "Bytes of shards and assignments received from the leader",
+            metrics.peer_bytes_received.clone(),
         );
         registry.register(
             "last_successful_discovery_timestamp_seconds",

@@ -63,6 +63,7 @@ impl Env {
                 source,
                 health,
                 concurrency: 8,
+                interval: std::time::Duration::ZERO,
             },
         )
     }

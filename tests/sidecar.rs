@@ -371,6 +371,7 @@ async fn a_failing_cycle_logs_one_warn_line() {
                 ("CONFIG_RELOAD_FREQUENCY", "300ms"),
                 ("DISCOVERY_NAMESPACES", "ecs-services"),
                 ("AWS_MAX_ATTEMPTS", "1"),
+                ("AWS_MAX_RPS", "1000"),
                 ("LOG_FORMAT", "json"),
                 ("RUST_LOG", "info"),
             ],

@@ -1,6 +1,7 @@
 //! Thin wrappers over the Cloud Map calls discovery makes. Each returns plain
 //! data or an [`AwsCallError`] naming the resource, so the cycle logic in the
-//! parent module stays free of SDK types.
+//! parent module stays free of SDK types. Every call, and every page of a list,
+//! first waits its turn at the [`Pacer`].
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,7 @@ use aws_sdk_servicediscovery::types::{
 };
 use aws_sdk_servicediscovery::Client;
 
+use crate::aws::pacer::Pacer;
 use crate::aws::AwsCallError;
 use crate::config::HealthStatus;
 use crate::targets::Instance;
@@ -33,14 +35,20 @@ pub struct ServiceRef {
 }
 
 /// All namespaces of every type (DNS_PRIVATE, DNS_PUBLIC, HTTP), all pages.
-pub async fn list_namespaces(cm: &Client) -> Result<Vec<NamespaceRef>, AwsCallError> {
+pub async fn list_namespaces(
+    cm: &Client,
+    pacer: &Pacer,
+) -> Result<Vec<NamespaceRef>, AwsCallError> {
     let mut pages = cm
         .list_namespaces()
         .max_results(PAGE_SIZE)
         .into_paginator()
         .send();
     let mut out = Vec::new();
-    while let Some(page) = pages.next().await {
+    while let Some(page) = {
+        pacer.wait().await;
+        pages.next().await
+    } {
         let page = page.map_err(|e| {
             AwsCallError::new(
                 "servicediscovery:ListNamespaces",
@@ -69,6 +77,7 @@ pub async fn list_namespaces(cm: &Client) -> Result<Vec<NamespaceRef>, AwsCallEr
 /// hint only: callers confirm each service's namespace with [`service_namespace`].
 pub async fn list_services(
     cm: &Client,
+    pacer: &Pacer,
     ns: &NamespaceRef,
 ) -> Result<Vec<ServiceRef>, AwsCallError> {
     let filter = ServiceFilter::builder()
@@ -90,7 +99,10 @@ pub async fn list_services(
         .into_paginator()
         .send();
     let mut out = Vec::new();
-    while let Some(page) = pages.next().await {
+    while let Some(page) = {
+        pacer.wait().await;
+        pages.next().await
+    } {
         let page = page.map_err(|e| {
             AwsCallError::new(
                 "servicediscovery:ListServices",
@@ -113,8 +125,13 @@ pub async fn list_services(
 }
 
 /// The namespace id a service belongs to (immutable, so callers cache it).
-pub async fn service_namespace(cm: &Client, svc: &ServiceRef) -> Result<String, AwsCallError> {
+pub async fn service_namespace(
+    cm: &Client,
+    pacer: &Pacer,
+    svc: &ServiceRef,
+) -> Result<String, AwsCallError> {
     let resource = || format!("service {:?} ({})", svc.name, svc.id);
+    pacer.wait().await;
     let resp = cm.get_service().id(&svc.id).send().await.map_err(|e| {
         AwsCallError::new(
             "servicediscovery:GetService",
@@ -137,8 +154,10 @@ pub async fn service_namespace(cm: &Client, svc: &ServiceRef) -> Result<String, 
 
 pub async fn service_tags(
     cm: &Client,
+    pacer: &Pacer,
     svc: &ServiceRef,
 ) -> Result<BTreeMap<String, String>, AwsCallError> {
+    pacer.wait().await;
     let resp = cm
         .list_tags_for_resource()
         .resource_arn(&svc.arn)
@@ -161,9 +180,11 @@ pub async fn service_tags(
 
 pub async fn instances_revision(
     cm: &Client,
+    pacer: &Pacer,
     namespace: &str,
     service: &str,
 ) -> Result<Option<i64>, AwsCallError> {
+    pacer.wait().await;
     let resp = cm
         .discover_instances_revision()
         .namespace_name(namespace)
@@ -184,10 +205,12 @@ pub async fn instances_revision(
 /// The instances of a service, filtered by health, and the revision they belong to.
 pub async fn discover_instances(
     cm: &Client,
+    pacer: &Pacer,
     namespace: &str,
     service: &str,
     health: HealthStatus,
 ) -> Result<(Vec<Instance>, Option<i64>), AwsCallError> {
+    pacer.wait().await;
     let resp = cm
         .discover_instances()
         .namespace_name(namespace)

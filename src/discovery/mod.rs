@@ -13,11 +13,12 @@ pub mod guard;
 pub mod namespaces;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
+use crate::aws::pacer::Pacer;
 use crate::aws::{AwsCallError, AwsClients};
 use crate::config::HealthStatus;
 use crate::targets::{self, BuildOutput, Instance, ServiceData};
@@ -36,7 +37,14 @@ pub struct DiscoveryOptions {
     pub health: HealthStatus,
     /// Services refreshed at once.
     pub concurrency: usize,
+    /// The refresh interval, over which a complete discovery spreads its calls;
+    /// zero: no spreading.
+    pub interval: Duration,
 }
+
+/// The part of the refresh interval over which a cycle spreads its service
+/// refreshes, leaving room for the pacer's own delays.
+pub const SPREAD_FRACTION: f64 = 0.8;
 
 #[derive(Clone, Debug)]
 struct ServiceState {
@@ -85,6 +93,9 @@ pub struct CycleReport {
     #[serde(skip)]
     pub started: SystemTime,
     pub duration_ms: u64,
+    /// How much longer than the refresh interval the cycle took (the pacer could
+    /// not fit its calls in): 0 when it fit.
+    pub stretch_ms: u64,
     /// Every failed call, naming its resource. Empty on a clean cycle.
     pub errors: Vec<String>,
     /// Every configured namespace and each of its services has been read at least once.
@@ -176,7 +187,7 @@ impl Discoverer {
             Err(err) => other_errors.push(err.to_string()),
         }
 
-        match cloudmap::list_namespaces(&self.aws.cloudmap).await {
+        match cloudmap::list_namespaces(&self.aws.cloudmap, &self.aws.pacer).await {
             Ok(list) => {
                 self.index = Some(list.into_iter().map(|ns| (ns.name.clone(), ns)).collect())
             }
@@ -196,6 +207,10 @@ impl Discoverer {
             cycle: self.cycle,
             started,
             duration_ms: clock.elapsed().as_millis() as u64,
+            stretch_ms: clock
+                .elapsed()
+                .saturating_sub(self.opts.interval)
+                .as_millis() as u64,
             errors: messages,
             complete: self.is_complete(),
             services_refreshed: self.refreshed_this_cycle(),
@@ -249,8 +264,9 @@ impl Discoverer {
     /// Lists the services of every namespace, confirming each new service's namespace.
     async fn list_services(&mut self, errors: &mut Vec<AwsCallError>) {
         let cm = self.aws.cloudmap.clone();
+        let pacer = self.aws.pacer.clone();
         for state in self.namespaces.values_mut() {
-            let listed = match cloudmap::list_services(&cm, &state.ns).await {
+            let listed = match cloudmap::list_services(&cm, &pacer, &state.ns).await {
                 Ok(listed) => listed,
                 Err(err) => {
                     errors.push(err);
@@ -265,7 +281,7 @@ impl Discoverer {
             for svc in listed {
                 let ns_id = match self.service_namespace.get(&svc.id) {
                     Some(id) => id.clone(),
-                    None => match cloudmap::service_namespace(&cm, &svc).await {
+                    None => match cloudmap::service_namespace(&cm, &pacer, &svc).await {
                         Ok(id) => {
                             self.service_namespace.insert(svc.id.clone(), id.clone());
                             id
@@ -296,7 +312,11 @@ impl Discoverer {
     }
 
     /// Refreshes tags and instances of every known service, `concurrency` at a time.
+    /// Once discovery is complete, the services' turns are spread over
+    /// [`SPREAD_FRACTION`] of the refresh interval instead of bursting at its
+    /// start; until then they go as fast as the pacer allows.
     async fn refresh_services(&mut self, errors: &mut Vec<AwsCallError>) {
+        let spread = self.is_complete() && !self.opts.interval.is_zero();
         let mut work = Vec::new();
         for (ns_name, state) in &mut self.namespaces {
             if let Some(services) = state.services.as_mut() {
@@ -305,12 +325,19 @@ impl Discoverer {
                 }
             }
         }
-        let cm = &self.aws.cloudmap;
+        let step = if spread && !work.is_empty() {
+            self.opts.interval.mul_f64(SPREAD_FRACTION) / work.len() as u32
+        } else {
+            Duration::ZERO
+        };
+        let start = tokio::time::Instant::now();
+        let (cm, pacer) = (&self.aws.cloudmap, &*self.aws.pacer);
         let health = self.opts.health;
         let cycle = self.cycle;
-        let results: Vec<_> = stream::iter(work)
-            .map(|(ns_name, id, svc)| async move {
-                let (svc, errs) = refresh_service(cm, health, &ns_name, svc, cycle).await;
+        let results: Vec<_> = stream::iter(work.into_iter().enumerate())
+            .map(|(i, (ns_name, id, svc))| async move {
+                tokio::time::sleep_until(start + step * i as u32).await;
+                let (svc, errs) = refresh_service(cm, pacer, health, &ns_name, svc, cycle).await;
                 (ns_name, id, svc, errs)
             })
             .buffer_unordered(self.opts.concurrency.max(1))
@@ -454,6 +481,7 @@ fn log_failures(cycle: u64, other: &[String], errors: &[AwsCallError]) {
 /// the revision moved, or every [`FULL_REFRESH_CYCLES`]). Failed parts keep their value.
 async fn refresh_service(
     cm: &aws_sdk_servicediscovery::Client,
+    pacer: &Pacer,
     health: HealthStatus,
     namespace: &str,
     mut state: ServiceState,
@@ -461,7 +489,7 @@ async fn refresh_service(
 ) -> (ServiceState, Vec<AwsCallError>) {
     let mut errors = Vec::new();
     if state.tags.is_none() || cycle >= state.tags_cycle + TAG_REFRESH_CYCLES {
-        match cloudmap::service_tags(cm, &state.svc).await {
+        match cloudmap::service_tags(cm, pacer, &state.svc).await {
             Ok(tags) => {
                 state.tags = Some(tags);
                 state.tags_cycle = cycle;
@@ -471,7 +499,7 @@ async fn refresh_service(
     }
     let full = state.instances.is_none() || cycle >= state.instances_cycle + FULL_REFRESH_CYCLES;
     let changed = full
-        || match cloudmap::instances_revision(cm, namespace, &state.svc.name).await {
+        || match cloudmap::instances_revision(cm, pacer, namespace, &state.svc.name).await {
             Ok(rev) => rev.is_none() || rev != state.revision,
             Err(err) => {
                 errors.push(err);
@@ -479,7 +507,7 @@ async fn refresh_service(
             }
         };
     if changed {
-        match cloudmap::discover_instances(cm, namespace, &state.svc.name, health).await {
+        match cloudmap::discover_instances(cm, pacer, namespace, &state.svc.name, health).await {
             Ok((instances, revision)) => {
                 if instances.len() >= DISCOVER_MAX_RESULTS as usize && !state.warned_truncated {
                     tracing::warn!(

@@ -325,11 +325,18 @@ fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
                 .into_response();
         }
     }
-    let etag = HeaderValue::from_str(&published.etag).unwrap_or(HeaderValue::from_static("\"\""));
-    if if_none_match(headers, &published.etag) {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    let gzip = accepts_gzip(headers);
+    let (tag, body) = if gzip {
+        (&published.gzip_etag, &published.gzip)
+    } else {
+        (&published.etag, &published.body)
+    };
+    let etag = HeaderValue::from_str(tag).unwrap_or(HeaderValue::from_static("\"\""));
+    let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
+    if if_none_match(headers, tag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), vary]).into_response();
     }
-    (
+    let mut response = (
         [
             (
                 header::CONTENT_TYPE,
@@ -337,10 +344,36 @@ fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
             ),
             (header::ETAG, etag),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            vary,
         ],
-        published.body.clone(),
+        body.clone(),
     )
-        .into_response()
+        .into_response();
+    if gzip {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
+}
+
+/// Whether the client accepts a gzip body (`Accept-Encoding: gzip`, not `gzip;q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f64>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
 }
 
 /// Whether `If-None-Match` matches `etag` (weak comparison, as RFC 9110 asks for GET).
@@ -428,6 +461,21 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gzip_is_offered_when_accepted() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(v));
+            accepts_gzip(&h)
+        };
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        assert!(with("gzip"));
+        assert!(with("deflate, GZIP;q=0.5"));
+        assert!(with("*"));
+        assert!(!with("gzip;q=0"));
+        assert!(!with("br, deflate"));
+    }
 
     #[test]
     fn etag_matching() {

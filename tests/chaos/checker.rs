@@ -9,7 +9,10 @@
 //! - A target that has been served is *uncovered* while no collector holds it.
 //!   That may last at most `Bounds::gap`; time in a window that blinds
 //!   coordination (DynamoDB unreachable to every replica, plus its tail) does not
-//!   count, because nobody can then learn that a holder died.
+//!   count, because nobody can then learn that a holder died. The bound is for one
+//!   failure: when the replica that took over the target's slot (per the lease
+//!   table, read directly) is itself killed, paused or stopped during the gap, the
+//!   bound counts again from that failure.
 //! - A target registered (or whose namespace was added) and not served yet is
 //!   *pending*: at most `Bounds::pending`, not counting time in windows that
 //!   blind discovery (Cloud Map or SSM faults, an impaired leader) or coordination.
@@ -34,6 +37,8 @@ pub enum Blind {
 #[derive(Clone, Debug)]
 pub struct Window {
     pub kind: String,
+    /// The replica a process fault hit, if the window stops it serving.
+    pub victim: Option<String>,
     pub start: Instant,
     pub end: Option<Instant>,
     /// How long its effect outlasts it (retries in flight, leases to expire).
@@ -61,8 +66,11 @@ struct TargetState {
     expected: bool,
     /// Served by some collector since it was last expected.
     seen: bool,
-    /// Start of the current uncovered (or pending) run.
+    /// The slot whose holder served it when it was last held.
+    last_slot: Option<u32>,
+    /// Start of the current uncovered (or pending) run, and the slot it was lost with.
     missing_since: Option<Instant>,
+    lost_slot: Option<u32>,
     dup_since: Option<Instant>,
     flagged: bool,
 }
@@ -99,6 +107,8 @@ pub struct Checker {
     start: Instant,
     collectors: BTreeMap<String, BTreeSet<String>>,
     targets: BTreeMap<String, TargetState>,
+    /// Holder of each slot over time, as the lease table said (changes only).
+    holders: Vec<(Instant, BTreeMap<u32, String>)>,
     pub windows: Vec<Window>,
     pub violations: Vec<String>,
     /// Uncovered runs of served targets.
@@ -109,6 +119,8 @@ pub struct Checker {
     pub samples: u64,
     pub timeline: Vec<(Duration, String)>,
     last_counts: (usize, usize),
+    /// The collectors that last held each target twice.
+    last_dup_holders: BTreeMap<String, Vec<String>>,
 }
 
 /// Length of the union of `spans` within `[from, to]`.
@@ -133,6 +145,7 @@ impl Checker {
             start,
             collectors: BTreeMap::new(),
             targets: BTreeMap::new(),
+            holders: Vec::new(),
             windows: Vec::new(),
             violations: Vec::new(),
             worst_gap: Worst::default(),
@@ -141,6 +154,7 @@ impl Checker {
             samples: 0,
             timeline: Vec::new(),
             last_counts: (0, 0),
+            last_dup_holders: BTreeMap::new(),
         }
     }
 
@@ -164,7 +178,9 @@ impl Checker {
             .or_insert(TargetState {
                 expected: false,
                 seen: false,
+                last_slot: None,
                 missing_since: None,
+                lost_slot: None,
                 dup_since: None,
                 flagged: false,
             });
@@ -172,7 +188,9 @@ impl Checker {
             *state = TargetState {
                 expected: true,
                 seen: false,
+                last_slot: None,
                 missing_since: Some(now),
+                lost_slot: None,
                 dup_since: state.dup_since,
                 flagged: false,
             };
@@ -225,8 +243,22 @@ impl Checker {
         blind: Blind,
         explains_duplicates: bool,
     ) -> usize {
+        self.open_on(kind, None, now, tail, blind, explains_duplicates)
+    }
+
+    /// A window of a fault that stops `victim` serving (SIGKILL, SIGTERM, SIGSTOP).
+    pub fn open_on(
+        &mut self,
+        kind: impl Into<String>,
+        victim: Option<&str>,
+        now: Instant,
+        tail: Duration,
+        blind: Blind,
+        explains_duplicates: bool,
+    ) -> usize {
         self.windows.push(Window {
             kind: kind.into(),
+            victim: victim.map(str::to_owned),
             start: now,
             end: None,
             tail,
@@ -259,6 +291,48 @@ impl Checker {
             kinds.push("no fault".into());
         }
         kinds
+    }
+
+    /// Records who holds each slot now (read from the lease table).
+    pub fn holders_now(&mut self, now: Instant, holders: BTreeMap<u32, String>) {
+        if self.holders.last().map(|(_, h)| h) != Some(&holders) {
+            self.holders.push((now, holders));
+        }
+    }
+
+    /// Whether `replica` held `slot` around `at` (within a second either way, the
+    /// lease table being read once a sample).
+    fn held_around(&self, replica: &str, slot: u32, at: Instant) -> bool {
+        let margin = Duration::from_secs(1);
+        let before = at.checked_sub(margin).unwrap_or(at);
+        let in_force = self.holders.iter().rev().find(|(t, _)| *t <= before);
+        in_force
+            .into_iter()
+            .chain(
+                self.holders
+                    .iter()
+                    .filter(|(t, _)| *t + margin >= at && *t <= at + margin),
+            )
+            .any(|(_, h)| h.get(&slot).map(String::as_str) == Some(replica))
+    }
+
+    /// The start of a run lost with `slot`, moved up to the last failure, during
+    /// the run, of a replica that held that slot (a successor that failed too).
+    fn restart(&self, since: Instant, now: Instant, slot: Option<u32>) -> Instant {
+        let Some(slot) = slot else {
+            return since;
+        };
+        self.windows
+            .iter()
+            .filter(|w| w.start > since && w.start <= now)
+            .filter(|w| {
+                w.victim
+                    .as_deref()
+                    .is_some_and(|v| self.held_around(v, slot, w.start))
+            })
+            .map(|w| w.start)
+            .max()
+            .unwrap_or(since)
     }
 
     /// The part of `[from, to]` that counts against a bound.
@@ -296,16 +370,32 @@ impl Checker {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
+        // The slot each target is served for, by its collector's replica, per the
+        // lease table now.
+        let slot_of: BTreeMap<&str, u32> = self
+            .holders
+            .last()
+            .map(|(_, h)| h.iter().map(|(s, id)| (id.as_str(), *s)).collect())
+            .unwrap_or_default();
+        let mut served_slot: BTreeMap<String, u32> = BTreeMap::new();
+        for (id, list) in &self.collectors {
+            if let Some(slot) = slot_of.get(id.as_str()) {
+                for t in list {
+                    served_slot.entry(t.clone()).or_insert(*slot);
+                }
+            }
+        }
         let mut events = Vec::new();
         let (mut missing, mut twice) = (0, 0);
         let names: Vec<String> = self.targets.keys().cloned().collect();
         for name in names {
             let count = holders.get(&name).copied().unwrap_or(0);
-            let state = &self.targets[&name];
             // Duplicates, expected or not.
             if count >= 2 {
                 twice += 1;
-                if state.dup_since.is_none() {
+                let who = self.holders(&name);
+                self.last_dup_holders.insert(name.clone(), who);
+                if self.targets[&name].dup_since.is_none() {
                     self.targets.get_mut(&name).unwrap().dup_since = Some(now);
                 }
             } else if let Some(since) = self.targets.get_mut(&name).unwrap().dup_since.take() {
@@ -317,18 +407,20 @@ impl Checker {
             }
             if count == 0 {
                 missing += 1;
-                let since = *self
-                    .targets
-                    .get_mut(&name)
-                    .unwrap()
-                    .missing_since
-                    .get_or_insert(now);
+                let state = self.targets.get_mut(&name).unwrap();
+                if state.missing_since.is_none() {
+                    state.lost_slot = state.last_slot;
+                }
+                let since = *state.missing_since.get_or_insert(now);
                 self.check_open_gap(&name, since, now);
             } else {
                 let state = self.targets.get_mut(&name).unwrap();
                 let pending = !state.seen;
                 state.seen = true;
                 state.flagged = false;
+                if let Some(slot) = served_slot.get(&name) {
+                    state.last_slot = Some(*slot);
+                }
                 if let Some(since) = state.missing_since.take() {
                     self.end_gap(&name, since, now, pending);
                 }
@@ -354,7 +446,12 @@ impl Checker {
             return;
         }
         let pending = !state.seen;
-        let counted = self.counted(since, now, pending);
+        let from = if pending {
+            since
+        } else {
+            self.restart(since, now, state.lost_slot)
+        };
+        let counted = self.counted(from, now, pending);
         let bound = if pending {
             self.bounds.pending
         } else {
@@ -383,7 +480,12 @@ impl Checker {
 
     fn end_gap(&mut self, name: &str, since: Instant, now: Instant, pending: bool) {
         let kinds = self.kinds(since, now);
-        let counted = self.counted(since, now, pending);
+        let from = if pending {
+            since
+        } else {
+            self.restart(since, now, self.targets[name].lost_slot)
+        };
+        let counted = self.counted(from, now, pending);
         if pending {
             self.worst_pending.record(&kinds, now - since);
         } else {
@@ -425,11 +527,12 @@ impl Checker {
         }
         let msg = format!(
             "at {:.1}s: {name} held by two collectors for {:.2}s, bound {:.2}s, with no \
-             DynamoDB fault or pause to explain it; faults: {}",
+             DynamoDB fault or pause to explain it; faults: {}; held twice by {:?}",
             now.saturating_duration_since(self.start).as_secs_f64(),
             len.as_secs_f64(),
             self.bounds.duplicate.as_secs_f64(),
-            kinds.join(", ")
+            kinds.join(", "),
+            self.last_dup_holders.get(name).cloned().unwrap_or_default()
         );
         self.note(now, format!("VIOLATION {msg}"));
         Some(msg)
@@ -592,6 +695,45 @@ mod tests {
         );
         assert_eq!(c.violations.len(), 1, "the pause explains it");
         assert_eq!(c.worst_dup.0["pause"].0, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_successor_that_fails_too_restarts_the_bound() {
+        let run = |holder_of_slot: &str| {
+            let t0 = Instant::now();
+            let mut c = Checker::new(BOUNDS, t0);
+            c.add_collector("a");
+            c.add_collector("b");
+            c.expect("t1", t0);
+            c.holders_now(t0, BTreeMap::from([(0, "a".to_owned())]));
+            c.sample(
+                at(t0, 0.1),
+                answers(&[("a", Some(&["t1"])), ("b", Some(&[]))]),
+            );
+            // a dies; b is paused before it serves.
+            c.remove_collector("a");
+            c.sample(at(t0, 1.0), answers(&[("b", Some(&[]))]));
+            c.holders_now(
+                at(t0, 3.0),
+                BTreeMap::from([(0, holder_of_slot.to_owned())]),
+            );
+            c.open_on(
+                "pause",
+                Some("b"),
+                at(t0, 3.2),
+                Duration::ZERO,
+                Blind::Nothing,
+                true,
+            );
+            c.sample(at(t0, 6.0), answers(&[("b", Some(&[]))]));
+            let at_6 = c.violations.len();
+            c.sample(at(t0, 7.5), answers(&[("b", Some(&[]))]));
+            (at_6, c.violations.len())
+        };
+        // b took the slot: counted from b's pause, 2.8 s then 4.3 s.
+        assert_eq!(run("b"), (0, 1));
+        // b never held the slot: its pause restarts nothing (5 s, then 6.5 s).
+        assert_eq!(run("c"), (1, 1));
     }
 
     #[test]

@@ -39,6 +39,8 @@ use common::cluster::{start_replica, Replica};
 use common::proxy::{AwsProxy, Fault};
 use common::Moto;
 use schedule::{fault_name, schedule, Action, Who};
+use shard_sd::clock::WallClock;
+use shard_sd::coordination::lease::LeaseTable;
 
 pub const LEASE: Duration = Duration::from_secs(3);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -48,6 +50,7 @@ const RELOAD: Duration = Duration::from_secs(1);
 const CALL_LIMIT: Duration = Duration::from_secs(3);
 const REPLICAS: usize = 5;
 const SLOTS: &str = "3";
+const SLOT_COUNT: u32 = 3;
 const MAX_IMPAIRED: usize = 2;
 const PARAMETER: &str = "chaos-namespaces";
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -188,9 +191,24 @@ async fn fetch(client: &reqwest::Client, addr: &str) -> Option<BTreeSet<String>>
 }
 
 /// Samples every live collector's replica every 200 ms into the checker.
+/// Who holds each slot, read straight from the lease table (not through any
+/// replica's proxy): the checker's ground truth of who took over what.
+async fn slot_holders(table: &LeaseTable) -> Option<BTreeMap<u32, String>> {
+    let pks: Vec<String> = (0..SLOT_COUNT).map(|k| table.slot_pk(k)).collect();
+    let items = table.read(&pks).await.ok()?;
+    Some(
+        items
+            .values()
+            .filter(|i| !i.released && !i.holder.is_empty())
+            .filter_map(|i| Some((table.slot_of(&i.pk)?, i.holder.clone())))
+            .collect(),
+    )
+}
+
 fn spawn_sampler(
     checker: Arc<Mutex<Checker>>,
     addrs: Arc<Mutex<BTreeMap<String, String>>>,
+    table: LeaseTable,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let client = reqwest::Client::builder()
@@ -205,11 +223,14 @@ fn spawn_sampler(
             let answers = futures::future::join_all(list.iter().map(|(id, addr)| {
                 let client = client.clone();
                 async move { (id.clone(), fetch(&client, addr).await) }
-            }))
-            .await;
+            }));
+            let (answers, holders) = tokio::join!(answers, slot_holders(&table));
             let now = Instant::now();
             {
                 let mut checker = checker.lock().unwrap();
+                if let Some(holders) = holders {
+                    checker.holders_now(now, holders);
+                }
                 // A collector that went away while we asked has no say.
                 let live = addrs.lock().unwrap().clone();
                 let answers = answers
@@ -422,10 +443,21 @@ impl Campaign {
     }
 
     /// Opens the windows of an action that hits member `id`.
-    fn hit(&self, kind: &str, leader: bool, tail: Duration, explains: bool) -> Vec<usize> {
+    /// `stops` says whether the fault stops the replica serving (SIGKILL, SIGTERM,
+    /// SIGSTOP), which the checker needs to know when the replica took over a slot.
+    fn hit(
+        &self,
+        kind: &str,
+        id: &str,
+        stops: bool,
+        leader: bool,
+        tail: Duration,
+        explains: bool,
+    ) -> Vec<usize> {
         let now = Instant::now();
         let mut checker = self.checker.lock().unwrap();
-        let mut windows = vec![checker.open(kind, now, tail, Blind::Nothing, explains)];
+        let victim = stops.then_some(id);
+        let mut windows = vec![checker.open_on(kind, victim, now, tail, Blind::Nothing, explains)];
         if leader {
             // Discovery stops until a new leader runs a cycle.
             windows.push(checker.open(
@@ -468,7 +500,7 @@ impl Campaign {
                 let Some((id, leader)) = self.resolve(who).await else {
                     return;
                 };
-                let windows = self.hit("SIGKILL", leader, LEASE + HEARTBEAT, false);
+                let windows = self.hit("SIGKILL", &id, true, leader, LEASE + HEARTBEAT, false);
                 let pos = self
                     .members
                     .iter()
@@ -502,7 +534,7 @@ impl Campaign {
                 if *replace_first {
                     self.add_member().await;
                 }
-                let windows = self.hit("SIGTERM", leader, LEASE + HEARTBEAT, false);
+                let windows = self.hit("SIGTERM", &id, true, leader, LEASE + HEARTBEAT, false);
                 let member = self.member(&id).expect("member");
                 member.replica.sd.proc.signal(libc::SIGTERM);
                 member.life = Life::Stopping;
@@ -524,7 +556,7 @@ impl Campaign {
                 let Some((id, leader)) = self.resolve(who).await else {
                     return;
                 };
-                let windows = self.hit(&kind, leader, HEARTBEAT, true);
+                let windows = self.hit(&kind, &id, true, leader, HEARTBEAT, true);
                 let member = self.member(&id).expect("member");
                 member.replica.sd.proc.signal(libc::SIGSTOP);
                 member.life = Life::Paused;
@@ -542,7 +574,7 @@ impl Campaign {
                 let Some((id, leader)) = self.resolve(who).await else {
                     return;
                 };
-                let windows = self.hit(&kind, leader, LEASE + HEARTBEAT, true);
+                let windows = self.hit(&kind, &id, false, leader, LEASE + HEARTBEAT, true);
                 let member = self.member(&id).expect("member");
                 member.replica.dynamodb.set_fault(fault.clone());
                 member.dynamodb = Some(windows[0]);
@@ -831,7 +863,16 @@ async fn run(seed: u64, duration: Duration) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let stop = tokio_util::sync::CancellationToken::new();
-    let sampler = spawn_sampler(c.checker.clone(), c.addrs.clone(), stop.clone());
+    let sdk = common::sdk_config(&c.moto.endpoint).await;
+    let table = LeaseTable::new(
+        shard_sd::aws::clients_from(&sdk)
+            .expect("clients")
+            .dynamodb(Duration::from_millis(300), Duration::from_secs(1)),
+        "leases".into(),
+        "default".into(),
+        WallClock::default(),
+    );
+    let sampler = spawn_sampler(c.checker.clone(), c.addrs.clone(), table, stop.clone());
     let begin = Instant::now();
     c.checker.lock().unwrap().reset_reports();
     c.now_note("campaign starts");

@@ -50,7 +50,7 @@ pub async fn start_replica(
         ("CONFIG_RELOAD_FREQUENCY", "1"),
         ("AWS_CALL_TIMEOUT", "2s"),
         ("LOG_FORMAT", "json"),
-        ("RUST_LOG", "info,leader_action=debug"),
+        ("RUST_LOG", "info,leader_action=debug,handoff=debug"),
     ] {
         all.push((k.into(), v.into()));
     }

@@ -5,7 +5,10 @@
 //! Throttling (`ThrottlingException`, `RequestLimitExceeded`, ...) is retried by
 //! the SDK's standard retry strategy, which backs off exponentially with full
 //! jitter; this module only sizes it. Every HTTP attempt is counted per service,
-//! operation and outcome, so a discovery cycle can report what it cost.
+//! operation and outcome, so a discovery cycle can report what it cost. Cloud Map
+//! calls are paced on the client side ([`pacer`]).
+
+pub mod pacer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,6 +56,8 @@ pub struct AwsOptions {
     pub call_timeout: Duration,
     /// Attempts per call, the first included.
     pub max_attempts: u32,
+    /// Cloud Map calls per second at most, in all (`AWS_MAX_RPS`).
+    pub max_rps: f64,
 }
 
 /// The AWS clients shard-sd uses, with their shared request accounting.
@@ -61,6 +66,8 @@ pub struct AwsClients {
     pub sdk: aws_config::SdkConfig,
     pub ssm: aws_sdk_ssm::Client,
     pub cloudmap: aws_sdk_servicediscovery::Client,
+    /// Every Cloud Map call waits its turn here.
+    pub pacer: Arc<pacer::Pacer>,
     pub stats: Arc<RequestStats>,
     pub region: String,
 }
@@ -97,7 +104,9 @@ pub async fn connect(opts: &AwsOptions) -> Result<AwsClients, AwsSetupError> {
     if let Some(url) = &opts.endpoint_url {
         loader = loader.endpoint_url(url.clone());
     }
-    clients_from(&loader.load().await)
+    let mut clients = clients_from(&loader.load().await)?;
+    clients.pacer = Arc::new(pacer::Pacer::new(Some(opts.max_rps), clients.stats.clone()));
+    Ok(clients)
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -110,7 +119,8 @@ fn service_endpoint(env: &impl Fn(&str) -> Option<String>, service: &str) -> Opt
     env(&format!("AWS_ENDPOINT_URL_{service}")).filter(|url| !url.trim().is_empty())
 }
 
-/// Builds the clients from an SDK configuration (tests pass their own).
+/// Builds the clients from an SDK configuration (tests pass their own), with
+/// unpaced Cloud Map calls.
 pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupError> {
     let region = sdk.region().ok_or(AwsSetupError::NoRegion)?.to_string();
     let stats = Arc::new(RequestStats::default());
@@ -135,6 +145,7 @@ pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupE
         sdk: sdk.clone(),
         ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
         cloudmap: aws_sdk_servicediscovery::Client::from_conf(cloudmap.build()),
+        pacer: Arc::new(pacer::Pacer::new(None, stats.clone())),
         stats,
         region,
     })

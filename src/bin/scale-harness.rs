@@ -1,0 +1,595 @@
+//! `scale-harness`: a test tool, not part of shard-sd; `scripts/scale.sh` builds
+//! and runs it. It starts `synthetic-aws` with a generated account, moto for the
+//! lease table, and R shard-sd replicas over N slots on loopback, then measures
+//! what an operator of a large deployment wants to know, and prints a report (one
+//! JSON object with `--json`):
+//!
+//! - `targets`, `services`; `first_cycle_s` (start to the first complete
+//!   publication: the leader has discovered every target and the shards cover
+//!   them); `unchanged_cycle_s` and `unchanged_cycle_requests` (a cycle in which
+//!   nothing changed, from the leader's status);
+//! - over a steady window of `--duration`: `requests_per_s` by operation and
+//!   `throttled_requests` (counted by the synthetic endpoint), `leader_cpu_pct`;
+//!   `leader_rss_mib` and `follower_rss_mib` (max);
+//! - `registration_to_shard_s` (p50, max): from a registration at the synthetic
+//!   endpoint to the target appearing in some replica's `/prometheus-targets`;
+//! - `peer_bytes_per_change` received per follower for one registration, from
+//!   `shard_sd_peer_bytes_received_total`;
+//! - `http_sd_p99_ms` (and p50) of the largest shard with 50 concurrent clients
+//!   that accept gzip, as Prometheus does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "scale-harness",
+    about = "Test tool: measures shard-sd at scale against synthetic-aws"
+)]
+struct Args {
+    /// Cloud Map services in all.
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Instances per service.
+    #[arg(long, default_value_t = 100)]
+    instances: usize,
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Shard slots; default the number of replicas.
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Registrations plus deregistrations per second during the steady window.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
+    /// Length of the steady window.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// CONFIG_RELOAD_FREQUENCY of the replicas.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    refresh: Duration,
+    /// AWS_MAX_RPS of the replicas (Cloud Map calls per second in all).
+    #[arg(long)]
+    max_rps: Option<f64>,
+    /// Registrations timed for `registration_to_shard_s`.
+    #[arg(long, default_value_t = 5)]
+    registrations: usize,
+    /// Seconds of 50-client load on the largest shard.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    load: Duration,
+    /// Directory of the shard-sd and synthetic-aws binaries.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// moto's server, for the lease table.
+    #[arg(long, default_value = ".venv/bin/moto_server")]
+    moto: PathBuf,
+    /// Where child process logs go.
+    #[arg(long, default_value = "target/scale-logs")]
+    logs: PathBuf,
+    /// Give up if the first complete publication takes longer.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    first_cycle_limit: Duration,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn spawn(logs: &std::path::Path, name: &str, cmd: &mut Command) -> Result<Proc> {
+    std::fs::create_dir_all(logs)?;
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+    Ok(Proc { child })
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// CPU seconds and resident bytes of a process, from /proc.
+fn cpu_and_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (cpu, rss_kb * 1024)
+}
+
+fn mib(bytes: u64) -> f64 {
+    (bytes as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0
+}
+
+struct Replica {
+    proc: Proc,
+    addr: String,
+}
+
+struct Harness {
+    args: Args,
+    client: reqwest::Client,
+    synthetic: String,
+    replicas: Vec<Replica>,
+    _moto: Proc,
+    _aws: Proc,
+}
+
+async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("gave up after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Harness {
+    async fn get_json(&self, url: &str) -> Option<Value> {
+        self.client.get(url).send().await.ok()?.json().await.ok()
+    }
+
+    async fn status(&self, r: &Replica) -> Option<Value> {
+        self.get_json(&format!("http://{}/v1/status", r.addr)).await
+    }
+
+    async fn synthetic_stats(&self) -> Result<Value> {
+        self.get_json(&format!("{}/synthetic/stats", self.synthetic))
+            .await
+            .context("synthetic-aws stats")
+    }
+
+    /// A metric's value on a replica (the sum over its label sets).
+    async fn metric(&self, r: &Replica, name: &str) -> f64 {
+        let text = async {
+            self.client
+                .get(format!("http://{}/metrics", r.addr))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()
+        }
+        .await
+        .unwrap_or_default();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Index of the leader.
+    async fn leader(&self) -> Option<usize> {
+        for (i, r) in self.replicas.iter().enumerate() {
+            if self.status(r).await.is_some_and(|s| s["role"] == "leader") {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    async fn start(args: Args) -> Result<Harness> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let slots = args.slots.unwrap_or(args.replicas);
+        let namespaces = args.services.div_ceil(1000).max(1);
+        let per_namespace = args.services.div_ceil(namespaces);
+        let aws_port = free_port()?;
+        let aws = spawn(
+            &args.logs,
+            "synthetic-aws",
+            Command::new(args.bin_dir.join("synthetic-aws")).args([
+                "--listen".into(),
+                format!("127.0.0.1:{aws_port}"),
+                "--namespaces".into(),
+                namespaces.to_string(),
+                "--services".into(),
+                per_namespace.to_string(),
+                "--instances".into(),
+                args.instances.to_string(),
+                "--churn-per-s".into(),
+                args.churn.to_string(),
+            ]),
+        )?;
+        let synthetic = format!("http://127.0.0.1:{aws_port}");
+        let moto_port = free_port()?;
+        let moto = spawn(
+            &args.logs,
+            "moto",
+            Command::new(&args.moto).args(["-H", "127.0.0.1", "-p", &moto_port.to_string()]),
+        )?;
+        let mut harness = Harness {
+            args,
+            client,
+            synthetic,
+            replicas: Vec::new(),
+            _moto: moto,
+            _aws: aws,
+        };
+        wait_until(
+            "synthetic-aws and moto",
+            Duration::from_secs(30),
+            || async {
+                let a = harness.synthetic_stats().await.ok()?;
+                let m = harness
+                    .client
+                    .get(format!("http://127.0.0.1:{moto_port}/moto-api/"))
+                    .send()
+                    .await
+                    .ok()?;
+                m.status().is_success().then_some(a)
+            },
+        )
+        .await?;
+        for i in 0..harness.args.replicas {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let peer = format!("127.0.0.1:{}", free_port()?);
+            let mut cmd = Command::new(harness.args.bin_dir.join("shard-sd"));
+            cmd.env_clear()
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env("AWS_ENDPOINT_URL", &harness.synthetic)
+                .env(
+                    "AWS_ENDPOINT_URL_DYNAMODB",
+                    format!("http://127.0.0.1:{moto_port}"),
+                )
+                .env("LEASE_TABLE", "leases")
+                .env("CREATE_TABLE", "true")
+                .env("SHARD_COUNT", slots.to_string())
+                .env("REPLICA_ID", format!("r{i}"))
+                .env("LISTEN_ADDR", &addr)
+                .env("PEER_LISTEN_ADDR", &peer)
+                .env("ADVERTISE_ADDR", &peer)
+                .env("PEER_TOKEN", "scale")
+                .env("DISCOVERY_NAMESPACES_PARAMETER_NAME", "namespaces")
+                .env(
+                    "CONFIG_RELOAD_FREQUENCY",
+                    format!("{}ms", harness.args.refresh.as_millis()),
+                )
+                .env("LOG_FORMAT", "json")
+                .env("RUST_LOG", "info");
+            if let Some(rps) = harness.args.max_rps {
+                cmd.env("AWS_MAX_RPS", rps.to_string());
+            }
+            let proc = spawn(&harness.args.logs, &format!("shard-sd-r{i}"), &mut cmd)?;
+            harness.replicas.push(Replica { proc, addr });
+        }
+        Ok(harness)
+    }
+
+    /// The union of what the replicas serve covers `targets` and every replica is ready.
+    async fn published(&self, targets: usize) -> Option<()> {
+        let mut served = 0usize;
+        for r in &self.replicas {
+            let s = self.status(r).await?;
+            if s["ready"] != true {
+                return None;
+            }
+            served += s["shard_targets"].as_u64().unwrap_or(0) as usize;
+        }
+        let leader = self.leader().await?;
+        let discovered = self
+            .metric(&self.replicas[leader], "shard_sd_targets_discovered")
+            .await as usize;
+        (discovered >= targets && served >= targets).then_some(())
+    }
+
+    /// Waits for the leader's next cycle after `after` (its `last_discovery.time`).
+    async fn next_cycle(&self, leader: usize, after: &Value) -> Result<Value> {
+        let limit = self.args.refresh * 4 + Duration::from_secs(600);
+        wait_until("the next discovery cycle", limit, || async {
+            let s = self.status(&self.replicas[leader]).await?;
+            let last = s["last_discovery"].clone();
+            (last["time"] != after["time"] && last.is_object()).then_some(last)
+        })
+        .await
+    }
+
+    /// From a registration to the target in some replica's http_sd, in seconds.
+    async fn registration_to_shard(&self) -> Result<f64> {
+        let stats = self.synthetic_stats().await?;
+        let services = stats["services"].as_u64().unwrap_or(1).max(1);
+        let service = fastrand::u64(0..services);
+        let started = Instant::now();
+        let target = self
+            .client
+            .post(format!(
+                "{}/synthetic/register?service={service}",
+                self.synthetic
+            ))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let needle = format!("\"{target}\"");
+        let mut etags: Vec<Option<String>> = vec![None; self.replicas.len()];
+        let limit = self.args.refresh * 3 + Duration::from_secs(300);
+        loop {
+            for (i, r) in self.replicas.iter().enumerate() {
+                let mut req = self
+                    .client
+                    .get(format!("http://{}/prometheus-targets", r.addr));
+                if let Some(etag) = &etags[i] {
+                    req = req.header("if-none-match", etag);
+                }
+                let Ok(resp) = req.send().await else { continue };
+                if resp.status() != 200 {
+                    continue;
+                }
+                etags[i] = resp
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = resp.bytes().await.unwrap_or_default();
+                if body.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    return Ok(started.elapsed().as_secs_f64());
+                }
+            }
+            if started.elapsed() > limit {
+                bail!("{target} did not reach a shard within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// p50 and p99 latency, in ms, of `GET /prometheus-targets` on `addr` with 50
+    /// concurrent clients accepting gzip; and the body size.
+    async fn http_sd_latency(&self, addr: &str) -> (f64, f64, u64, u64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            let url = format!("http://{addr}/prometheus-targets");
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let mut bytes = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let Ok(resp) = client
+                        .get(&url)
+                        .header("accept-encoding", "gzip")
+                        .send()
+                        .await
+                    else {
+                        continue;
+                    };
+                    let Ok(body) = resp.bytes().await else {
+                        continue;
+                    };
+                    samples.push(t.elapsed().as_secs_f64() * 1000.0);
+                    bytes = body.len() as u64;
+                }
+                (samples, bytes)
+            }));
+        }
+        tokio::time::sleep(self.args.load).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        let mut bytes = 0;
+        for t in tasks {
+            if let Ok((s, b)) = t.await {
+                all.extend(s);
+                bytes = b;
+            }
+        }
+        all.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        (pct(0.50), pct(0.99), bytes, all.len() as u64)
+    }
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+async fn run(args: Args) -> Result<Value> {
+    let json_out = args.json;
+    let h = Harness::start(args).await?;
+    let started = Instant::now();
+    let stats = h.synthetic_stats().await?;
+    let targets = stats["targets"].as_u64().unwrap_or(0) as usize;
+    let services = stats["services"].as_u64().unwrap_or(0);
+    if !json_out {
+        eprintln!(
+            "scale: {targets} targets in {services} services, {} replicas",
+            h.replicas.len()
+        );
+    }
+    wait_until(
+        "the first complete publication",
+        h.args.first_cycle_limit,
+        || h.published(targets),
+    )
+    .await?;
+    let first_cycle_s = started.elapsed().as_secs_f64();
+    let leader = h.leader().await.context("no leader")?;
+    if !json_out {
+        eprintln!("scale: first complete publication after {first_cycle_s:.1}s");
+    }
+
+    // An unchanged cycle (no churn yet): its duration and AWS requests.
+    let first = h.status(&h.replicas[leader]).await.unwrap_or_default()["last_discovery"].clone();
+    let unchanged = h.next_cycle(leader, &first).await?;
+
+    // The steady window.
+    h.client
+        .post(format!("{}/synthetic/reset", h.synthetic))
+        .send()
+        .await?;
+    let pids: Vec<u32> = h.replicas.iter().map(|r| r.proc.pid()).collect();
+    let cpu_before = cpu_and_rss(pids[leader]).0;
+    let window = Instant::now();
+    tokio::time::sleep(h.args.duration).await;
+    let elapsed = window.elapsed().as_secs_f64();
+    let leader_cpu_pct = (cpu_and_rss(pids[leader]).0 - cpu_before) / elapsed * 100.0;
+    let steady = h.synthetic_stats().await?;
+    let requests_per_s: BTreeMap<String, f64> = steady["requests"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), round(v.as_f64().unwrap_or(0.0) / elapsed, 2)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let throttled: u64 = steady["throttled"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    let leader_rss = cpu_and_rss(pids[leader]).1;
+    let follower_rss = pids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, p)| cpu_and_rss(*p).1)
+        .max();
+
+    // Registrations, and what followers receive for one.
+    let followers: Vec<usize> = (0..h.replicas.len()).filter(|i| *i != leader).collect();
+    let mut peer_before = Vec::new();
+    for i in &followers {
+        peer_before.push(
+            h.metric(&h.replicas[*i], "shard_sd_peer_bytes_received_total")
+                .await,
+        );
+    }
+    let mut times = Vec::new();
+    for n in 0..h.args.registrations.max(1) {
+        times.push(h.registration_to_shard().await?);
+        if n == 0 {
+            // Let every follower's long-polls settle on the change.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    let mut peer_bytes = Vec::new();
+    for (k, i) in followers.iter().enumerate() {
+        let after = h
+            .metric(&h.replicas[*i], "shard_sd_peer_bytes_received_total")
+            .await;
+        peer_bytes.push((after - peer_before[k]) / times.len() as f64);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let p50 = times[times.len() / 2];
+    let max = times.last().copied().unwrap_or(f64::NAN);
+
+    // The largest shard under load.
+    let mut largest = (0usize, 0u64);
+    for (i, r) in h.replicas.iter().enumerate() {
+        let n = h.status(r).await.unwrap_or_default()["shard_targets"]
+            .as_u64()
+            .unwrap_or(0);
+        if n >= largest.1 {
+            largest = (i, n);
+        }
+    }
+    let (lat_p50, lat_p99, body_bytes, requests) =
+        h.http_sd_latency(&h.replicas[largest.0].addr).await;
+
+    Ok(json!({
+        "targets": targets,
+        "services": services,
+        "replicas": h.replicas.len(),
+        "slots": h.args.slots.unwrap_or(h.args.replicas),
+        "refresh_s": h.args.refresh.as_secs_f64(),
+        "max_rps": h.args.max_rps,
+        "churn_per_s": h.args.churn,
+        "first_cycle_s": round(first_cycle_s, 2),
+        "unchanged_cycle_s": round(unchanged["duration_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0, 2),
+        "unchanged_cycle_requests": unchanged["aws_requests"],
+        "requests_per_s": requests_per_s,
+        "throttled_requests": throttled,
+        "leader_rss_mib": mib(leader_rss),
+        "leader_cpu_pct": round(leader_cpu_pct, 2),
+        "follower_rss_mib": follower_rss.map(mib),
+        "registration_to_shard_s": {"p50": round(p50, 2), "max": round(max, 2), "n": times.len()},
+        "peer_bytes_per_change": peer_bytes.iter().map(|b| b.round()).collect::<Vec<_>>(),
+        "largest_shard_targets": largest.1,
+        "http_sd_p50_ms": round(lat_p50, 2),
+        "http_sd_p99_ms": round(lat_p99, 2),
+        "http_sd_gzip_bytes": body_bytes,
+        "http_sd_requests": requests,
+    }))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let json_out = args.json;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(args))?;
+    if json_out {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
