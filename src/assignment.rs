@@ -380,6 +380,15 @@ impl Assigner {
             let new: Vec<u32> = assignment.slots_of(i).to_vec();
             if let Some(old) = self.owners.get(id) {
                 let same = old.len() == new.len() && old.iter().all(|s| new.contains(s));
+                // Back to slots that never stopped serving it (it was draining from
+                // them): nobody has to wait for anybody, the slots it leaves drop it.
+                let draining_from = |s: &u32| {
+                    self.draining
+                        .get(id)
+                        .is_some_and(|ds| ds.iter().any(|d| d.from == *s))
+                };
+                let mut added = new.iter().filter(|s| !old.contains(s)).peekable();
+                let already_served = added.peek().is_some() && added.all(draining_from);
                 if !same {
                     moved += 1;
                     // Every new owner confirms it in this term (one that had it already
@@ -389,6 +398,7 @@ impl Assigner {
                         .iter()
                         .copied()
                         .filter(|s| !new.contains(s) && live.contains(s))
+                        .filter(|_| !already_served)
                     {
                         self.draining.entry(id.clone()).or_default().push(Drain {
                             from,
@@ -682,6 +692,40 @@ mod tests {
             .map(|s| s.targets)
             .sum();
         assert_eq!(total, 300);
+    }
+
+    #[test]
+    fn a_target_moved_back_to_a_slot_still_serving_it_is_dropped_at_once() {
+        // Bounded load with few targets: one fewer lowers the cap, and a target at
+        // the cut moves to its next slot; one more moves it back, while its first
+        // slot still serves it (draining). It is then served once, at once.
+        let list: Vec<Target> = (0..20).map(target).collect();
+        let mut found = false;
+        for k in 0..list.len() {
+            let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
+            a.set_slots(&slots(&[0, 1, 2]));
+            a.set_targets(&list);
+            let fewer: Vec<Target> = list.iter().filter(|t| **t != list[k]).cloned().collect();
+            a.set_targets(&fewer);
+            if a.draining.is_empty() {
+                continue;
+            }
+            found = true;
+            a.set_targets(&list);
+            let total: usize = a
+                .snapshot()
+                .unwrap()
+                .shards
+                .values()
+                .map(|s| s.targets)
+                .sum();
+            assert_eq!(
+                total, 20,
+                "removing and restoring target {k}: served once each"
+            );
+            assert!(a.draining.is_empty(), "{:?}", a.draining);
+        }
+        assert!(found, "no removal moved a target between live slots");
     }
 
     #[test]
