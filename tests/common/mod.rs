@@ -210,11 +210,17 @@ impl ShardSd {
     /// Both listeners get free loopback ports; the peer one is advertised.
     /// `PEER_LISTEN_ADDR` and `ADVERTISE_ADDR` may be given in `env`.
     pub async fn start(name: &str, env: &[(String, String)]) -> ShardSd {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
         let given = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         let peer_addr =
             given("PEER_LISTEN_ADDR").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        // A port just released can be handed out again: never the peer port twice.
+        let port = loop {
+            let port = free_port();
+            if !peer_addr.ends_with(&format!(":{port}")) {
+                break port;
+            }
+        };
+        let addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shard-sd"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
