@@ -332,7 +332,7 @@ pub async fn mirror(
 
 /// The mirror of a leader's assignment document: each shard kept as the bytes
 /// the leader rendered, and read once for the targets and their slots.
-fn mirror_of(doc: SnapshotDoc) -> Result<Mirror, serde_json::Error> {
+pub fn mirror_of(doc: SnapshotDoc) -> Result<Mirror, serde_json::Error> {
     let mut shards = std::collections::BTreeMap::new();
     let mut owners: std::collections::HashMap<Vec<u8>, Vec<u32>> = Default::default();
     let mut targets = Vec::new();

@@ -559,6 +559,11 @@ impl Checker {
         }
     }
 
+    /// The wall-clock time of the timeline's zero.
+    pub fn wall_zero(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now() - self.start.elapsed()
+    }
+
     pub fn timeline_text(&self) -> String {
         self.timeline
             .iter()

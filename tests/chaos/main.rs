@@ -993,8 +993,8 @@ async fn run(seed: u64, duration: Duration) {
             checker.violations.push(msg);
         }
     }
-    let actions_taken: Vec<common::LeaderAction> = c
-        .logs
+    let logs = c.logs.clone();
+    let actions_taken: Vec<common::LeaderAction> = logs
         .iter()
         .flat_map(|(id, path)| {
             common::leader_actions(id, &std::fs::read_to_string(path).unwrap_or_default())
@@ -1033,9 +1033,10 @@ async fn run(seed: u64, duration: Duration) {
     let _ = std::fs::write(
         &story,
         format!(
-            "{report}\n\nviolations:\n{}\n\ntimeline:\n{}\n",
+            "{report}\n\nviolations:\n{}\n\ntimeline:\n{}\n\nthe last 40 s with the replicas' logs:\n{}\n",
             checker.violations.join("\n"),
-            checker.timeline_text()
+            checker.timeline_text(),
+            post_mortem(&checker, &logs)
         ),
     );
     println!("  timeline: {}", story.display());
@@ -1045,9 +1046,11 @@ async fn run(seed: u64, duration: Duration) {
         "no leader actions found in the logs: {report}"
     );
     if !checker.violations.is_empty() {
+        // What a CI log keeps is its head: the window around the first violation
+        // (campaign events and the replicas' own log lines) comes first.
+        let window = post_mortem(&checker, &logs);
         panic!(
-            "seed {seed:#x} (CHAOS_SEED={seed:#x} CHAOS_DURATION={duration:?}):\n{}\n\nviolations:\n{}\n\ntimeline:\n{}\n\nschedule:\n{}",
-            report,
+            "seed {seed:#x} (CHAOS_SEED={seed:#x} CHAOS_DURATION={duration:?}):\n\nviolations:\n{}\n\naround the first violation:\n{window}\n\n{report}\n\ntimeline:\n{}\n\nschedule:\n{}",
             checker.violations.join("\n"),
             checker.timeline_text(),
             actions
@@ -1057,4 +1060,76 @@ async fn run(seed: u64, duration: Duration) {
                 .join("\n")
         );
     }
+}
+
+/// The campaign's events and the replicas' WARN/INFO log lines from 30 s before
+/// the first violation (or the last 45 s) on, merged in time order; the not
+/// converged notes are kept whatever their time.
+fn post_mortem(checker: &Checker, logs: &[(String, PathBuf)]) -> String {
+    let end = checker.timeline.last().map_or(Duration::ZERO, |(t, _)| *t);
+    let first = checker
+        .violations
+        .iter()
+        .filter_map(|v| {
+            v.strip_prefix("at ")?
+                .split_once("s:")?
+                .0
+                .parse::<f64>()
+                .ok()
+        })
+        .map(Duration::from_secs_f64)
+        .min()
+        .unwrap_or(end);
+    let from = first.saturating_sub(Duration::from_secs(30));
+    let to = first + Duration::from_secs(10);
+    let zero = checker.wall_zero();
+    let mut lines: Vec<(Duration, String)> = checker
+        .timeline
+        .iter()
+        .filter(|(t, what)| {
+            (*t >= from && *t <= to && !what.contains("covered again"))
+                || what.contains("not converged")
+                || what.starts_with("  ")
+        })
+        .cloned()
+        .collect();
+    for (id, path) in logs {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_str(line) else {
+                continue;
+            };
+            let at = fields
+                .remove("timestamp")
+                .and_then(|t| humantime::parse_rfc3339(t.as_str()?).ok())
+                .and_then(|t| t.duration_since(zero).ok());
+            let Some(at) = at.filter(|at| *at >= from && *at <= to) else {
+                continue;
+            };
+            let level = fields.remove("level").unwrap_or_default();
+            let message = fields.remove("message").unwrap_or_default();
+            let rest: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            lines.push((
+                at,
+                format!(
+                    "[{id} {}] {} {}",
+                    level.as_str().unwrap_or("?"),
+                    message.as_str().unwrap_or(""),
+                    rest.join(" ")
+                ),
+            ));
+        }
+    }
+    lines.sort_by_key(|(t, _)| *t);
+    const MAX_LINES: usize = 400;
+    let skipped = lines.len().saturating_sub(MAX_LINES);
+    let mut out: Vec<String> = lines
+        .iter()
+        .take(MAX_LINES)
+        .map(|(t, what)| format!("{:>8.2}s  {what}", t.as_secs_f64()))
+        .collect();
+    if skipped > 0 {
+        out.push(format!("... {skipped} more lines in the timeline file"));
+    }
+    out.join("\n")
 }

@@ -1,0 +1,186 @@
+//! Where the leader's and a follower's bytes go, per structure, at a given number
+//! of targets: a counting global allocator measures the live heap after each step
+//! of what a leader holds (the discovery cache, the built target list, the
+//! assignment with its rendered shards, the snapshot document followers mirror)
+//! and what a follower holds (the mirror of the whole assignment, its own shard).
+//!
+//! `cargo bench --bench memory -- 100000` (the default size is 100,000 targets;
+//! several sizes may be given). Prints one table per size, in bytes per target.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use shard_sd::assignment::Assigner;
+use shard_sd::sharding::{Params, ShardBy, Slot};
+use shard_sd::targets::{self, Instance, ServiceData};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Services of 100 ECS tasks each, as ECS registers them; a third of the services
+/// also tag an exporter (two targets per task), as synthetic-aws generates them.
+fn account(targets: usize) -> Vec<(String, BTreeMap<String, String>, Vec<Instance>)> {
+    let mut out = Vec::new();
+    let mut n = 0u32;
+    let mut made = 0;
+    let mut s = 0;
+    while made < targets {
+        let exporter = s % 3 == 0;
+        let mut tags: BTreeMap<String, String> = [
+            ("METRICS_PATH", "/metrics"),
+            ("METRICS_PORT", "8080"),
+            ("team", "team-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        if exporter {
+            tags.insert("ECS_METRICS_PATH".into(), "/metrics".into());
+            tags.insert("ECS_METRICS_PORT".into(), "9779".into());
+        }
+        let name = format!("svc-{s}");
+        let instances = (0..100)
+            .map(|_| {
+                n += 1;
+                Instance {
+                    id: format!("{:032x}", u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                    attributes: [
+                        (
+                            "AWS_INSTANCE_IPV4",
+                            format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
+                        ),
+                        ("AVAILABILITY_ZONE", "us-east-1a".to_owned()),
+                        ("AWS_INIT_HEALTH_STATUS", "HEALTHY".to_owned()),
+                        ("ECS_CLUSTER_NAME", format!("cluster-{}", s % 4)),
+                        ("ECS_SERVICE_NAME", name.clone()),
+                        ("ECS_TASK_DEFINITION_FAMILY", format!("{name}-task")),
+                        ("REGION", "us-east-1".to_owned()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                }
+            })
+            .collect();
+        made += 100 * if exporter { 2 } else { 1 };
+        out.push((name, tags, instances));
+        s += 1;
+    }
+    out
+}
+
+fn row(what: &str, bytes: isize, targets: usize) {
+    println!(
+        "| {what} | {:.1} MiB | {:.0} |",
+        bytes as f64 / (1024.0 * 1024.0),
+        bytes as f64 / targets as f64
+    );
+}
+
+fn measure(size: usize) {
+    let base = live() as isize;
+    let data = account(size);
+    let cache = live() as isize - base;
+    let built = targets::build_all(data.iter().map(|(name, tags, instances)| ServiceData {
+        namespace: "team-0.internal",
+        service: name,
+        tags,
+        instances,
+    }));
+    let list = built.targets;
+    let n = list.len();
+    let after_list = live() as isize;
+    let slots: Vec<Slot> = (0..3).map(|id| Slot { id, weight: 1.0 }).collect();
+    let mut assigner = Assigner::new(ShardBy::Target, Params::default(), Default::default(), 1);
+    assigner.set_slots(&slots);
+    let started = Instant::now();
+    assigner.set_targets(&list);
+    let assign_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let after_assigner = live() as isize;
+    let snapshot = assigner.snapshot().expect("snapshot");
+    let shard_bytes: usize = snapshot.shards.values().map(|s| s.body.len()).sum();
+    let doc = snapshot.to_json();
+    let after_doc = live() as isize;
+    let own_gzip = targets::gzip(&snapshot.shards[&0].body);
+    let after_gzip = live() as isize;
+    println!("\n### {n} targets, 3 slots (leader), assignment in {assign_ms:.0} ms\n");
+    println!("| structure | live heap | bytes per target |");
+    println!("|---|---|---|");
+    row("discovery cache (instances and tags)", cache, n);
+    row("built target list", after_list - base - cache, n);
+    row(
+        &format!(
+            "assignment: targets, owners, rendered shards ({:.0} B/target of JSON)",
+            shard_bytes as f64 / n as f64
+        ),
+        after_assigner - after_list,
+        n,
+    );
+    row(
+        "snapshot document for one mirror request",
+        after_doc - after_assigner,
+        n,
+    );
+    row("gzip of the leader's own shard", after_gzip - after_doc, n);
+    row("leader in all", after_gzip - base, n);
+    let before_mirror = live() as isize;
+    let parsed: shard_sd::assignment::SnapshotDoc =
+        serde_json::from_slice(&doc).expect("snapshot document");
+    let mirror = shard_sd::follower::mirror_of(parsed).expect("mirror");
+    let after_mirror = live() as isize;
+    println!("\nA follower:\n");
+    println!("| structure | live heap | bytes per target |");
+    println!("|---|---|---|");
+    row(
+        "mirror of the whole assignment",
+        after_mirror - before_mirror,
+        n,
+    );
+    drop((mirror, doc, own_gzip, snapshot, assigner, list, data));
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![100_000]
+    } else {
+        sizes
+    };
+    for size in sizes {
+        measure(size);
+    }
+}
