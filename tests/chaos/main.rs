@@ -993,8 +993,8 @@ async fn run(seed: u64, duration: Duration) {
             checker.violations.push(msg);
         }
     }
-    let logs = c.logs.clone();
-    let actions_taken: Vec<common::LeaderAction> = logs
+    let actions_taken: Vec<common::LeaderAction> = c
+        .logs
         .iter()
         .flat_map(|(id, path)| {
             common::leader_actions(id, &std::fs::read_to_string(path).unwrap_or_default())
@@ -1029,14 +1029,14 @@ async fn run(seed: u64, duration: Duration) {
     );
     println!("{report}");
     // The whole story, for post-mortems of passing runs too.
+    let window = post_mortem(&checker, &c.logs);
     let story = common::log_dir().join(format!("chaos-{seed:#x}-{}.txt", std::process::id()));
     let _ = std::fs::write(
         &story,
         format!(
-            "{report}\n\nviolations:\n{}\n\ntimeline:\n{}\n\nthe last 40 s with the replicas' logs:\n{}\n",
+            "{report}\n\nviolations:\n{}\n\ntimeline:\n{}\n\naround the first violation (or the last 30 s), with the replicas' logs:\n{window}\n",
             checker.violations.join("\n"),
             checker.timeline_text(),
-            post_mortem(&checker, &logs)
         ),
     );
     println!("  timeline: {}", story.display());
@@ -1048,7 +1048,6 @@ async fn run(seed: u64, duration: Duration) {
     if !checker.violations.is_empty() {
         // What a CI log keeps is its head: the window around the first violation
         // (campaign events and the replicas' own log lines) comes first.
-        let window = post_mortem(&checker, &logs);
         panic!(
             "seed {seed:#x} (CHAOS_SEED={seed:#x} CHAOS_DURATION={duration:?}):\n\nviolations:\n{}\n\naround the first violation:\n{window}\n\n{report}\n\ntimeline:\n{}\n\nschedule:\n{}",
             checker.violations.join("\n"),
@@ -1062,9 +1061,10 @@ async fn run(seed: u64, duration: Duration) {
     }
 }
 
-/// The campaign's events and the replicas' WARN/INFO log lines from 30 s before
-/// the first violation (or the last 45 s) on, merged in time order; the not
-/// converged notes are kept whatever their time.
+/// The campaign's events and the replicas' log lines (DEBUG and TRACE left out)
+/// from 30 s before the first violation to 10 s after it (or the last 30 s when
+/// no violation has a time), merged in time order; the not-converged notes are
+/// kept whatever their time.
 fn post_mortem(checker: &Checker, logs: &[(String, PathBuf)]) -> String {
     let end = checker.timeline.last().map_or(Duration::ZERO, |(t, _)| *t);
     let first = checker
@@ -1107,6 +1107,9 @@ fn post_mortem(checker: &Checker, logs: &[(String, PathBuf)]) -> String {
                 continue;
             };
             let level = fields.remove("level").unwrap_or_default();
+            if matches!(level.as_str(), Some("DEBUG" | "TRACE")) {
+                continue;
+            }
             let message = fields.remove("message").unwrap_or_default();
             let rest: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
             lines.push((
