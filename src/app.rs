@@ -359,6 +359,8 @@ fn leader_config(config: &Config) -> LeaderConfig {
 /// Whenever this replica becomes leader: runs discovery (fresh caches) and the
 /// leader's assignment work for that one term, until the term ends. A re-taken
 /// lease is a new term: the work restarts from the assignment the last one left.
+/// Each term is worked once: a term is never started again, nor one older than
+/// a term already worked.
 async fn lead_when_elected(
     cfg: LeaderConfig,
     aws: AwsClients,
@@ -369,10 +371,13 @@ async fn lead_when_elected(
     shutdown: CancellationToken,
 ) {
     let mut view = shared.coordination_receiver();
+    let mut last_term = 0;
     loop {
         let term = loop {
             if let Some(term) = leader::leading_term(&shared.coordination()) {
-                break term;
+                if term > last_term {
+                    break term;
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -380,6 +385,7 @@ async fn lead_when_elected(
                 _ = shutdown.cancelled() => return,
             }
         };
+        last_term = term;
         let seed = leader::seed_for(term, shared.mirror(), cfg.seed_max_age);
         let leading = shutdown.child_token();
         let (targets_tx, targets_rx) = watch::channel(None);

@@ -213,11 +213,6 @@ impl Assigner {
         self.generation
     }
 
-    /// A new leadership term: generations go on growing; followers order by (term, generation).
-    pub fn set_term(&mut self, term: u64) {
-        self.term = term;
-    }
-
     /// The published assignment, or `None` before the first targets.
     pub fn snapshot(&self) -> Option<Snapshot> {
         self.has_targets.then(|| Snapshot {

@@ -190,10 +190,30 @@ pub fn leading_term(view: &CoordinationView) -> Option<u64> {
     (view.role == Role::Leader).then_some(view.term).flatten()
 }
 
-/// The view while it still shows this replica leading in `term`.
-fn leading_in(view: &watch::Receiver<CoordinationView>, term: u64) -> Option<CoordinationView> {
-    let current = view.borrow().at(Instant::now());
-    (leading_term(&current) == Some(term)).then_some(current)
+/// Where the lease of one term stands, for the work bound to it.
+enum TermLease {
+    /// Held, and within its renew deadline: the view as of now.
+    Valid(CoordinationView),
+    /// Held as last published, but its deadline has passed on the local clock:
+    /// nothing may be done in the term's name. The coordinator publishes either a
+    /// renewal it made (a slow step publishes it late) or the end of the term.
+    Fenced,
+    /// The coordinator no longer holds the term: it lapsed, was lost, or was
+    /// re-taken as a new term.
+    Over,
+}
+
+fn term_lease(view: &watch::Receiver<CoordinationView>, term: u64) -> TermLease {
+    let published = view.borrow();
+    if published.term != Some(term) || published.leader_until.is_none() {
+        return TermLease::Over;
+    }
+    let now = Instant::now();
+    let current = published.at(now);
+    match leading_term(&current) == Some(term) {
+        true => TermLease::Valid(current),
+        false => TermLease::Fenced,
+    }
 }
 
 /// The assignment a leader of `term` may start from: the last one this replica
@@ -217,8 +237,12 @@ pub fn seed_for(term: u64, mirror: Option<Arc<Mirror>>, max_age: Duration) -> Op
     }
 }
 
-/// Runs the leader's work for `term` until that term ends (the lease lapsed, or
-/// the term changed) or `cancel` fires. `targets` carries each complete discovery
+/// Runs the leader's work for `term` until that term ends (the coordinator no
+/// longer holds it: the lease lapsed, was lost, or was re-taken as a new term) or
+/// `cancel` fires. Past the renew deadline on the local clock the work is fenced,
+/// not ended: it acts on nothing until the coordinator publishes either the
+/// renewal it made or the end of the term, so one term is one run of this work
+/// and its generations only grow. `targets` carries each complete discovery
 /// result from the discovery loop; `seed`, the inherited assignment, is served
 /// until the first one arrives.
 pub async fn run(
@@ -230,7 +254,7 @@ pub async fn run(
     seed: Option<Arc<Mirror>>,
     cancel: CancellationToken,
 ) {
-    if leading_in(&view, term).is_none() {
+    if !matches!(term_lease(&view, term), TermLease::Valid(_)) {
         return;
     }
     let handle = Arc::new(LeaderHandle::new(&cfg, term));
@@ -248,11 +272,23 @@ pub async fn run(
     let mut targets_pending = true;
     let mut targets_open = true;
     loop {
-        let now = Instant::now();
         // Fenced: act only while the lease of this very term is valid.
-        let Some(current) = leading_in(&view, term) else {
-            break;
+        let current = match term_lease(&view, term) {
+            TermLease::Valid(current) => current,
+            TermLease::Over => break,
+            TermLease::Fenced => {
+                tokio::select! {
+                    changed = view.changed() => {
+                        if changed.is_err() {
+                            break; // the coordinator is gone
+                        }
+                    }
+                    _ = cancel.cancelled() => break,
+                }
+                continue;
+            }
         };
+        let now = Instant::now();
         let live = current.live_slots.clone().unwrap_or_default();
         let slots = membership.update(&live, now);
         let change = handle.apply(|a| a.set_slots(&slots));
@@ -286,7 +322,11 @@ pub async fn run(
             .min()
             .unwrap_or(now);
         tokio::select! {
-            _ = view.changed() => {}
+            changed = view.changed() => {
+                if changed.is_err() {
+                    break; // the coordinator is gone
+                }
+            }
             changed = targets.changed(), if targets_open => {
                 targets_pending = changed.is_ok();
                 // The discovery loop ended: keep the last result, stop listening.
@@ -364,6 +404,34 @@ mod tests {
             Vec::new(),
             Default::default(),
         ))
+    }
+
+    #[test]
+    fn past_its_deadline_a_term_is_fenced_until_the_coordinator_says_it_is_over() {
+        let now = Instant::now();
+        let leading = |term, until| CoordinationView {
+            role: Role::Leader,
+            term: Some(term),
+            leader_until: until,
+            ..CoordinationView::single()
+        };
+        let lease = |view: CoordinationView| term_lease(&watch::channel(view).1, 5);
+        let second = Duration::from_secs(1);
+        assert!(matches!(
+            lease(leading(5, Some(now + second))),
+            TermLease::Valid(_)
+        ));
+        // The deadline passed as published; the coordinator may have renewed since.
+        assert!(matches!(
+            lease(leading(5, Some(now - second))),
+            TermLease::Fenced
+        ));
+        // The coordinator says the term is not held: the work ends.
+        assert!(matches!(lease(leading(5, None)), TermLease::Over));
+        assert!(matches!(
+            lease(leading(6, Some(now + second))),
+            TermLease::Over
+        ));
     }
 
     #[test]

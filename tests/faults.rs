@@ -760,3 +760,60 @@ async fn terms_keep_growing_when_the_leader_item_is_deleted() {
     c.register(100..106).await;
     c.settle("new targets served under the new term", 3).await;
 }
+
+/// A leader whose lease steps are slow (DynamoDB latency, or renewals whose
+/// first answer is lost and retried) publishes each renewal late: its own view
+/// shows the old deadline passing while the lease is in fact held. Its work must
+/// neither stop nor start over within the term: a restart began its generations
+/// again from zero, and followers, holding a higher generation of the same term,
+/// waited on the leader for ever (new registrations never reached them).
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_lease_steps_never_restart_the_leaders_work_within_a_term() {
+    let slow_steps = [
+        Fault::Delay {
+            op: None,
+            by: Duration::from_millis(400),
+        },
+        Fault::DropResponse {
+            op: Some("UpdateItem".into()),
+            remaining: 40,
+        },
+    ];
+    for fault in slow_steps {
+        let mut c = Cluster::start("3", 3, 30).await;
+        c.settle("three shards", 3).await;
+        // Followers' generations well above anything a restarted leader would reach.
+        for batch in 0..8 {
+            c.register(30 + batch..31 + batch).await;
+            c.settle("one more target served", 3).await;
+        }
+        let (li, before) = c.leader().await;
+        let term = before["term"].as_u64().unwrap();
+        c.replica(li).dynamodb.set_fault(fault.clone());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        c.replica(li).dynamodb.set_fault(Fault::None);
+        let registered = Instant::now();
+        c.register(100..106).await;
+        c.settle("targets registered after the slow steps served", 3)
+            .await;
+        let took = registered.elapsed();
+        let (lj, after) = c.leader().await;
+        let starts: Vec<(String, u64)> = c
+            .alive()
+            .iter()
+            .flat_map(|r| common::leading_starts(&r.id, &r.sd.proc.log_text()))
+            .collect();
+        if let Err(twice) = common::each_term_led_once(&starts) {
+            panic!("{fault:?}: {twice}: {starts:?}");
+        }
+        assert!(
+            took < Duration::from_secs(5),
+            "{fault:?}: new targets reached their shards after {took:?}"
+        );
+        println!(
+            "MEASURE {fault:?} on the leader for 6 s: term {term} (r{li}) -> {} (r{lj}); \
+             registration served after {took:?}; leading starts {starts:?}",
+            after["term"]
+        );
+    }
+}

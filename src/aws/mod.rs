@@ -127,12 +127,13 @@ pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupE
     let custom_endpoint =
         sdk.endpoint_url().is_some() || service_endpoint(&env_var, "SERVICEDISCOVERY").is_some();
 
-    let mut ssm = aws_sdk_ssm::config::Builder::from(sdk).interceptor(CountRequests(stats.clone()));
+    let mut ssm =
+        aws_sdk_ssm::config::Builder::from(sdk).interceptor(CountRequests::other(stats.clone()));
     if let Some(url) = service_endpoint(&env_var, "SSM") {
         ssm = ssm.endpoint_url(url);
     }
     let mut cloudmap = aws_sdk_servicediscovery::config::Builder::from(sdk)
-        .interceptor(CountRequests(stats.clone()));
+        .interceptor(CountRequests::cloud_map(stats.clone()));
     if let Some(url) = service_endpoint(&env_var, "SERVICEDISCOVERY") {
         cloudmap = cloudmap.endpoint_url(url);
     }
@@ -174,7 +175,7 @@ impl AwsClients {
                     .with_initial_backoff(Duration::from_millis(50))
                     .with_max_backoff(attempt_timeout),
             )
-            .interceptor(CountRequests(self.stats.clone()));
+            .interceptor(CountRequests::other(self.stats.clone()));
         let conf = match service_endpoint(&env_var, "DYNAMODB") {
             Some(url) => conf.endpoint_url(url),
             None => conf,
@@ -237,11 +238,14 @@ pub struct RequestStats {
     pub by_operation: Family<AwsRequestLabels, Counter>,
     /// Throttled attempts, exposed on `/metrics`.
     pub throttles: Counter,
+    /// Throttled Cloud Map attempts only: what the pacer slows down for (a
+    /// throttled lease table is another quota).
+    cloud_map_throttles: AtomicU64,
     total: AtomicU64,
 }
 
 impl RequestStats {
-    fn record(&self, service: &str, operation: &str, outcome: Outcome) {
+    fn record(&self, service: &str, operation: &str, outcome: Outcome, cloud_map: bool) {
         self.by_operation
             .get_or_create(&AwsRequestLabels {
                 service: service.to_owned(),
@@ -251,6 +255,9 @@ impl RequestStats {
             .inc();
         if outcome == Outcome::Throttled {
             self.throttles.inc();
+            if cloud_map {
+                self.cloud_map_throttles.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.total.fetch_add(1, Ordering::Relaxed);
     }
@@ -264,10 +271,36 @@ impl RequestStats {
     pub fn throttled(&self) -> u64 {
         self.throttles.get()
     }
+
+    /// Throttled Cloud Map attempts so far.
+    pub fn cloud_map_throttled(&self) -> u64 {
+        self.cloud_map_throttles.load(Ordering::Relaxed)
+    }
 }
 
+/// Counts every HTTP attempt of one client into the shared stats.
 #[derive(Debug)]
-struct CountRequests(Arc<RequestStats>);
+struct CountRequests {
+    stats: Arc<RequestStats>,
+    /// Whether the client is Cloud Map's, whose throttling the pacer answers.
+    cloud_map: bool,
+}
+
+impl CountRequests {
+    fn cloud_map(stats: Arc<RequestStats>) -> Self {
+        CountRequests {
+            stats,
+            cloud_map: true,
+        }
+    }
+
+    fn other(stats: Arc<RequestStats>) -> Self {
+        CountRequests {
+            stats,
+            cloud_map: false,
+        }
+    }
+}
 
 impl Intercept for CountRequests {
     fn name(&self) -> &'static str {
@@ -299,7 +332,8 @@ impl Intercept for CountRequests {
             }
             None => Outcome::Error,
         };
-        self.0.record(&service, &operation, outcome);
+        self.stats
+            .record(&service, &operation, outcome, self.cloud_map);
         Ok(())
     }
 }

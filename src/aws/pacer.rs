@@ -23,7 +23,7 @@ struct State {
     next: Instant,
     /// When the rate was last raised.
     raised: Instant,
-    /// Throttled attempts seen so far (from the request counters).
+    /// Throttled Cloud Map attempts seen so far (from the request counters).
     throttles: u64,
 }
 
@@ -47,7 +47,7 @@ impl Pacer {
                 rate: max_rps.unwrap_or(f64::INFINITY),
                 next: now,
                 raised: now,
-                throttles: stats.throttles.get(),
+                throttles: stats.cloud_map_throttled(),
             }),
             stats,
         }
@@ -78,7 +78,7 @@ impl Pacer {
     /// Adjusts the rate and books the next slot at or after `now`.
     fn reserve(&self, now: Instant) -> Instant {
         let max_rps = self.max_rps.unwrap_or(f64::INFINITY);
-        let throttles = self.stats.throttles.get();
+        let throttles = self.stats.cloud_map_throttled();
         let mut s = self.lock();
         if throttles > s.throttles {
             let before = s.rate;
@@ -121,10 +121,10 @@ mod tests {
                 .map(|i| Duration::from_millis(100 * i))
                 .collect::<Vec<_>>()
         );
-        stats.throttles.inc();
+        throttled(&stats, true);
         pacer.reserve(t0);
         assert_eq!(pacer.rate(), 5.0);
-        stats.throttles.inc();
+        throttled(&stats, true);
         pacer.reserve(t0);
         assert_eq!(pacer.rate(), 2.5);
         // One call a second more for each second without throttling, up to the cap.
@@ -135,12 +135,31 @@ mod tests {
         assert_eq!(pacer.rate(), 10.0);
     }
 
+    fn throttled(stats: &RequestStats, cloud_map: bool) {
+        let op = if cloud_map {
+            "DiscoverInstances"
+        } else {
+            "UpdateItem"
+        };
+        stats.record("any", op, super::super::Outcome::Throttled, cloud_map);
+    }
+
+    #[test]
+    fn a_throttled_lease_table_does_not_slow_cloud_map_calls() {
+        let stats = Arc::new(RequestStats::default());
+        let pacer = Pacer::new(Some(10.0), stats.clone());
+        throttled(&stats, false);
+        pacer.reserve(Instant::now());
+        assert_eq!(pacer.rate(), 10.0);
+        assert_eq!(stats.throttled(), 1, "still counted on /metrics");
+    }
+
     #[test]
     fn the_rate_never_drops_below_the_floor() {
         let stats = Arc::new(RequestStats::default());
         let pacer = Pacer::new(Some(2.0), stats.clone());
         for _ in 0..10 {
-            stats.throttles.inc();
+            throttled(&stats, true);
             pacer.reserve(Instant::now());
         }
         assert_eq!(pacer.rate(), MIN_RPS);

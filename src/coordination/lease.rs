@@ -24,6 +24,11 @@ use crate::clock::WallClock;
 pub const IAM_ACTIONS: &str =
     "dynamodb:GetItem, dynamodb:BatchGetItem, dynamodb:PutItem, dynamodb:UpdateItem";
 
+/// Conditional writes one renewal or release makes while the item stays this
+/// process's at versions it did not write in that call (answers lost, delayed
+/// writes landing): past that it is treated as lost.
+const WRITES_ON_OWN_ITEM: usize = 3;
+
 /// Longest lease an item may claim: a corrupted `lease_ms` must not make an item
 /// untakeable for ever.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
@@ -390,26 +395,25 @@ impl LeaseTable {
 
     /// A condition failure whose old item is still this process's (holder and
     /// incarnation ours, not released) means an earlier write of ours was applied
-    /// but its answer lost: the write is made once more on the version found.
+    /// but its answer lost (or a delayed one landed meanwhile): the write is made
+    /// again on the version found, up to [`WRITES_ON_OWN_ITEM`] writes in all.
     async fn write_conditional(
         &self,
         held: &LeaseItem,
         me: &HolderInfo,
         release: bool,
     ) -> Result<LeaseItem, LeaseError> {
-        match self.write_conditional_once(held, me, release).await {
-            Err(Retry::On(current)) => {
-                match self.write_conditional_once(&current, me, release).await {
-                    Err(Retry::On(_)) => Err(LeaseError::Lost {
-                        pk: held.pk.clone(),
-                    }),
-                    Err(Retry::Failed(err)) => Err(err),
-                    Ok(item) => Ok(item),
-                }
+        let mut on = held.clone();
+        for _ in 0..WRITES_ON_OWN_ITEM {
+            match self.write_conditional_once(&on, me, release).await {
+                Ok(item) => return Ok(item),
+                Err(Retry::Failed(err)) => return Err(err),
+                Err(Retry::On(current)) => on = current,
             }
-            Err(Retry::Failed(err)) => Err(err),
-            Ok(item) => Ok(item),
         }
+        Err(LeaseError::Lost {
+            pk: held.pk.clone(),
+        })
     }
 
     async fn write_conditional_once(

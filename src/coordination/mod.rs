@@ -341,6 +341,9 @@ impl Coordinator {
         let started = Instant::now();
         self.enforce_deadlines(started);
         self.renew_held().await;
+        // A renewal moved a deadline: readers must not see the old one pass while
+        // the rest of the step (reads, acquisitions) runs.
+        self.publish_view();
 
         let mut wake = Instant::now() + self.cfg.heartbeat;
         match self.read_items().await {
@@ -670,12 +673,17 @@ impl Coordinator {
                 .filter(|i| !i.released && !i.holder.is_empty())
                 .cloned()
         });
+        // A released leader item keeps its term: followers' fence must not read a
+        // leader's SIGTERM as the term going down.
+        let term = leading
+            .map(|h| h.item.term)
+            .or_else(|| self.last_leader.as_ref().map(|i| i.term));
         let slot = self.slot.as_ref().filter(|(_, h)| h.is_valid(now));
         let view = CoordinationView {
             // Derived from the deadlines by `at`.
             role: Role::Standby,
             slot: slot.map(|(k, _)| *k),
-            term: leader_item.as_ref().map(|i| i.term),
+            term,
             leader_id: leader_item.as_ref().map(|i| i.holder.clone()),
             leader_addr: leader_item.as_ref().map(|i| i.addr.clone()),
             live_slots: leading.and(self.last_live.clone()),
@@ -902,6 +910,48 @@ mod tests {
         assert!(!obs.observe(&item("c#slot#0", "a", "v1"), t0));
         assert!(!obs.observe(&item("c#slot#0", "a", "v1"), t0));
         assert!(obs.observe(&item("c#slot#0", "a", "v2"), t0));
+    }
+
+    /// A coordinator that never calls DynamoDB (its client points nowhere).
+    fn offline_coordinator() -> Coordinator {
+        let conf = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let table = LeaseTable::new(
+            aws_sdk_dynamodb::Client::from_conf(conf),
+            "leases".into(),
+            "c".into(),
+            crate::clock::WallClock::default(),
+        );
+        Coordinator::new(
+            table,
+            CoordinationConfig {
+                shard_count: ShardCount::Fixed(3),
+                lease: LEASE,
+                heartbeat: LEASE / 5,
+                create_table: false,
+                me: me("b"),
+                renewal_failures: Default::default(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_released_leader_item_keeps_its_term_in_the_view() {
+        let mut c = offline_coordinator();
+        let view = c.subscribe();
+        c.last_leader = Some(item("c#leader", "a", "v1"));
+        c.publish_view();
+        assert_eq!(view.borrow().term, Some(3));
+        assert_eq!(view.borrow().leader_id.as_deref(), Some("a"));
+        // The leader stopped (SIGTERM) and released: no leader, the term stays.
+        let mut released = item("c#leader", "a", "v2");
+        released.released = true;
+        c.last_leader = Some(released);
+        c.publish_view();
+        assert_eq!(view.borrow().term, Some(3));
+        assert_eq!(view.borrow().leader_id, None);
+        assert_eq!(view.borrow().leader_addr, None);
     }
 
     #[test]

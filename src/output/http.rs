@@ -137,6 +137,16 @@ struct ShardQuery {
     holder: Option<String>,
 }
 
+impl ShardQuery {
+    /// Whether the asker should get the copy of (`term`, `generation`) at once,
+    /// `latest` being the generation published last: it holds an older one, or
+    /// one of this term never published here, which no answer would ever follow.
+    fn lags(&self, term: u64, generation: u64, latest: u64) -> bool {
+        (term, generation) > (self.after_term, self.after)
+            || (self.after_term == term && self.after > latest)
+    }
+}
+
 /// A slot's shard for its holder: immediately if newer than (`after_term`,
 /// `after`), else when it changes or after `wait_ms` (304). Asking with the
 /// leader's term confirms that generation (ending handoffs to this slot), when
@@ -171,7 +181,7 @@ async fn shard(
         let snapshot = updates.borrow_and_update().clone();
         if let Some(snap) = &snapshot {
             if let Some(shard) = snap.shards.get(&slot) {
-                if (snap.term, shard.generation) > (q.after_term, q.after) {
+                if q.lags(snap.term, shard.generation, snap.generation) {
                     return (
                         [
                             (
@@ -231,7 +241,7 @@ async fn snapshot(State(state): State<PeerState>, Query(q): Query<ShardQuery>) -
     let mut updates = leader.subscribe();
     loop {
         if let Some(snap) = updates.borrow_and_update().clone() {
-            if (snap.term, snap.generation) > (q.after_term, q.after) {
+            if q.lags(snap.term, snap.generation, snap.generation) {
                 return (
                     [(
                         header::CONTENT_TYPE,
@@ -475,6 +485,32 @@ mod tests {
         assert!(with("*"));
         assert!(!with("gzip;q=0"));
         assert!(!with("br, deflate"));
+    }
+
+    #[test]
+    fn an_asker_is_answered_when_behind_or_ahead_of_what_was_published() {
+        let q = |after_term, after| ShardQuery {
+            after_term,
+            after,
+            wait_ms: 0,
+            holder: None,
+        };
+        // The shard of slot k last changed at generation 4; the assignment is at 6.
+        assert!(q(2, 3).lags(2, 4, 6), "an older generation");
+        assert!(q(1, 9).lags(2, 4, 6), "an older term");
+        assert!(!q(2, 4).lags(2, 4, 6), "up to date: wait");
+        assert!(
+            !q(2, 6).lags(2, 4, 6),
+            "a later generation of the same shard"
+        );
+        assert!(
+            q(2, 7).lags(2, 4, 6),
+            "a generation never published in this term"
+        );
+        assert!(
+            !q(3, 1).lags(2, 4, 6),
+            "a later term: not this leader's to answer"
+        );
     }
 
     #[test]

@@ -10,10 +10,11 @@
 //! often), registration churn.
 //!
 //! The checker (see `checker.rs`) reads every replica's http_sd every 200 ms the
-//! way Prometheus does and holds the cluster to four invariants: bounded
+//! way Prometheus does and holds the cluster to five invariants: bounded
 //! uncovered time, long duplicates only where DynamoDB faults or pauses explain
-//! them, leader actions never going back in term (from the JSON logs), and
-//! convergence within lease + 2 heartbeats after the last fault.
+//! them, leader actions never going back in term and leader work started once
+//! per term (both from the JSON logs), and convergence within lease + 2
+//! heartbeats after the last fault.
 //!
 //! `CHAOS_SEED` (one seed, or several comma-separated) and `CHAOS_DURATION`
 //! (e.g. `90s`, `10m`) select the run; a failure prints the seed, the schedule and
@@ -1007,14 +1008,29 @@ async fn run(seed: u64, duration: Duration) {
             0
         }
     };
+    let starts: Vec<(String, u64)> = c
+        .logs
+        .iter()
+        .flat_map(|(id, path)| {
+            common::leading_starts(id, &std::fs::read_to_string(path).unwrap_or_default())
+        })
+        .collect();
+    let terms_led = match common::each_term_led_once(&starts) {
+        Ok(n) => n,
+        Err(v) => {
+            checker.violations.push(format!("term scoping: {v}"));
+            0
+        }
+    };
     let report = format!(
-        "CHAOS seed={seed:#x} ran {:.0}s, {} samples, {} leader actions checked, {} actions \
-         skipped\n  injected: {}\n  worst uncovered (served targets): {}\n  worst \
+        "CHAOS seed={seed:#x} ran {:.0}s, {} samples, {} leader actions checked, {} terms led, \
+         {} actions skipped\n  injected: {}\n  worst uncovered (served targets): {}\n  worst \
          registration-to-served: {}\n  worst duplicate: {}\n  converged after the last fault: \
          {}\n  violations: {}",
         (end - begin).as_secs_f64(),
         checker.samples,
         checked,
+        terms_led,
         c.skipped,
         c.injected
             .iter()

@@ -441,6 +441,30 @@ pub fn leader_actions(who: &str, text: &str) -> Vec<LeaderAction> {
         .collect()
 }
 
+/// The terms in which `who` started leading, from its JSON log `text`.
+pub fn leading_starts(who: &str, text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter(|l| l.contains("leading: discovering and assigning"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((who.to_owned(), v["term"].as_u64()?)))
+        .collect()
+}
+
+/// Checks that leader work started at most once per term, over every replica:
+/// one term is one run of the leader's work, by one replica. Returns how many
+/// starts were checked.
+pub fn each_term_led_once(starts: &[(String, u64)]) -> Result<usize, String> {
+    let mut seen: std::collections::BTreeMap<u64, &str> = Default::default();
+    for (who, term) in starts {
+        if let Some(first) = seen.insert(*term, who) {
+            return Err(format!(
+                "leader work for term {term} started twice (by {first}, then by {who})"
+            ));
+        }
+    }
+    Ok(starts.len())
+}
+
 /// Checks, over the actions of every replica in time order, that none carries a term
 /// older than one already used. Returns how many actions were checked.
 pub fn terms_never_go_back(mut actions: Vec<LeaderAction>) -> Result<usize, String> {
