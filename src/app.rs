@@ -381,7 +381,11 @@ async fn lead_when_elected(
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = view.changed() => {}
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        return; // the coordinator is gone
+                    }
+                }
                 _ = shutdown.cancelled() => return,
             }
         };

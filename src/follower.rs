@@ -301,7 +301,12 @@ pub async fn mirror(
             after = (0, 0);
         }
         match answer {
-            Some(Some(Ok(doc))) if (doc.term, doc.generation) > after && doc.term >= term => {
+            // Newer, or another generation of the same term (the leader answers at
+            // once only a copy it did not publish).
+            Some(Some(Ok(doc)))
+                if (doc.term > after.0 || (doc.term == after.0 && doc.generation != after.1))
+                    && doc.term >= term =>
+            {
                 match mirror_of(doc) {
                     Ok(mirror) => {
                         after = (mirror.term, mirror.generation);

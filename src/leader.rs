@@ -254,7 +254,9 @@ pub async fn run(
     seed: Option<Arc<Mirror>>,
     cancel: CancellationToken,
 ) {
-    if !matches!(term_lease(&view, term), TermLease::Valid(_)) {
+    // Only a term already over is left at once: a fenced one may be renewed yet
+    // (a slow step publishes late), and the caller never starts a term twice.
+    if matches!(term_lease(&view, term), TermLease::Over) {
         return;
     }
     let handle = Arc::new(LeaderHandle::new(&cfg, term));
@@ -271,10 +273,16 @@ pub async fn run(
     // A result may already be waiting.
     let mut targets_pending = true;
     let mut targets_open = true;
+    // When the lease of this term was last seen valid: what it leaves behind is
+    // known current as of then, not as of when the work ends.
+    let mut last_valid = Instant::now();
     loop {
         // Fenced: act only while the lease of this very term is valid.
         let current = match term_lease(&view, term) {
-            TermLease::Valid(current) => current,
+            TermLease::Valid(current) => {
+                last_valid = Instant::now();
+                current
+            }
             TermLease::Over => break,
             TermLease::Fenced => {
                 tokio::select! {
@@ -338,6 +346,7 @@ pub async fn run(
     }
     // What this term leaves behind is where the next one starts, if it follows at once.
     if let Some(own) = handle.inherited() {
+        own.set_current_at(last_valid);
         shared.set_mirror(own);
     }
     handle.ended.cancel();
@@ -432,6 +441,60 @@ mod tests {
             lease(leading(6, Some(now + second))),
             TermLease::Over
         ));
+    }
+
+    /// A term fenced when its work starts (the coordinator's renewal is on its
+    /// way) is worked once the renewal is published, not given up.
+    #[tokio::test]
+    async fn a_term_fenced_at_its_start_is_worked_once_renewed() {
+        let leading = |until| CoordinationView {
+            role: Role::Leader,
+            term: Some(5),
+            leader_until: Some(until),
+            live_slots: Some(Vec::new()),
+            ..CoordinationView::single()
+        };
+        let (view_tx, view) = watch::channel(leading(Instant::now() - Duration::from_millis(1)));
+        let stats = crate::aws::RequestStats::default();
+        let shared = Shared::new(
+            "r".into(),
+            "127.0.0.1:9002".into(),
+            view.clone(),
+            Arc::new(crate::telemetry::Metrics::new(&stats)),
+        );
+        let cfg = LeaderConfig {
+            shard_by: ShardBy::Target,
+            params: Params::default(),
+            handoff_grace: Duration::ZERO,
+            membership_grace: Duration::from_secs(1),
+            seed_max_age: Duration::from_secs(60),
+        };
+        let (_targets_tx, targets) = watch::channel(None);
+        let cancel = CancellationToken::new();
+        let work = tokio::spawn(run(
+            cfg,
+            5,
+            shared.clone(),
+            view,
+            targets,
+            None,
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!work.is_finished(), "a fenced term is not over");
+        view_tx.send_replace(leading(Instant::now() + Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(shared.leader().map(|h| h.term()), Some(5));
+        // The coordinator says the term is over: the work ends.
+        view_tx.send_replace(CoordinationView {
+            leader_until: None,
+            ..leading(Instant::now())
+        });
+        tokio::time::timeout(Duration::from_secs(2), work)
+            .await
+            .expect("the work ends with its term")
+            .expect("no panic");
+        assert!(shared.leader().is_none());
     }
 
     #[test]

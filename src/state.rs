@@ -78,7 +78,12 @@ impl Mirror {
 
     /// Its leader said nothing changed since: the copy is current now.
     pub fn confirm_current(&self) {
-        *self.current_at.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        self.set_current_at(std::time::Instant::now());
+    }
+
+    /// The copy was last known current at `at`.
+    pub fn set_current_at(&self, at: std::time::Instant) {
+        *self.current_at.lock().unwrap_or_else(|e| e.into_inner()) = at;
     }
 
     /// How long ago the copy was last known to be current.

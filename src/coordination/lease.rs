@@ -463,7 +463,12 @@ impl LeaseTable {
                                 pk: held.pk.clone(),
                             }))
                         }
-                        Some(cur) if cur.holder == me.id && !cur.released => Err(Retry::On(cur)),
+                        // Still ours, in the same term: an earlier write of this holding.
+                        Some(cur)
+                            if cur.holder == me.id && !cur.released && cur.term == held.term =>
+                        {
+                            Err(Retry::On(cur))
+                        }
                         _ => Err(Retry::Failed(LeaseError::Lost {
                             pk: held.pk.clone(),
                         })),

@@ -412,6 +412,8 @@ impl Coordinator {
             if self.leader.is_none() {
                 self.last_live = None;
             }
+            // Said at once: the slot's renewal may take a while yet.
+            self.publish_view();
         }
         if let Some((slot, held)) = self.slot.clone() {
             self.slot = self
@@ -667,10 +669,12 @@ impl Coordinator {
         // A deadline may have passed during this step's calls: it is a lapse now.
         self.enforce_deadlines(now);
         let leading = self.leader.as_ref().filter(|h| h.is_valid(now));
+        // The item as last read names this very process only while it leads: once
+        // it stopped, it is nobody's to follow until the table shows who leads.
         let leader_item = leading.map(|h| h.item.clone()).or_else(|| {
             self.last_leader
                 .as_ref()
-                .filter(|i| !i.released && !i.holder.is_empty())
+                .filter(|i| !i.released && !i.holder.is_empty() && !is_mine(i, &self.cfg.me))
                 .cloned()
         });
         // A released leader item keeps its term: followers' fence must not read a

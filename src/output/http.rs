@@ -168,7 +168,11 @@ async fn shard(
         let Some(holder) = *unconfirmed else {
             return;
         };
-        let live = state.shared.coordination().live_slots.unwrap_or_default();
+        let view = state.shared.coordination();
+        if leader::leading_term(&view) != Some(leader.term()) {
+            return; // the term of this assignment is over: nothing to confirm in it
+        }
+        let live = view.live_slots.unwrap_or_default();
         if live.iter().any(|l| l.slot == slot && l.holder == holder) {
             leader.confirm(slot, holder, q.after_term, q.after);
             *unconfirmed = None;
