@@ -1,7 +1,9 @@
 //! Latency of `GET /prometheus-targets` over loopback for a 1,000-target list:
-//! shard-sd's pre-rendered body (200, and 304 with `If-None-Match`) side by side
+//! shard-sd's body compressed once per change (200 with gzip, as Prometheus asks;
+//! 200 inflated for a client without gzip; 304 with `If-None-Match`) side by side
 //! with rendering the JSON on every request, as the original sidecar does.
-//! Also the cost of building and rendering the list once per discovery change.
+//! Also the cost of building, rendering and compressing the list once per
+//! discovery change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use axum::routing::get;
 use axum::Router;
 use criterion::{criterion_group, criterion_main, Criterion};
 use shard_sd::state::Shared;
-use shard_sd::targets::{self, Instance, ServiceData, Target};
+use shard_sd::targets::{self, Body, Instance, ServiceData, Target};
 
 const TASKS: usize = 500; // two targets each (app + ECS exporter)
 
@@ -27,10 +29,10 @@ fn tags() -> BTreeMap<String, String> {
     .collect()
 }
 
-fn instances() -> Vec<Instance> {
+fn instances() -> Vec<Arc<Instance>> {
     (0..TASKS)
         .map(|i| Instance {
-            id: format!("{i:032x}"),
+            id: format!("{i:032x}").into(),
             attributes: [
                 (
                     "AWS_INSTANCE_IPV4".to_owned(),
@@ -47,10 +49,11 @@ fn instances() -> Vec<Instance> {
             .into_iter()
             .collect(),
         })
+        .map(Arc::new)
         .collect()
 }
 
-fn build(tags: &BTreeMap<String, String>, instances: &[Instance]) -> Vec<Target> {
+fn build(tags: &BTreeMap<String, String>, instances: &[Arc<Instance>]) -> Arc<Vec<Target>> {
     targets::build_all([ServiceData {
         namespace: "ecs-services",
         service: "webapp-svc",
@@ -85,6 +88,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("discovery_change_1000_targets");
     group.bench_function("build_targets", |b| b.iter(|| build(&tags, &instances)));
     group.bench_function("render_json", |b| b.iter(|| targets::render(list.iter())));
+    group.bench_function("render_and_gzip", |b| b.iter(|| Body::render(list.iter())));
     group.finish();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -95,13 +99,13 @@ fn bench(c: &mut Criterion) {
     let single = tokio::sync::watch::channel(shard_sd::coordination::CoordinationView::single()).1;
     let metrics = Arc::new(shard_sd::telemetry::Metrics::new(&Default::default()));
     let shared = Shared::new("bench".into(), "127.0.0.1:9001".into(), single, metrics);
-    shared.publish(targets::render(list.iter()), list.len());
-    let etag = shared.targets().expect("published").etag.clone();
+    shared.publish(Body::render(list.iter()));
+    let etag = shared.targets().expect("published").body.gzip_etag();
     let ours = rt.block_on(serve(shard_sd::output::http::router(shared)));
     let naive = rt.block_on(serve(
         Router::new()
             .route("/prometheus-targets", get(render_per_request))
-            .with_state(Arc::new(list)),
+            .with_state(list),
     ));
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -109,23 +113,26 @@ fn bench(c: &mut Criterion) {
         .expect("client");
 
     let mut group = c.benchmark_group("get_prometheus_targets_1000");
-    group.bench_function("prerendered_200", |b| {
-        b.to_async(&rt).iter(|| async {
-            let body = client
-                .get(&ours)
-                .send()
-                .await
-                .expect("get")
-                .bytes()
-                .await
-                .expect("body");
-            assert!(body.len() > 100_000);
-        })
+    let get = |url: &str, gzip: bool| {
+        let mut req = client.get(url);
+        if gzip {
+            req = req.header("accept-encoding", "gzip");
+        }
+        async move { req.send().await.expect("get").bytes().await.expect("body") }
+    };
+    group.bench_function("compressed_once_200_gzip", |b| {
+        b.to_async(&rt)
+            .iter(|| async { assert!(get(&ours, true).await.len() > 10_000) })
     });
-    group.bench_function("prerendered_304_if_none_match", |b| {
+    group.bench_function("compressed_once_200_inflated", |b| {
+        b.to_async(&rt)
+            .iter(|| async { assert!(get(&ours, false).await.len() > 100_000) })
+    });
+    group.bench_function("compressed_once_304_if_none_match", |b| {
         b.to_async(&rt).iter(|| async {
             let resp = client
                 .get(&ours)
+                .header("accept-encoding", "gzip")
                 .header("if-none-match", &etag)
                 .send()
                 .await
@@ -134,17 +141,8 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("render_per_request_200", |b| {
-        b.to_async(&rt).iter(|| async {
-            let body = client
-                .get(&naive)
-                .send()
-                .await
-                .expect("get")
-                .bytes()
-                .await
-                .expect("body");
-            assert!(body.len() > 100_000);
-        })
+        b.to_async(&rt)
+            .iter(|| async { assert!(get(&naive, false).await.len() > 100_000) })
     });
     group.finish();
 }

@@ -1,8 +1,10 @@
 //! Where the leader's and a follower's bytes go, per structure, at a given number
 //! of targets: a counting global allocator measures the live heap after each step
-//! of what a leader holds (the discovery cache, the built target list, the
-//! assignment with its rendered shards, the snapshot document followers mirror)
-//! and what a follower holds (the mirror of the whole assignment, its own shard).
+//! of what a leader holds (the discovery cache of instances, built through the
+//! same interner as discovery's; the target list; the assignment with its
+//! compressed shards; the encoded snapshot every follower mirrors) and what a
+//! follower holds (the mirror of the whole assignment, and what a new leader
+//! reads from it).
 //!
 //! `cargo bench --bench memory -- 100000` (the default size is 100,000 targets;
 //! several sizes may be given). Prints one table per size, in bytes per target.
@@ -10,11 +12,13 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use shard_sd::assignment::Assigner;
+use shard_sd::assignment::{Assigner, Snapshot};
 use shard_sd::sharding::{Params, ShardBy, Slot};
-use shard_sd::targets::{self, Instance, ServiceData};
+use shard_sd::state::Mirror;
+use shard_sd::targets::{self, Instance, Interner, ServiceData};
 
 struct Counting;
 
@@ -50,7 +54,11 @@ fn live() -> usize {
 
 /// Services of 100 ECS tasks each, as ECS registers them; a third of the services
 /// also tag an exporter (two targets per task), as synthetic-aws generates them.
-fn account(targets: usize) -> Vec<(String, BTreeMap<String, String>, Vec<Instance>)> {
+/// A service: its name, tags and instances.
+type Service = (String, BTreeMap<String, String>, Vec<Arc<Instance>>);
+
+fn account(targets: usize) -> Vec<Service> {
+    let mut strings = Interner::default();
     let mut out = Vec::new();
     let mut n = 0u32;
     let mut made = 0;
@@ -73,24 +81,21 @@ fn account(targets: usize) -> Vec<(String, BTreeMap<String, String>, Vec<Instanc
         let instances = (0..100)
             .map(|_| {
                 n += 1;
-                Instance {
-                    id: format!("{:032x}", u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-                    attributes: [
-                        (
-                            "AWS_INSTANCE_IPV4",
-                            format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
-                        ),
-                        ("AVAILABILITY_ZONE", "us-east-1a".to_owned()),
-                        ("AWS_INIT_HEALTH_STATUS", "HEALTHY".to_owned()),
-                        ("ECS_CLUSTER_NAME", format!("cluster-{}", s % 4)),
-                        ("ECS_SERVICE_NAME", name.clone()),
-                        ("ECS_TASK_DEFINITION_FAMILY", format!("{name}-task")),
-                        ("REGION", "us-east-1".to_owned()),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect(),
-                }
+                let id = format!("{:032x}", u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let attributes = [
+                    (
+                        "AWS_INSTANCE_IPV4",
+                        format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
+                    ),
+                    ("AVAILABILITY_ZONE", "us-east-1a".to_owned()),
+                    ("AWS_INIT_HEALTH_STATUS", "HEALTHY".to_owned()),
+                    ("ECS_CLUSTER_NAME", format!("cluster-{}", s % 4)),
+                    ("ECS_SERVICE_NAME", name.clone()),
+                    ("ECS_TASK_DEFINITION_FAMILY", format!("{name}-task")),
+                    ("REGION", "us-east-1".to_owned()),
+                ];
+                // As discovery builds them: strings shared through its interner.
+                Arc::new(strings.instance(&id, attributes.iter().map(|(k, v)| (*k, v.as_str()))))
             })
             .collect();
         made += 100 * if exporter { 2 } else { 1 };
@@ -125,49 +130,64 @@ fn measure(size: usize) {
     let mut assigner = Assigner::new(ShardBy::Target, Params::default(), Default::default(), 1);
     assigner.set_slots(&slots);
     let started = Instant::now();
-    assigner.set_targets(&list);
+    assigner.set_targets(list.clone());
     let assign_ms = started.elapsed().as_secs_f64() * 1000.0;
     let after_assigner = live() as isize;
     let snapshot = assigner.snapshot().expect("snapshot");
-    let shard_bytes: usize = snapshot.shards.values().map(|s| s.body.len()).sum();
-    let doc = snapshot.to_json();
+    let gzip_bytes: usize = snapshot.shards.values().map(|s| s.body.gzip().len()).sum();
+    let json_bytes = targets::render(list.iter().take(1000)).len() as f64 / 1000.0;
+    let doc = snapshot.encode();
     let after_doc = live() as isize;
-    let own_gzip = targets::gzip(&snapshot.shards[&0].body);
-    let after_gzip = live() as isize;
     println!("\n### {n} targets, 3 slots (leader), assignment in {assign_ms:.0} ms\n");
+    println!(
+        "{json_bytes:.0} B of http_sd JSON per target, kept gzip-compressed: {:.0} B per target\n",
+        gzip_bytes as f64 / n as f64
+    );
     println!("| structure | live heap | bytes per target |");
     println!("|---|---|---|");
-    row("discovery cache (instances and tags)", cache, n);
-    row("built target list", after_list - base - cache, n);
     row(
-        &format!(
-            "assignment: targets, owners, rendered shards ({:.0} B/target of JSON)",
-            shard_bytes as f64 / n as f64
-        ),
+        "discovery cache (instances, tags, interned strings)",
+        cache,
+        n,
+    );
+    row(
+        "target list (shared with the assignment)",
+        after_list - base - cache,
+        n,
+    );
+    row(
+        "assignment: identities, owners, compressed shards",
         after_assigner - after_list,
         n,
     );
     row(
-        "snapshot document for one mirror request",
+        "encoded snapshot, one copy for every mirror request",
         after_doc - after_assigner,
         n,
     );
-    row("gzip of the leader's own shard", after_gzip - after_doc, n);
-    row("leader in all", after_gzip - base, n);
+    row("leader in all", after_doc - base, n);
     let before_mirror = live() as isize;
-    let parsed: shard_sd::assignment::SnapshotDoc =
-        serde_json::from_slice(&doc).expect("snapshot document");
-    let mirror = shard_sd::follower::mirror_of(parsed).expect("mirror");
+    let mirror = Mirror::mirrored(Snapshot::decode(&doc).expect("snapshot"));
     let after_mirror = live() as isize;
+    let started = Instant::now();
+    let contents = mirror.contents().expect("contents").targets.len();
+    let read_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let after_contents = live() as isize;
+    assert_eq!(contents, n);
     println!("\nA follower:\n");
     println!("| structure | live heap | bytes per target |");
     println!("|---|---|---|");
     row(
-        "mirror of the whole assignment",
+        "mirror of the whole assignment (its shards as received)",
         after_mirror - before_mirror,
         n,
     );
-    drop((mirror, doc, own_gzip, snapshot, assigner, list, data));
+    row(
+        &format!("read into targets when elected ({read_ms:.0} ms)"),
+        after_contents - after_mirror,
+        n,
+    );
+    drop((mirror, doc, snapshot, assigner, list, data));
 }
 
 fn main() {

@@ -24,8 +24,7 @@ use crate::identity::{self, Identity, NoAdvertiseAddr};
 use crate::leader::{self, LeaderConfig};
 use crate::output;
 use crate::state::{LastDiscovery, Shared};
-use crate::targets;
-use crate::targets::Target;
+use crate::targets::{Body, Target};
 use crate::telemetry::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -390,15 +389,18 @@ async fn lead_when_elected(
             }
         };
         last_term = term;
-        let seed = leader::seed_for(term, shared.mirror(), cfg.seed_max_age);
+        // Taken, not kept: while leading, this replica holds its own assignment only.
+        let mirror = shared.take_mirror();
+        let seed = leader::seed_for(term, mirror.clone(), cfg.seed_max_age);
         let leading = shutdown.child_token();
         let (targets_tx, targets_rx) = watch::channel(None);
         // The guard's baseline until the first publication: what followers serve,
         // the inherited assignment, or, without one, the last mirrored copy.
-        let inherited = seed
-            .clone()
-            .or_else(|| shared.mirror())
-            .map(|m| Arc::new(m.targets.clone()));
+        let inherited = mirror
+            .as_ref()
+            .and_then(|m| m.contents())
+            .map(|c| c.targets.clone());
+        drop(mirror);
         let discovering = tokio::spawn(discovery_loop(
             Discoverer::new(aws.clone(), discovery.clone()),
             shared.clone(),
@@ -475,7 +477,7 @@ async fn discovery_loop(
             report = discoverer.run_cycle() => report,
             _ = shutdown.cancelled() => return,
         };
-        publish_cycle(&discoverer, &report, &shared, &mut publisher);
+        publish_cycle(&mut discoverer, &report, &shared, &mut publisher);
     }
 }
 
@@ -484,12 +486,18 @@ async fn discovery_loop(
 /// is always published (failed parts keep their previous targets), unless it
 /// would drop most published targets (see [`DropGuard`]).
 fn publish_cycle(
-    discoverer: &Discoverer,
+    discoverer: &mut Discoverer,
     report: &CycleReport,
     shared: &Shared,
     publisher: &mut Publisher,
 ) {
     let built = discoverer.targets();
+    // The very list published last, and no drop on hold: nothing to judge or publish.
+    let unchanged = publisher
+        .published
+        .as_ref()
+        .is_some_and(|p| Arc::ptr_eq(p, &built.targets))
+        && publisher.guard.hold().is_none();
     let problems: BTreeSet<String> = built.problems.iter().map(ToString::to_string).collect();
     for new in problems.difference(&publisher.known_problems) {
         tracing::warn!("{new}");
@@ -504,23 +512,26 @@ fn publish_cycle(
         .published
         .as_ref()
         .or(publisher.inherited.as_ref());
-    let verdict = match (may_publish, baseline) {
+    let verdict = match (may_publish && !unchanged, baseline) {
         (true, Some(baseline)) => publisher.guard.check(baseline, &built.targets),
         _ => Verdict::Publish,
     };
     let previous = baseline.map_or(0, |b| b.len());
     let mut changed = false;
-    if may_publish {
+    if may_publish && !unchanged {
         // A held drop serves what was published and what is new, never less.
         let (list, confirmed) = match (&verdict, baseline) {
-            (Verdict::Hold(_), Some(baseline)) => (guard::union(baseline, &built.targets), false),
+            (Verdict::Hold(_), Some(baseline)) => {
+                (Arc::new(guard::union(baseline, &built.targets)), false)
+            }
             _ => (built.targets.clone(), true),
         };
-        let list = Arc::new(list);
         changed = match &publisher.sink {
-            Sink::Serve => shared.publish(targets::render(list.iter()), list.len()),
+            Sink::Serve => shared.publish(Body::render(list.iter())),
             Sink::Leader(tx) => tx.send_if_modified(|current| {
-                let differs = current.as_deref() != Some(&*list);
+                let differs = current
+                    .as_ref()
+                    .is_none_or(|c| !Arc::ptr_eq(c, &list) && **c != *list);
                 if differs {
                     *current = Some(list.clone());
                 }

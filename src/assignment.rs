@@ -10,69 +10,148 @@
 //! targets, slots, confirmations and the time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::sharding::{self, Params, ShardBy, Slot};
-use crate::targets::{self, Target};
+use crate::sharding::{self, Params, ShardBy, Slot, TargetAssignment, TargetId};
+use crate::targets::{Body, Target};
 
 /// One slot's shard as published.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shard {
     /// Generation at which this shard last changed.
     pub generation: u64,
-    pub body: Bytes,
-    pub targets: usize,
-    /// Of which draining (moved away, kept until the new owner confirmed).
+    pub body: Body,
+    /// Of its targets, how many are draining (moved away, kept until the new
+    /// owner confirmed).
     pub draining: usize,
+    /// A hash of its targets (see [`Target::content_hash`]): an unchanged shard is
+    /// not rendered again.
+    content: u64,
+}
+
+impl Shard {
+    pub fn targets(&self) -> usize {
+        self.body.targets()
+    }
 }
 
 /// What the leader serves to followers.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Snapshot {
     pub term: u64,
     pub generation: u64,
     /// The membership the shards were computed for (live slots and those in grace).
     pub slots: Vec<Slot>,
     pub shards: BTreeMap<u32, Arc<Shard>>,
+    /// [`Snapshot::encode`], made once however many replicas mirror it.
+    encoded: OnceLock<Bytes>,
 }
 
-impl Snapshot {
-    /// The whole assignment as one JSON document, `{"term", "generation", "slots":
-    /// [{"id", "weight"}], "shards": {"<slot>": [http_sd groups]}}`, which followers
-    /// mirror so that a new leader can publish at once, for the same membership.
-    pub fn to_json(&self) -> Vec<u8> {
-        let slots = serde_json::to_string(&self.slots).unwrap_or_else(|_| "[]".into());
-        let mut out = format!(
-            "{{\"term\":{},\"generation\":{},\"slots\":{slots},\"shards\":{{",
-            self.term, self.generation
-        )
-        .into_bytes();
-        for (i, (slot, shard)) in self.shards.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(format!("\"{slot}\":").as_bytes());
-            out.extend_from_slice(&shard.body);
-        }
-        out.extend_from_slice(b"}}");
-        out
-    }
+/// The head of an encoded snapshot: everything but the shards' bytes.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct SnapshotHead {
+    term: u64,
+    generation: u64,
+    #[serde(default)]
+    slots: Vec<Slot>,
+    shards: Vec<ShardHead>,
 }
 
-/// The document of [`Snapshot::to_json`], read back. Each shard stays the exact
-/// http_sd bytes the leader rendered, so a replica that takes a slot can serve
-/// it before the leader answers.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct ShardHead {
+    slot: u32,
+    targets: usize,
+    etag: String,
+    /// Length of its gzip bytes in the tail.
+    bytes: usize,
+}
+
+/// Why an encoded snapshot was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("no head line")]
+    NoHead,
+    #[error("bad head: {0}")]
+    Head(#[from] serde_json::Error),
+    #[error("the shards' bytes do not add up to what the head says")]
+    Length,
+}
+
+/// A snapshot as a replica mirrors it: the leader's shards as it compressed them.
+#[derive(Debug)]
 pub struct SnapshotDoc {
     pub term: u64,
     pub generation: u64,
-    #[serde(default)]
     pub slots: Vec<Slot>,
-    pub shards: BTreeMap<u32, Box<serde_json::value::RawValue>>,
+    pub shards: BTreeMap<u32, Body>,
+}
+
+impl Snapshot {
+    /// The whole assignment for a mirror: one JSON line (term, generation,
+    /// membership, and per shard its slot, targets, ETag and length), then each
+    /// shard's gzip bytes as served. Nothing is rendered or compressed again.
+    pub fn encode(&self) -> Bytes {
+        self.encoded
+            .get_or_init(|| {
+                let head = SnapshotHead {
+                    term: self.term,
+                    generation: self.generation,
+                    slots: self.slots.clone(),
+                    shards: self
+                        .shards
+                        .iter()
+                        .map(|(slot, shard)| ShardHead {
+                            slot: *slot,
+                            targets: shard.body.targets(),
+                            etag: shard.body.etag().to_owned(),
+                            bytes: shard.body.gzip().len(),
+                        })
+                        .collect(),
+                };
+                // Serialising plain structs into a Vec cannot fail.
+                let mut out = serde_json::to_vec(&head).unwrap_or_default();
+                out.push(b'\n');
+                for shard in self.shards.values() {
+                    out.extend_from_slice(shard.body.gzip());
+                }
+                Bytes::from(out)
+            })
+            .clone()
+    }
+
+    /// Reads [`Snapshot::encode`]'s bytes. The shards are taken as the leader
+    /// rendered them; each is checked when it is used (see [`Body::checked`]).
+    pub fn decode(bytes: &Bytes) -> Result<SnapshotDoc, SnapshotError> {
+        let newline = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or(SnapshotError::NoHead)?;
+        let head: SnapshotHead = serde_json::from_slice(&bytes[..newline])?;
+        let mut at = newline + 1;
+        let mut shards = BTreeMap::new();
+        for shard in head.shards {
+            let end = at.checked_add(shard.bytes).ok_or(SnapshotError::Length)?;
+            if end > bytes.len() {
+                return Err(SnapshotError::Length);
+            }
+            let gzip = bytes.slice(at..end);
+            shards.insert(shard.slot, Body::unchecked(gzip, shard.etag, shard.targets));
+            at = end;
+        }
+        if at != bytes.len() {
+            return Err(SnapshotError::Length);
+        }
+        Ok(SnapshotDoc {
+            term: head.term,
+            generation: head.generation,
+            slots: head.slots,
+            shards,
+        })
+    }
 }
 
 /// The leader's assignment as `/v1/assignment` serves it: per slot, its holder
@@ -154,8 +233,9 @@ struct Drain {
 /// An assignment as a successor inherits it (see [`Assigner::inherited`]).
 #[derive(Debug)]
 pub struct Inherited {
-    pub targets: Vec<Target>,
-    pub owners: HashMap<Vec<u8>, Vec<u32>>,
+    pub targets: Arc<Vec<Target>>,
+    /// The slots serving each target, draining ones included.
+    pub owners: HashMap<TargetId, Vec<u32>>,
     pub slots: Vec<Slot>,
 }
 
@@ -175,11 +255,17 @@ pub struct Assigner {
     term: u64,
     generation: u64,
     slots: Vec<Slot>,
-    /// Current targets by identity (scheme, address, path).
-    targets: BTreeMap<Vec<u8>, Target>,
-    /// Slots of each target identity under the current assignment.
-    owners: HashMap<Vec<u8>, Vec<u32>>,
-    draining: HashMap<Vec<u8>, Vec<Drain>>,
+    /// Current targets, one per identity, shared with the discovery result
+    /// whenever it had no two of one identity.
+    targets: Arc<Vec<Target>>,
+    /// The identity of each target, in the same order.
+    ids: Vec<TargetId>,
+    /// Slots of each target under the current assignment, in the same order.
+    placed: TargetAssignment,
+    /// Slots each target had in the previous term (a seed), taken as its old
+    /// owners by the next computation.
+    seeded: Option<HashMap<TargetId, Vec<u32>>>,
+    draining: HashMap<TargetId, Vec<Drain>>,
     /// Per member slot: which holder confirmed which generation.
     confirmed: HashMap<u32, (String, u64)>,
     shards: BTreeMap<u32, Arc<Shard>>,
@@ -196,8 +282,10 @@ impl Assigner {
             term,
             generation: 0,
             slots: Vec::new(),
-            targets: BTreeMap::new(),
-            owners: HashMap::new(),
+            targets: Arc::new(Vec::new()),
+            ids: Vec::new(),
+            placed: TargetAssignment::default(),
+            seeded: None,
             draining: HashMap::new(),
             confirmed: HashMap::new(),
             shards: BTreeMap::new(),
@@ -220,6 +308,7 @@ impl Assigner {
             generation: self.generation,
             slots: self.slots.clone(),
             shards: self.shards.clone(),
+            encoded: OnceLock::new(),
         })
     }
 
@@ -228,13 +317,32 @@ impl Assigner {
             .iter()
             .map(|(slot, shard)| SlotSummary {
                 slot: *slot,
-                targets: shard.targets,
+                targets: shard.targets(),
                 draining: shard.draining,
                 generation: shard.generation,
                 confirmed_generation: self.confirmed.get(slot).map_or(0, |c| c.1),
                 confirmed_holder: self.confirmed.get(slot).map(|c| c.0.clone()),
             })
             .collect()
+    }
+
+    /// The slots serving each target now, draining ones included.
+    fn owners(&self) -> HashMap<TargetId, Vec<u32>> {
+        let mut owners: HashMap<TargetId, Vec<u32>> = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, self.placed.slots_of(i).to_vec()))
+            .collect();
+        for (id, drains) in &self.draining {
+            let slots = owners.entry(*id).or_default();
+            for d in drains {
+                if !slots.contains(&d.from) {
+                    slots.push(d.from);
+                }
+            }
+        }
+        owners
     }
 
     /// What a successor needs to go on where this assignment stands: its targets,
@@ -244,18 +352,9 @@ impl Assigner {
         if !self.has_targets {
             return None;
         }
-        let mut owners = self.owners.clone();
-        for (id, drains) in &self.draining {
-            let slots = owners.entry(id.clone()).or_default();
-            for d in drains {
-                if !slots.contains(&d.from) {
-                    slots.push(d.from);
-                }
-            }
-        }
         Some(Inherited {
-            targets: self.targets.values().cloned().collect(),
-            owners,
+            targets: self.targets.clone(),
+            owners: self.owners(),
             slots: self.slots.clone(),
         })
     }
@@ -263,27 +362,52 @@ impl Assigner {
     /// Starts from a previous term's assignment: its targets and the slots that
     /// served each, so that a target still being handed over goes on being served
     /// by its old slot until its new holder confirms it in this term.
-    pub fn seed(&mut self, targets: &[Target], owners: HashMap<Vec<u8>, Vec<u32>>) -> Change {
+    pub fn seed(
+        &mut self,
+        targets: Arc<Vec<Target>>,
+        owners: HashMap<TargetId, Vec<u32>>,
+    ) -> Change {
         let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
-        self.owners = owners
-            .into_iter()
-            .map(|(id, mut slots)| {
-                slots.retain(|s| live.contains(s));
-                slots.sort_unstable();
-                (id, slots)
-            })
-            .collect();
+        self.seeded = Some(
+            owners
+                .into_iter()
+                .map(|(id, mut slots)| {
+                    slots.retain(|s| live.contains(s));
+                    slots.sort_unstable();
+                    (id, slots)
+                })
+                .collect(),
+        );
         self.set_targets(targets)
     }
 
-    /// New discovery result.
-    pub fn set_targets(&mut self, list: &[Target]) -> Change {
-        self.targets = list
-            .iter()
-            .map(|t| (sharding::key_bytes(t, ShardBy::Target), t.clone()))
-            .collect();
+    /// New discovery result (sorted, as discovery gives it). Of two targets with
+    /// one identity the later one is kept.
+    pub fn set_targets(&mut self, list: Arc<Vec<Target>>) -> Change {
+        // Shards are rendered in target order: sorted, as discovery gives them.
+        let list = if list.windows(2).all(|w| w[0] <= w[1]) {
+            list
+        } else {
+            let mut sorted = (*list).clone();
+            sorted.sort();
+            Arc::new(sorted)
+        };
+        let ids: Vec<TargetId> = list.iter().map(sharding::target_id).collect();
+        let mut last: HashMap<TargetId, usize> = HashMap::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            last.insert(*id, i);
+        }
+        let (targets, ids) = if last.len() == ids.len() {
+            (list, ids)
+        } else {
+            let keep: Vec<usize> = (0..ids.len()).filter(|i| last[&ids[*i]] == *i).collect();
+            (
+                Arc::new(keep.iter().map(|i| list[*i].clone()).collect()),
+                keep.iter().map(|i| ids[*i]).collect(),
+            )
+        };
         self.has_targets = true;
-        self.recompute()
+        self.recompute(targets, ids)
     }
 
     /// New set of live slots (already debounced by the caller).
@@ -296,7 +420,7 @@ impl Assigner {
         self.slots = slots;
         self.confirmed
             .retain(|id, _| self.slots.iter().any(|s| s.id == *id));
-        self.recompute()
+        self.recompute(self.targets.clone(), self.ids.clone())
     }
 
     /// `holder`, the current holder of `slot` (checked by the caller, as is the
@@ -365,96 +489,149 @@ impl Assigner {
             .min()
     }
 
-    fn recompute(&mut self) -> Change {
-        let assignment =
-            sharding::assign_targets(self.targets.values(), &self.slots, self.by, &self.params);
+    /// Places `targets` (identities `ids`) on the slots and starts the handoffs of
+    /// those that moved.
+    fn recompute(&mut self, targets: Arc<Vec<Target>>, ids: Vec<TargetId>) -> Change {
+        let placed = sharding::assign_targets(targets.iter(), &self.slots, self.by, &self.params);
         let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
-        let mut owners = HashMap::with_capacity(self.targets.len());
-        let mut moved = 0;
-        for (i, (id, _)) in self.targets.iter().enumerate() {
-            let new: Vec<u32> = assignment.slots_of(i).to_vec();
-            if let Some(old) = self.owners.get(id) {
-                let same = old.len() == new.len() && old.iter().all(|s| new.contains(s));
-                // Back to slots that never stopped serving it (it was draining from
-                // them): nobody has to wait for anybody, the slots it leaves drop it.
-                let draining_from = |s: &u32| {
-                    self.draining
-                        .get(id)
-                        .is_some_and(|ds| ds.iter().any(|d| d.from == *s))
-                };
-                let mut added = new.iter().filter(|s| !old.contains(s)).peekable();
-                let already_served = added.peek().is_some() && added.all(draining_from);
-                if !same {
-                    moved += 1;
-                    // Every new owner confirms it in this term (one that had it already
-                    // confirms at once).
-                    let to = new.clone();
-                    for from in old
-                        .iter()
-                        .copied()
-                        .filter(|s| !new.contains(s) && live.contains(s))
-                        .filter(|_| !already_served)
-                    {
-                        self.draining.entry(id.clone()).or_default().push(Drain {
-                            from,
-                            to: to.clone(),
-                            since: self.generation + 1,
-                            until: None,
-                        });
-                    }
-                }
+        // Old owners: the seed's, else the previous computation's (looked up by
+        // position, so that nothing per target is allocated).
+        let seeded = self.seeded.take();
+        let before: HashMap<TargetId, usize> = match &seeded {
+            Some(_) => HashMap::new(),
+            None => self
+                .ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i))
+                .collect(),
+        };
+        let old_owners = |id: &TargetId| -> Option<&[u32]> {
+            match &seeded {
+                Some(seeded) => seeded.get(id).map(Vec::as_slice),
+                None => before.get(id).map(|i| self.placed.slots_of(*i)),
             }
-            owners.insert(id.clone(), new);
+        };
+        let mut moved = 0;
+        let mut drains: Vec<(TargetId, Drain)> = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let new = placed.slots_of(i);
+            let Some(old) = old_owners(id) else {
+                continue;
+            };
+            let same = old.len() == new.len() && old.iter().all(|s| new.contains(s));
+            if same {
+                continue;
+            }
+            moved += 1;
+            // Back to slots that never stopped serving it (it was draining from
+            // them): nobody has to wait for anybody, the slots it leaves drop it.
+            let draining_from = |s: &u32| {
+                self.draining
+                    .get(id)
+                    .is_some_and(|ds| ds.iter().any(|d| d.from == *s))
+            };
+            let mut added = new.iter().filter(|s| !old.contains(s)).peekable();
+            let already_served = added.peek().is_some() && added.all(draining_from);
+            if already_served {
+                continue;
+            }
+            // Every new owner confirms it in this term (one that had it already
+            // confirms at once).
+            for from in old
+                .iter()
+                .copied()
+                .filter(|s| !new.contains(s) && live.contains(s))
+            {
+                drains.push((
+                    *id,
+                    Drain {
+                        from,
+                        to: new.to_vec(),
+                        since: self.generation + 1,
+                        until: None,
+                    },
+                ));
+            }
         }
-        self.owners = owners;
+        drop(before);
+        drop(seeded);
+        for (id, drain) in drains {
+            self.draining.entry(id).or_default().push(drain);
+        }
         // Drains of targets that are gone, back home, or from slots no longer live end now.
-        let (targets, current) = (&self.targets, &self.owners);
+        let index: HashMap<TargetId, usize> = match self.draining.is_empty() {
+            true => HashMap::new(),
+            false => ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
+        };
         self.draining.retain(|id, drains| {
+            let current = index.get(id).map(|i| placed.slots_of(*i));
             drains.retain(|d| {
-                targets.contains_key(id)
-                    && live.contains(&d.from)
-                    && !current.get(id).is_some_and(|o| o.contains(&d.from))
+                current.is_some_and(|slots| !slots.contains(&d.from)) && live.contains(&d.from)
             });
             !drains.is_empty()
         });
+        self.targets = targets;
+        self.ids = ids;
+        self.placed = placed;
         let mut change = self.render();
         change.moved = moved;
         change
     }
 
-    /// Rebuilds every live slot's shard; bumps the generation if any changed.
+    /// Renders every live slot's shard whose targets changed; bumps the generation
+    /// if any did.
     fn render(&mut self) -> Change {
-        let mut per_slot: BTreeMap<u32, (Vec<&Target>, usize)> =
-            self.slots.iter().map(|s| (s.id, (Vec::new(), 0))).collect();
-        for (id, target) in &self.targets {
-            for slot in self.owners.get(id).into_iter().flatten() {
-                if let Some(entry) = per_slot.get_mut(slot) {
-                    entry.0.push(target);
+        let draining: HashMap<TargetId, Vec<u32>> = self
+            .draining
+            .iter()
+            .map(|(id, ds)| (*id, ds.iter().map(|d| d.from).collect()))
+            .collect();
+        // Each slot's targets, in target order: (index, draining from this slot).
+        let mut per_slot: BTreeMap<u32, Vec<(usize, bool)>> =
+            self.slots.iter().map(|s| (s.id, Vec::new())).collect();
+        for (i, id) in self.ids.iter().enumerate() {
+            for slot in self.placed.slots_of(i) {
+                if let Some(list) = per_slot.get_mut(slot) {
+                    list.push((i, false));
                 }
             }
-            for d in self.draining.get(id).into_iter().flatten() {
-                if let Some(entry) = per_slot.get_mut(&d.from) {
-                    entry.0.push(target);
-                    entry.1 += 1;
+            for slot in draining.get(id).into_iter().flatten() {
+                if let Some(list) = per_slot.get_mut(slot) {
+                    if list.last().map(|(last, _)| *last) != Some(i) {
+                        list.push((i, true));
+                    }
                 }
             }
         }
         let next = self.generation + 1;
         let mut changed = 0;
         let mut shards = BTreeMap::new();
-        for (slot, (mut list, draining)) in per_slot {
-            list.sort();
-            list.dedup();
-            let body = Bytes::from(targets::render(list.iter().copied()));
+        for (slot, list) in per_slot {
+            let mut hash = xxhash_rust::xxh3::Xxh3::new();
+            for (i, _) in &list {
+                hash.update(&self.targets[*i].content_hash().to_le_bytes());
+            }
+            let content = hash.digest();
+            let draining = list.iter().filter(|(_, d)| *d).count();
             let shard = match self.shards.get(&slot) {
-                Some(old) if old.body == body => old.clone(),
+                Some(old) if old.content == content && old.body.targets() == list.len() => {
+                    if old.draining == draining {
+                        old.clone()
+                    } else {
+                        Arc::new(Shard {
+                            draining,
+                            ..(**old).clone()
+                        })
+                    }
+                }
                 _ => {
                     changed += 1;
                     Arc::new(Shard {
                         generation: next,
-                        targets: list.len(),
+                        body: Body::render(list.iter().map(|(i, _)| &self.targets[*i])),
                         draining,
-                        body,
+                        content,
                     })
                 }
             };
@@ -478,14 +655,14 @@ mod tests {
     use crate::targets::MetricsSource;
 
     fn target(i: usize) -> Target {
-        Target {
-            namespace: "ns".into(),
-            service: "svc".into(),
-            instance_id: format!("t{i}"),
-            source: MetricsSource::App,
-            address: format!("10.0.{}.{}:3000", i / 250, i % 250),
-            labels: Default::default(),
-        }
+        Target::new(
+            "ns",
+            "svc",
+            &format!("t{i}"),
+            MetricsSource::App,
+            &format!("10.0.{}.{}:3000", i / 250, i % 250),
+            Default::default(),
+        )
     }
 
     fn slots(ids: &[u32]) -> Vec<Slot> {
@@ -493,7 +670,7 @@ mod tests {
     }
 
     fn addresses(shard: &Shard) -> BTreeSet<String> {
-        let groups: Vec<serde_json::Value> = serde_json::from_slice(&shard.body).unwrap();
+        let groups: Vec<serde_json::Value> = serde_json::from_slice(&shard.body.json()).unwrap();
         groups
             .iter()
             .map(|g| g["targets"][0].as_str().unwrap().to_owned())
@@ -516,10 +693,10 @@ mod tests {
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
         a.set_slots(&slots(&[0, 1]));
         assert!(a.snapshot().is_none());
-        a.set_targets(&[]);
+        a.set_targets(Arc::new(Vec::new()));
         let snap = a.snapshot().unwrap();
         assert_eq!(snap.shards.len(), 2);
-        assert!(snap.shards.values().all(|s| &s.body[..] == b"[]"));
+        assert!(snap.shards.values().all(|s| s.body.json() == b"[]"));
     }
 
     #[test]
@@ -528,7 +705,7 @@ mod tests {
         let list: Vec<Target> = (0..300).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
         a.set_slots(&slots(&[0, 1, 2]));
-        a.set_targets(&list);
+        a.set_targets(Arc::new(list.clone()));
         let before = a.snapshot().unwrap();
         let g1 = before.generation;
 
@@ -547,7 +724,7 @@ mod tests {
                 "slot {slot} dropped a target early"
             );
         }
-        let total: usize = snap.shards.values().map(|s| s.targets).sum();
+        let total: usize = snap.shards.values().map(|s| s.targets()).sum();
         assert_eq!(total, 300 + change.moved);
 
         // Slot 3 confirms; the grace starts; before it ends nothing changes.
@@ -568,7 +745,7 @@ mod tests {
         let change = a.tick(t0 + Duration::from_secs(11));
         assert_eq!(change.shards_changed, 3);
         let after = a.snapshot().unwrap();
-        let total: usize = after.shards.values().map(|s| s.targets).sum();
+        let total: usize = after.shards.values().map(|s| s.targets()).sum();
         assert_eq!(total, 300, "no target served twice after the grace");
         assert_eq!(union(&a).len(), 300);
         assert!(after.shards.values().all(|s| s.draining == 0));
@@ -579,11 +756,11 @@ mod tests {
         let list: Vec<Target> = (0..100).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
         a.set_slots(&slots(&[0, 1, 2]));
-        a.set_targets(&list);
+        a.set_targets(Arc::new(list.clone()));
         a.set_slots(&slots(&[0, 2]));
         let snap = a.snapshot().unwrap();
         assert_eq!(snap.shards.len(), 2);
-        let total: usize = snap.shards.values().map(|s| s.targets).sum();
+        let total: usize = snap.shards.values().map(|s| s.targets()).sum();
         assert_eq!(total, 100);
         assert_eq!(union(&a).len(), 100);
     }
@@ -594,7 +771,7 @@ mod tests {
         let list: Vec<Target> = (0..100).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), Duration::ZERO, 1);
         a.set_slots(&slots(&[0, 1]));
-        a.set_targets(&list);
+        a.set_targets(Arc::new(list.clone()));
         a.set_slots(&slots(&[0, 1, 2]));
         let g = a.snapshot().unwrap().shards[&2].generation;
         let change = a.confirm(2, "r2", g, t0);
@@ -604,7 +781,7 @@ mod tests {
             .unwrap()
             .shards
             .values()
-            .map(|s| s.targets)
+            .map(|s| s.targets())
             .sum();
         assert_eq!(total, 100);
     }
@@ -658,7 +835,7 @@ mod tests {
         let list: Vec<Target> = (0..300).map(target).collect();
         let mut old = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
         old.set_slots(&slots(&[0, 1, 2]));
-        old.set_targets(&list);
+        old.set_targets(Arc::new(list.clone()));
         let change = old.set_slots(&slots(&[0, 1, 2, 3]));
         assert!(change.moved > 0);
         let before = old.snapshot().unwrap();
@@ -666,7 +843,7 @@ mod tests {
         let inherited = old.inherited().unwrap();
         let mut new = Assigner::new(ShardBy::Target, Params::default(), GRACE, 2);
         new.set_slots(&inherited.slots);
-        new.seed(&inherited.targets, inherited.owners);
+        new.seed(inherited.targets, inherited.owners);
         let seeded = new.snapshot().unwrap();
         for slot in 0..4 {
             assert_eq!(
@@ -684,7 +861,7 @@ mod tests {
             .unwrap()
             .shards
             .values()
-            .map(|s| s.targets)
+            .map(|s| s.targets())
             .sum();
         assert_eq!(total, 300);
     }
@@ -699,20 +876,20 @@ mod tests {
         for k in 0..list.len() {
             let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
             a.set_slots(&slots(&[0, 1, 2]));
-            a.set_targets(&list);
+            a.set_targets(Arc::new(list.clone()));
             let fewer: Vec<Target> = list.iter().filter(|t| **t != list[k]).cloned().collect();
-            a.set_targets(&fewer);
+            a.set_targets(Arc::new(fewer.clone()));
             if a.draining.is_empty() {
                 continue;
             }
             found = true;
-            a.set_targets(&list);
+            a.set_targets(Arc::new(list.clone()));
             let total: usize = a
                 .snapshot()
                 .unwrap()
                 .shards
                 .values()
-                .map(|s| s.targets)
+                .map(|s| s.targets())
                 .sum();
             assert_eq!(
                 total, 20,
@@ -724,20 +901,43 @@ mod tests {
     }
 
     #[test]
+    fn an_encoded_snapshot_reads_back_as_the_same_shards() {
+        let list: Vec<Target> = (0..40).map(target).collect();
+        let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 7);
+        a.set_slots(&slots(&[0, 1, 2]));
+        a.set_targets(Arc::new(list));
+        let snap = a.snapshot().unwrap();
+        let bytes = snap.encode();
+        assert!(Arc::ptr_eq(&snap.shards[&0], &snap.shards[&0]));
+        let doc = Snapshot::decode(&bytes).expect("decodes");
+        assert_eq!((doc.term, doc.generation), (7, snap.generation));
+        assert_eq!(doc.slots, snap.slots);
+        for (slot, shard) in &snap.shards {
+            assert_eq!(doc.shards[slot].checked().expect("checks"), shard.body);
+        }
+        // Cut short, or with a head that does not add up: refused.
+        assert!(Snapshot::decode(&bytes.slice(..bytes.len() - 1)).is_err());
+        assert!(Snapshot::decode(&Bytes::from_static(b"no head")).is_err());
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(Snapshot::decode(&Bytes::from(longer)).is_err());
+    }
+
+    #[test]
     fn unchanged_input_keeps_the_generation() {
         let list: Vec<Target> = (0..50).map(target).collect();
         let mut a = Assigner::new(ShardBy::Target, Params::default(), GRACE, 1);
         a.set_slots(&slots(&[0, 1]));
-        a.set_targets(&list);
+        a.set_targets(Arc::new(list.clone()));
         let g = a.generation();
         let mut reversed = list.clone();
         reversed.reverse();
-        assert_eq!(a.set_targets(&reversed), Change::default());
+        assert_eq!(a.set_targets(Arc::new(reversed.clone())), Change::default());
         assert_eq!(a.generation(), g);
         // A new target changes one shard only.
         let mut more = list.clone();
         more.push(target(999));
-        let change = a.set_targets(&more);
+        let change = a.set_targets(Arc::new(more.clone()));
         assert_eq!((change.moved, change.shards_changed), (0, 1));
         assert_eq!(a.generation(), g + 1);
     }

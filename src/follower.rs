@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderName;
-use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::SnapshotDoc;
+use crate::assignment::Snapshot;
 use crate::coordination::{CoordinationView, Role};
 use crate::state::{Mirror, Shared};
+use crate::targets::Body;
 
 /// Headers of a shard response.
 pub const TERM_HEADER: HeaderName = HeaderName::from_static("x-shard-term");
@@ -63,8 +63,9 @@ enum Poll {
     Shard {
         term: u64,
         generation: u64,
-        body: Bytes,
-        targets: usize,
+        body: Body,
+        /// Bytes received.
+        received: usize,
     },
     Unchanged,
     Failed(String),
@@ -119,18 +120,16 @@ async fn poll(
         ));
     };
     match resp.bytes().await {
-        Ok(body) => {
-            let targets = serde_json::from_slice::<Vec<serde_json::Value>>(&body).map(|g| g.len());
-            match targets {
-                Ok(targets) => Poll::Shard {
-                    term,
-                    generation,
-                    body,
-                    targets,
-                },
-                Err(e) => Poll::Failed(format!("leader at {addr} sent an invalid shard: {e}")),
-            }
-        }
+        // Checked before it replaces what is served: bad bytes never do.
+        Ok(bytes) => match Body::from_gzip(bytes.clone()) {
+            Ok(body) => Poll::Shard {
+                term,
+                generation,
+                body,
+                received: bytes.len(),
+            },
+            Err(e) => Poll::Failed(format!("leader at {addr} sent an invalid shard: {e}")),
+        },
         Err(e) => Poll::Failed(format!("reading shard from {addr}: {e}")),
     }
 }
@@ -177,7 +176,7 @@ pub async fn run(
             (_, None, _) if current.stale_slot.is_some() => true,
             (Role::Standby, _, _) | (_, None, _) => {
                 have = None;
-                shared.publish_shard(None, highest_term, 0, Bytes::from_static(b"[]"), 0);
+                shared.publish_shard(None, highest_term, 0, Body::empty());
                 true
             }
             (Role::Follower, Some(slot), Some(addr)) => {
@@ -198,12 +197,12 @@ pub async fn run(
                         term,
                         generation,
                         body,
-                        targets,
+                        received,
                     } if term >= highest_term => {
-                        shared.metrics.peer_bytes_received.inc_by(body.len() as u64);
+                        shared.metrics.peer_bytes_received.inc_by(received as u64);
                         highest_term = term;
                         have = Some((slot, term, generation));
-                        shared.publish_shard(Some(slot), term, generation, body, targets);
+                        shared.publish_shard(Some(slot), term, generation, body);
                         if last_error.take().is_some() {
                             tracing::info!(leader = addr, "receiving shards from the leader again");
                         }
@@ -288,7 +287,7 @@ pub async fn mirror(
             }
             let body = resp.bytes().await.ok()?;
             shared.metrics.peer_bytes_received.inc_by(body.len() as u64);
-            Some(Some(serde_json::from_slice::<SnapshotDoc>(&body)))
+            Some(Some(Snapshot::decode(&body)))
         };
         let answer = tokio::select! {
             answer = fetched => answer,
@@ -307,16 +306,9 @@ pub async fn mirror(
                 if (doc.term > after.0 || (doc.term == after.0 && doc.generation != after.1))
                     && doc.term >= term =>
             {
-                match mirror_of(doc) {
-                    Ok(mirror) => {
-                        after = (mirror.term, mirror.generation);
-                        shared.set_mirror(mirror);
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::warn!("the leader's assignment has an invalid shard: {err}")
-                    }
-                }
+                after = (doc.term, doc.generation);
+                shared.set_mirror(Mirror::mirrored(doc));
+                continue;
             }
             Some(Some(Err(err))) => tracing::warn!("the leader's assignment is invalid: {err}"),
             // Nothing changed since the copy held: it is current.
@@ -335,34 +327,6 @@ pub async fn mirror(
     }
 }
 
-/// The mirror of a leader's assignment document: each shard kept as the bytes
-/// the leader rendered, and read once for the targets and their slots.
-pub fn mirror_of(doc: SnapshotDoc) -> Result<Mirror, serde_json::Error> {
-    let mut shards = std::collections::BTreeMap::new();
-    let mut owners: std::collections::HashMap<Vec<u8>, Vec<u32>> = Default::default();
-    let mut targets = Vec::new();
-    for (slot, raw) in doc.shards {
-        let groups: Vec<crate::targets::Group> = serde_json::from_str(raw.get())?;
-        shards.insert(slot, (Bytes::from(raw.get().to_owned()), groups.len()));
-        for target in crate::targets::from_groups(groups) {
-            let id = crate::sharding::key_bytes(&target, crate::sharding::ShardBy::Target);
-            let slots = owners.entry(id).or_default();
-            if slots.is_empty() {
-                targets.push(target);
-            }
-            slots.push(slot);
-        }
-    }
-    Ok(Mirror::new(
-        doc.term,
-        doc.generation,
-        targets,
-        owners,
-        doc.slots,
-        shards,
-    ))
-}
-
 /// What this replica serves for `slot`, which it holds and has no shard of from
 /// the leader yet: the shard it already serves for that slot (it held the slot
 /// while leading, or regained it after a lapse), else the slot's shard in the
@@ -378,29 +342,33 @@ fn start_slot(shared: &Shared, slot: u32) -> Option<(u32, u64, u64)> {
         return Some((slot, stamp.term, stamp.generation));
     }
     let mirror = shared.mirror();
-    match mirror
-        .as_ref()
-        .and_then(|m| Some((m, m.shards.get(&slot)?)))
-    {
-        Some((mirror, (body, targets))) => {
+    let mirrored = mirror.as_ref().and_then(|m| {
+        let shard = m.shards.get(&slot)?;
+        match shard.checked() {
+            Ok(body) => Some((m, body)),
+            Err(err) => {
+                tracing::warn!(
+                    slot,
+                    "the mirrored shard of the new slot is unusable: {err}"
+                );
+                None
+            }
+        }
+    });
+    match mirrored {
+        Some((mirror, body)) => {
             tracing::info!(
                 slot,
                 term = mirror.term,
                 generation = mirror.generation,
-                targets,
+                targets = body.targets(),
                 "serving the new slot from the mirrored assignment until the leader answers"
             );
-            shared.publish_shard(
-                Some(slot),
-                mirror.term,
-                mirror.generation,
-                body.clone(),
-                *targets,
-            );
+            shared.publish_shard(Some(slot), mirror.term, mirror.generation, body);
             Some((slot, mirror.term, mirror.generation))
         }
         None => {
-            shared.publish_shard(Some(slot), 0, 0, Bytes::from_static(b"[]"), 0);
+            shared.publish_shard(Some(slot), 0, 0, Body::empty());
             None
         }
     }

@@ -19,7 +19,7 @@ use crate::assignment::{Assigner, Change, SlotSummary, Snapshot};
 use crate::coordination::{CoordinationView, LiveSlot, Role};
 use crate::sharding::{Params, ShardBy, Slot};
 use crate::state::{Mirror, Shared};
-use crate::targets::Target;
+use crate::targets::{Body, Target};
 
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {
@@ -37,6 +37,8 @@ pub struct LeaderConfig {
 /// it. It ends with its term: handlers waiting on it (long-polls) answer at once
 /// instead of waiting on a term nobody publishes in any more.
 pub struct LeaderHandle {
+    /// The term of this assignment, readable without waiting for the assigner.
+    term: u64,
     assigner: Mutex<Assigner>,
     snapshot: watch::Sender<Option<Arc<Snapshot>>>,
     ended: CancellationToken,
@@ -53,6 +55,7 @@ impl std::fmt::Debug for LeaderHandle {
 impl LeaderHandle {
     pub fn new(cfg: &LeaderConfig, term: u64) -> Self {
         LeaderHandle {
+            term,
             assigner: Mutex::new(Assigner::new(
                 cfg.shard_by,
                 cfg.params,
@@ -83,7 +86,7 @@ impl LeaderHandle {
     }
 
     pub fn term(&self) -> u64 {
-        self.lock().term()
+        self.term
     }
 
     pub fn summary(&self) -> Vec<SlotSummary> {
@@ -124,14 +127,12 @@ impl LeaderHandle {
             .snapshot()?
             .shards
             .iter()
-            .map(|(slot, shard)| (*slot, (shard.body.clone(), shard.targets)))
+            .map(|(slot, shard)| (*slot, shard.body.clone()))
             .collect();
-        Some(Mirror::new(
+        Some(Mirror::own(
             assigner.term(),
             assigner.generation(),
-            inherited.targets,
-            inherited.owners,
-            inherited.slots,
+            inherited,
             shards,
         ))
     }
@@ -301,22 +302,24 @@ pub async fn run(
         let slots = membership.update(&live, now);
         let change = handle.apply(|a| a.set_slots(&slots));
         log_change("slots changed", &change, &handle, &shared);
-        if let Some(mirror) = seed.take().filter(|_| targets.borrow().is_none()) {
+        let seed_contents = seed
+            .take()
+            .filter(|_| targets.borrow().is_none())
+            .and_then(|mirror| Some((mirror.term, mirror.generation, mirror.contents()?.clone())));
+        if let Some((previous_term, previous_generation, contents)) = seed_contents {
             tracing::info!(
                 term,
-                previous_term = mirror.term,
-                previous_generation = mirror.generation,
-                targets = mirror.targets.len(),
-                slots = mirror.slots.len(),
+                previous_term,
+                previous_generation,
+                targets = contents.targets.len(),
                 "starting from the previous leader's assignment"
             );
-            let owners = mirror.owners.clone();
-            let change = handle.apply(|a| a.seed(&mirror.targets, owners));
+            let change = handle.apply(|a| a.seed(contents.targets, contents.owners));
             log_change("mirrored targets", &change, &handle, &shared);
         }
         if std::mem::take(&mut targets_pending) {
             if let Some(list) = targets.borrow_and_update().clone() {
-                let change = handle.apply(|a| a.set_targets(&list));
+                let change = handle.apply(|a| a.set_targets(list));
                 log_change("targets changed", &change, &handle, &shared);
             }
         }
@@ -376,26 +379,14 @@ fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Share
     match (view.slot, view.stale_slot) {
         (Some(slot), _) => {
             if let Some(shard) = snap.shards.get(&slot) {
-                shared.publish_shard(
-                    Some(slot),
-                    snap.term,
-                    shard.generation,
-                    shard.body.clone(),
-                    shard.targets,
-                );
+                shared.publish_shard(Some(slot), snap.term, shard.generation, shard.body.clone());
                 handle.confirm(slot, &shared.replica_id, snap.term, shard.generation);
             }
         }
         // Its slot lease lapsed: keep serving that slot's last shard.
         (None, Some(_)) => {}
         (None, None) => {
-            shared.publish_shard(
-                None,
-                snap.term,
-                snap.generation,
-                bytes::Bytes::from_static(b"[]"),
-                0,
-            );
+            shared.publish_shard(None, snap.term, snap.generation, Body::empty());
         }
     }
 }
@@ -405,14 +396,12 @@ mod tests {
     use super::*;
 
     fn mirror(term: u64) -> Arc<Mirror> {
-        Arc::new(Mirror::new(
+        Arc::new(Mirror::mirrored(crate::assignment::SnapshotDoc {
             term,
-            9,
-            Vec::new(),
-            Default::default(),
-            Vec::new(),
-            Default::default(),
-        ))
+            generation: 9,
+            slots: Vec::new(),
+            shards: Default::default(),
+        }))
     }
 
     #[test]

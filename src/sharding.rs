@@ -145,12 +145,20 @@ fn weighted_score(h: u64, weight: f64) -> f64 {
 /// The bytes identifying a target for hashing under `by`. Domain prefixes keep
 /// the three kinds of key apart.
 pub fn key_bytes(target: &Target, by: ShardBy) -> Vec<u8> {
+    let mut out = Vec::new();
+    key_into(&mut out, target, by);
+    out
+}
+
+/// [`key_bytes`] written into `out` (cleared first), so that many keys can be
+/// hashed through one buffer.
+pub fn key_into(out: &mut Vec<u8>, target: &Target, by: ShardBy) {
     let parts: [&str; 3] = match by {
         ShardBy::Target => [target.scheme(), &target.address, target.metrics_path()],
         ShardBy::Service => [&target.namespace, &target.service, ""],
         ShardBy::Namespace => [&target.namespace, "", ""],
     };
-    let mut out = Vec::with_capacity(2 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    out.clear();
     out.extend_from_slice(match by {
         ShardBy::Target => b"t\0",
         ShardBy::Service => b"s\0",
@@ -160,7 +168,19 @@ pub fn key_bytes(target: &Target, by: ShardBy) -> Vec<u8> {
         out.extend_from_slice(part.as_bytes());
         out.push(0);
     }
-    out
+}
+
+/// What makes a target one scrape endpoint (scheme, address, metrics path), as
+/// 128 bits: two targets with the same identity are served as one, and the
+/// assignment follows a target by it from one computation to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetId(pub u128);
+
+pub fn target_id(target: &Target) -> TargetId {
+    TargetId(xxhash_rust::xxh3::xxh3_128(&key_bytes(
+        target,
+        ShardBy::Target,
+    )))
 }
 
 /// The placement of every key: `replicas` slot ids per key, highest-ranked first.
@@ -441,19 +461,23 @@ pub fn group_targets<'a>(
     targets: impl IntoIterator<Item = &'a Target>,
     by: ShardBy,
 ) -> (Vec<Key>, Vec<usize>) {
-    let mut index: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
+    // Keys are told apart by 128 bits of their bytes: no key is kept whole.
+    let mut index: std::collections::HashMap<u128, usize> = std::collections::HashMap::new();
     let mut keys: Vec<Key> = Vec::new();
     let mut of_target = Vec::new();
+    let mut bytes = Vec::new();
     for t in targets {
-        let bytes = key_bytes(t, by);
+        key_into(&mut bytes, t, by);
         let next = keys.len();
-        let i = *index.entry(bytes).or_insert_with_key(|b| {
-            keys.push(Key {
-                hash: key_hash(b),
-                size: 0,
+        let i = *index
+            .entry(xxhash_rust::xxh3::xxh3_128(&bytes))
+            .or_insert_with(|| {
+                keys.push(Key {
+                    hash: key_hash(&bytes),
+                    size: 0,
+                });
+                next
             });
-            next
-        });
         keys[i].size += 1;
         of_target.push(i);
     }
@@ -461,7 +485,7 @@ pub fn group_targets<'a>(
 }
 
 /// Slots of every target, in input order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TargetAssignment {
     pub replicas: usize,
     per_target: Vec<u32>,

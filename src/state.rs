@@ -6,25 +6,21 @@
 
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::coordination::{CoordinationView, Role};
 use crate::discovery::NamespaceReport;
 use crate::leader::LeaderHandle;
-use crate::targets;
+use crate::sharding::TargetId;
+use crate::targets::{Body, Target};
 use crate::telemetry::Metrics;
 
-/// A rendered target list: the exact bytes every reader serves.
+/// A rendered target list: the exact bytes every reader serves (gzip-compressed,
+/// see [`Body`]).
 #[derive(Debug)]
 pub struct Published {
-    pub body: Bytes,
-    pub etag: String,
-    /// The same body gzip-compressed (Prometheus accepts gzip), and its own ETag.
-    pub gzip: Bytes,
-    pub gzip_etag: String,
-    pub targets: usize,
+    pub body: Body,
     /// Sharded mode: the slot, leader term and generation this shard belongs to.
     pub shard: Option<ShardStamp>,
 }
@@ -43,37 +39,77 @@ pub struct ShardStamp {
 pub struct Mirror {
     pub term: u64,
     pub generation: u64,
-    pub targets: Vec<crate::targets::Target>,
-    /// The slots serving each target (by identity, see `sharding::key_bytes`),
-    /// draining ones included: a new leader goes on with the handoffs in flight.
-    pub owners: std::collections::HashMap<Vec<u8>, Vec<u32>>,
     /// The membership of that assignment.
     pub slots: Vec<crate::sharding::Slot>,
-    /// Each slot's rendered shard and its number of targets.
-    pub shards: std::collections::BTreeMap<u32, (Bytes, usize)>,
+    /// Each slot's shard as the leader rendered it.
+    pub shards: std::collections::BTreeMap<u32, Body>,
+    /// The targets and the slots serving each: this replica's own when it led,
+    /// else read from the shards the first time a new leader needs them.
+    contents: std::sync::OnceLock<Option<MirrorContents>>,
     /// When the copy was last known to be current: received, or confirmed
     /// unchanged by its leader's long-poll, or this replica's own term ended.
     current_at: std::sync::Mutex<std::time::Instant>,
 }
 
+/// What a new leader starts from.
+#[derive(Clone, Debug)]
+pub struct MirrorContents {
+    /// Sorted, one per identity.
+    pub targets: Arc<Vec<Target>>,
+    /// The slots serving each target (draining ones included): a new leader goes
+    /// on with the handoffs in flight.
+    pub owners: std::collections::HashMap<TargetId, Vec<u32>>,
+}
+
 impl Mirror {
-    pub fn new(
+    /// A copy of an assignment received from its leader.
+    pub fn mirrored(doc: crate::assignment::SnapshotDoc) -> Self {
+        Mirror {
+            term: doc.term,
+            generation: doc.generation,
+            slots: doc.slots,
+            shards: doc.shards,
+            contents: std::sync::OnceLock::new(),
+            current_at: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// This replica's own assignment, as its term leaves it.
+    pub fn own(
         term: u64,
         generation: u64,
-        targets: Vec<crate::targets::Target>,
-        owners: std::collections::HashMap<Vec<u8>, Vec<u32>>,
-        slots: Vec<crate::sharding::Slot>,
-        shards: std::collections::BTreeMap<u32, (Bytes, usize)>,
+        inherited: crate::assignment::Inherited,
+        shards: std::collections::BTreeMap<u32, Body>,
     ) -> Self {
         Mirror {
             term,
             generation,
-            targets,
-            owners,
-            slots,
+            slots: inherited.slots,
             shards,
+            contents: std::sync::OnceLock::from(Some(MirrorContents {
+                targets: inherited.targets,
+                owners: inherited.owners,
+            })),
             current_at: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    /// The targets and their slots, read from the shards once. `None` if a shard
+    /// is not the document it claims to be (it is then not started from).
+    pub fn contents(&self) -> Option<&MirrorContents> {
+        self.contents
+            .get_or_init(|| match read_shards(&self.shards) {
+                Ok(contents) => Some(contents),
+                Err(err) => {
+                    tracing::warn!(
+                        term = self.term,
+                        generation = self.generation,
+                        "the mirrored assignment cannot be read: {err}"
+                    );
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Its leader said nothing changed since: the copy is current now.
@@ -93,6 +129,32 @@ impl Mirror {
             .unwrap_or_else(|e| e.into_inner())
             .elapsed()
     }
+}
+
+/// The targets of every shard, each once, with the slots whose shards hold it.
+fn read_shards(
+    shards: &std::collections::BTreeMap<u32, Body>,
+) -> Result<MirrorContents, crate::targets::BodyError> {
+    let mut owners: std::collections::HashMap<TargetId, Vec<u32>> = Default::default();
+    let mut targets = Vec::new();
+    for (slot, body) in shards {
+        let json = body.checked()?.json();
+        let groups: Vec<crate::targets::Group> = serde_json::from_slice(&json)?;
+        for target in crate::targets::from_groups(groups) {
+            let slots = owners
+                .entry(crate::sharding::target_id(&target))
+                .or_default();
+            if slots.is_empty() {
+                targets.push(target);
+            }
+            slots.push(*slot);
+        }
+    }
+    targets.sort();
+    Ok(MirrorContents {
+        targets: Arc::new(targets),
+        owners,
+    })
 }
 
 /// The latest discovery cycle, as `/v1/status` shows it.
@@ -172,20 +234,13 @@ impl Shared {
     }
 
     /// Publishes a rendered list; returns whether it differs from the current one.
-    pub fn publish(&self, body: Vec<u8>, targets: usize) -> bool {
-        self.publish_stamped(Bytes::from(body), targets, None)
+    pub fn publish(&self, body: Body) -> bool {
+        self.publish_stamped(body, None)
     }
 
     /// Publishes this replica's shard (sharded mode). Nothing changes while
     /// stopping: the last shard is served until its slot is handed over.
-    pub fn publish_shard(
-        &self,
-        slot: Option<u32>,
-        term: u64,
-        generation: u64,
-        body: Bytes,
-        targets: usize,
-    ) -> bool {
+    pub fn publish_shard(&self, slot: Option<u32>, term: u64, generation: u64, body: Body) -> bool {
         if self.is_draining() {
             return false;
         }
@@ -194,30 +249,20 @@ impl Shared {
             term,
             generation,
         };
-        self.publish_stamped(body, targets, Some(stamp))
+        self.publish_stamped(body, Some(stamp))
     }
 
-    fn publish_stamped(&self, body: Bytes, targets: usize, shard: Option<ShardStamp>) -> bool {
-        let etag = targets::etag(&body);
+    fn publish_stamped(&self, body: Body, shard: Option<ShardStamp>) -> bool {
         let unchanged = self
             .targets
             .borrow()
             .as_ref()
-            .is_some_and(|p| p.etag == etag && p.shard == shard);
+            .is_some_and(|p| p.body.etag() == body.etag() && p.shard == shard);
         if unchanged {
             return false;
         }
-        // Compressed once per change, never per request, and outside the lock.
-        let gzip = Bytes::from(targets::gzip(&body));
-        let gzip_etag = format!("{}-gzip\"", etag.trim_end_matches('"'));
-        self.targets.send_replace(Some(Arc::new(Published {
-            body,
-            etag,
-            gzip,
-            gzip_etag,
-            targets,
-            shard,
-        })));
+        self.targets
+            .send_replace(Some(Arc::new(Published { body, shard })));
         true
     }
 
@@ -242,6 +287,15 @@ impl Shared {
 
     pub fn set_mirror(&self, mirror: Mirror) {
         *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(mirror));
+    }
+
+    /// The mirror, no longer kept here: a new leader starts from it once and then
+    /// holds only its own assignment.
+    pub fn take_mirror(&self) -> Option<Arc<Mirror>> {
+        self.mirror
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -309,11 +363,11 @@ mod tests {
     #[test]
     fn nothing_replaces_the_served_shard_while_stopping() {
         let s = shared();
-        assert!(s.publish_shard(Some(1), 3, 7, Bytes::from_static(b"[1]"), 1));
+        assert!(s.publish_shard(Some(1), 3, 7, Body::from_json(b"[1]", 1)));
         s.set_draining();
-        assert!(!s.publish_shard(None, 3, 0, Bytes::from_static(b"[]"), 0));
+        assert!(!s.publish_shard(None, 3, 0, Body::empty()));
         let served = s.targets().expect("published");
-        assert_eq!(&served.body[..], b"[1]");
+        assert_eq!(served.body.json(), b"[1]");
         assert_eq!(served.shard.and_then(|st| st.slot), Some(1));
     }
 }

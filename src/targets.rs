@@ -6,9 +6,11 @@
 //! data — is unit- and property-tested without a network. The rendered bytes are
 //! deterministic: the same targets always give the same body and ETag.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -34,11 +36,128 @@ pub const LABEL_METRICS_SOURCE: &str = "metrics_source";
 pub const META_PREFIX: &str = "__meta_cloudmap_";
 pub const META_ATTRIBUTE_PREFIX: &str = "__meta_cloudmap_attribute_";
 
-/// A Cloud Map instance as returned by `DiscoverInstances`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A Cloud Map instance as returned by `DiscoverInstances`. Discovery keeps it
+/// behind an `Arc`, and every target built from it points at it: its strings
+/// exist once, however many targets, cycles and shards refer to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Instance {
-    pub id: String,
-    pub attributes: BTreeMap<String, String>,
+    pub id: Arc<str>,
+    pub attributes: Attributes,
+}
+
+/// An instance's attributes: sorted by name, names unique, strings shared (see
+/// [`Interner`]). A boxed slice costs a third of what a map of the same pairs does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Attributes(Box<[(Arc<str>, Arc<str>)]>);
+
+impl Attributes {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    /// (name, value) pairs in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (&**n, &**v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets `name` to `value` (a rebuild: for tests and small edits).
+    pub fn insert(&mut self, name: impl Into<Arc<str>>, value: impl Into<Arc<str>>) {
+        let mut pairs = std::mem::take(&mut self.0).into_vec();
+        let name = name.into();
+        pairs.retain(|(n, _)| *n != name);
+        pairs.push((name, value.into()));
+        *self = Attributes::from_pairs(pairs);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        let mut pairs = std::mem::take(&mut self.0).into_vec();
+        pairs.retain(|(n, _)| &**n != name);
+        self.0 = pairs.into_boxed_slice();
+    }
+
+    /// From pairs in any order; of repeated names the last wins, as in a map.
+    fn from_pairs(mut pairs: Vec<(Arc<str>, Arc<str>)>) -> Self {
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        Attributes(pairs.into_boxed_slice())
+    }
+}
+
+impl<K: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(K, V)> for Attributes {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Attributes::from_pairs(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// One shared copy of each string seen: attribute names, and values repeated
+/// across instances (cluster, service, task definition, zone), are held once
+/// however many instances carry them. [`Interner::prune`] forgets the strings
+/// nothing else holds any more.
+#[derive(Debug, Default)]
+pub struct Interner {
+    strings: std::collections::HashSet<Arc<str>>,
+    /// Size after the last prune.
+    kept: usize,
+}
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.strings.insert(shared.clone());
+        shared
+    }
+
+    /// An instance with its strings shared.
+    pub fn instance<'a>(
+        &mut self,
+        id: &str,
+        attributes: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Instance {
+        let pairs = attributes
+            .into_iter()
+            .map(|(k, v)| (self.get(k), self.get(v)))
+            .collect();
+        Instance {
+            id: self.get(id),
+            attributes: Attributes::from_pairs(pairs),
+        }
+    }
+
+    /// Forgets the strings only this interner holds, once it has doubled since the
+    /// last prune (so the cost stays proportional to what was added).
+    pub fn prune(&mut self) {
+        if self.strings.len() > 2 * self.kept.max(1024) {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.kept = self.strings.len();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.strings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.strings.is_empty()
+    }
 }
 
 /// Everything needed to build the targets of one Cloud Map service.
@@ -47,7 +166,7 @@ pub struct ServiceData<'a> {
     pub namespace: &'a str,
     pub service: &'a str,
     pub tags: &'a BTreeMap<String, String>,
-    pub instances: &'a [Instance],
+    pub instances: &'a [Arc<Instance>],
 }
 
 /// Which endpoint of a task a target scrapes.
@@ -80,33 +199,345 @@ impl MetricsSource {
     }
 }
 
-/// One scrape target. Field order is the sort order of the rendered output.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// One scrape target. Cheap to clone: its strings are shared, and the labels of a
+/// discovered target are not stored at all but derived, when rendered, from the
+/// instance it points at and its service's tags.
+///
+/// Equality and order are those of (namespace, service, instance id, source,
+/// address, labels), the labels compared as the name-sorted pairs they render
+/// to, so a target read back from http_sd equals the one it was rendered from.
+#[derive(Clone, Debug)]
 pub struct Target {
-    pub namespace: String,
-    pub service: String,
-    pub instance_id: String,
+    pub namespace: Arc<str>,
+    pub service: Arc<str>,
+    pub instance_id: Arc<str>,
     pub source: MetricsSource,
     /// `ip:port`
-    pub address: String,
-    /// All labels, including `__metrics_path__` and `__scheme__` when set.
-    pub labels: BTreeMap<String, String>,
+    pub address: Arc<str>,
+    labels: Labels,
+    /// XXH3 of everything above, labels as rendered: unequal targets almost
+    /// always differ here, so comparing them rarely has to look at their labels.
+    content: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Labels {
+    /// A discovered target: derived from its instance and its source's tags.
+    Derived {
+        instance: Arc<Instance>,
+        path: Arc<str>,
+        scheme: Option<&'static str>,
+    },
+    /// A target read back from http_sd JSON (`plan`, a mirrored assignment): the
+    /// labels as given, sorted by name.
+    Given(Arc<[(Arc<str>, Arc<str>)]>),
+}
+
+/// A label name as rendered: a fixed prefix and the rest (an attribute's name,
+/// sanitised), so that names are compared and written without being built.
+#[derive(Clone, Debug)]
+pub struct LabelName<'a> {
+    prefix: &'static str,
+    rest: Cow<'a, str>,
+}
+
+impl LabelName<'_> {
+    fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        self.prefix.bytes().chain(self.rest.bytes())
+    }
+
+    fn is(&self, name: &str) -> bool {
+        name.len() == self.prefix.len() + self.rest.len()
+            && name.starts_with(self.prefix)
+            && name[self.prefix.len()..] == *self.rest
+    }
+}
+
+impl std::fmt::Display for LabelName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.prefix, self.rest)
+    }
+}
+
+impl PartialEq for LabelName<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes().eq(other.bytes())
+    }
+}
+
+impl Eq for LabelName<'_> {}
+
+impl PartialOrd for LabelName<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for LabelName<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.bytes().cmp(other.bytes())
+    }
+}
+
+const fn fixed(name: &'static str) -> LabelName<'static> {
+    LabelName {
+        prefix: name,
+        rest: Cow::Borrowed(""),
+    }
 }
 
 impl Target {
+    /// A target with the given labels (`plan`, tests).
+    pub fn new(
+        namespace: &str,
+        service: &str,
+        instance_id: &str,
+        source: MetricsSource,
+        address: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Target {
+        let labels: Vec<(Arc<str>, Arc<str>)> = labels
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+            .collect();
+        Target::given(
+            namespace.into(),
+            service.into(),
+            instance_id.into(),
+            source,
+            address.into(),
+            labels.into(),
+        )
+    }
+
+    fn given(
+        namespace: Arc<str>,
+        service: Arc<str>,
+        instance_id: Arc<str>,
+        source: MetricsSource,
+        address: Arc<str>,
+        labels: Arc<[(Arc<str>, Arc<str>)]>,
+    ) -> Target {
+        Target {
+            namespace,
+            service,
+            instance_id,
+            source,
+            address,
+            labels: Labels::Given(labels),
+            content: 0,
+        }
+        .with_content()
+    }
+
+    fn with_content(mut self) -> Target {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for part in [
+            &*self.namespace,
+            &*self.service,
+            &*self.instance_id,
+            self.source.as_str(),
+            &*self.address,
+        ] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+        for (name, value) in self.labels() {
+            h.update(name.prefix.as_bytes());
+            h.update(name.rest.as_bytes());
+            h.update(&[0]);
+            h.update(value.as_bytes());
+            h.update(&[0]);
+        }
+        self.content = h.digest();
+        self
+    }
+
+    /// The same target with one more label (or one replaced): a relabelled copy.
+    pub fn with_label(&self, name: &str, value: &str) -> Target {
+        let mut labels = self.label_map();
+        labels.insert(name.to_owned(), value.to_owned());
+        Target::new(
+            &self.namespace,
+            &self.service,
+            &self.instance_id,
+            self.source,
+            &self.address,
+            labels,
+        )
+    }
+
+    /// A hash of the whole target, labels included: equal targets have equal ones.
+    pub fn content_hash(&self) -> u64 {
+        self.content
+    }
+
+    /// The labels as rendered, sorted by name, names unique.
+    pub fn labels(&self) -> Vec<(LabelName<'_>, &str)> {
+        match &self.labels {
+            Labels::Given(pairs) => pairs
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        LabelName {
+                            prefix: "",
+                            rest: Cow::Borrowed(&**n),
+                        },
+                        &**v,
+                    )
+                })
+                .collect(),
+            Labels::Derived {
+                instance,
+                path,
+                scheme,
+            } => {
+                let attrs = &instance.attributes;
+                let ip = self
+                    .address
+                    .rsplit_once(':')
+                    .map_or(&*self.address, |(ip, _)| ip);
+                let mut out: Vec<(LabelName<'_>, &str)> = Vec::with_capacity(12 + attrs.len());
+                for (label, attr) in [
+                    ("cluster", ATTR_CLUSTER),
+                    ("service", ATTR_SERVICE),
+                    ("taskdefinition", ATTR_TASK_DEFINITION),
+                ] {
+                    if let Some(value) = attrs.get(attr) {
+                        out.push((fixed(label), value));
+                    }
+                }
+                out.push((fixed("namespace"), &self.namespace));
+                out.push((fixed("taskid"), &instance.id));
+                out.push((fixed("instance"), ip));
+                out.push((fixed("__meta_cloudmap_namespace_name"), &self.namespace));
+                out.push((fixed("__meta_cloudmap_service_name"), &self.service));
+                out.push((fixed("__meta_cloudmap_instance_id"), &instance.id));
+                out.push((fixed("__metrics_path__"), path));
+                if let Some(scheme) = scheme {
+                    out.push((fixed("__scheme__"), scheme));
+                }
+                out.push((fixed(LABEL_METRICS_SOURCE), self.source.as_str()));
+                for (name, value) in attrs.iter() {
+                    out.push((
+                        LabelName {
+                            prefix: META_ATTRIBUTE_PREFIX,
+                            rest: sanitized(name),
+                        },
+                        value,
+                    ));
+                }
+                // Stable: when two attribute names sanitise to the same label, the
+                // first in name order wins, deterministically.
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                out.dedup_by(|later, first| later.0 == first.0);
+                out
+            }
+        }
+    }
+
+    /// The value of label `name`, if set.
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels()
+            .into_iter()
+            .find(|(n, _)| n.is(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The labels as a map (tests, diagnostics).
+    pub fn label_map(&self) -> BTreeMap<String, String> {
+        self.labels()
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_owned()))
+            .collect()
+    }
+
     /// `http` unless the service's scheme tag says otherwise.
     pub fn scheme(&self) -> &str {
-        self.labels
-            .get("__scheme__")
-            .map(String::as_str)
-            .unwrap_or("http")
+        match &self.labels {
+            Labels::Derived { scheme, .. } => scheme.unwrap_or("http"),
+            Labels::Given(_) => self.label("__scheme__").unwrap_or("http"),
+        }
     }
 
     pub fn metrics_path(&self) -> &str {
-        self.labels
-            .get("__metrics_path__")
-            .map(String::as_str)
-            .unwrap_or("/metrics")
+        match &self.labels {
+            Labels::Derived { path, .. } => path,
+            Labels::Given(_) => self.label("__metrics_path__").unwrap_or("/metrics"),
+        }
+    }
+
+    fn identity(&self) -> (&str, &str, &str, MetricsSource, &str) {
+        (
+            &self.namespace,
+            &self.service,
+            &self.instance_id,
+            self.source,
+            &self.address,
+        )
+    }
+
+    /// Whether both derive their labels from the very same data.
+    fn same_source(&self, other: &Target) -> bool {
+        match (&self.labels, &other.labels) {
+            (
+                Labels::Derived {
+                    instance: a,
+                    path: p,
+                    scheme: s,
+                },
+                Labels::Derived {
+                    instance: b,
+                    path: q,
+                    scheme: t,
+                },
+            ) => (Arc::ptr_eq(a, b) || a == b) && p == q && s == t,
+            (Labels::Given(a), Labels::Given(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Target {}
+
+impl PartialOrd for Target {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Target {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.identity().cmp(&other.identity()).then_with(|| {
+            if self.content == other.content && self.same_source(other) {
+                return std::cmp::Ordering::Equal;
+            }
+            self.labels().cmp(&other.labels())
+        })
+    }
+}
+
+impl std::hash::Hash for Target {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.content.hash(state);
+    }
+}
+
+/// `name` as a valid label name: borrowed when it already is one.
+fn sanitized(name: &str) -> Cow<'_, str> {
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if valid {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(sanitize_label_name(name))
     }
 }
 
@@ -190,9 +621,11 @@ impl fmt::Display for Problem {
 
 /// The result of building targets: the targets, what was wrong, and how many
 /// instances had no `AWS_INSTANCE_IPV4` at all (normal for non-ECS registrations).
+/// The list is shared: the discovery cache, the publisher and the assignment hold
+/// the same one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BuildOutput {
-    pub targets: Vec<Target>,
+    pub targets: Arc<Vec<Target>>,
     pub problems: Vec<Problem>,
     pub skipped_without_ipv4: usize,
 }
@@ -201,11 +634,20 @@ impl BuildOutput {
     /// Sorts and deduplicates targets and problems so output does not depend
     /// on the order in which services were read.
     pub fn finish(mut self) -> Self {
-        self.targets.sort_unstable();
-        self.targets.dedup();
+        let targets = Arc::make_mut(&mut self.targets);
+        targets.sort_unstable();
+        targets.dedup();
         self.problems.sort_unstable();
         self.problems.dedup();
         self
+    }
+
+    /// Appends `other`, whose targets all sort after these (the next service, in
+    /// order): the result is as sorted as both were.
+    pub fn extend(&mut self, other: &BuildOutput) {
+        Arc::make_mut(&mut self.targets).extend(other.targets.iter().cloned());
+        self.problems.extend(other.problems.iter().cloned());
+        self.skipped_without_ipv4 += other.skipped_without_ipv4;
     }
 }
 
@@ -234,17 +676,17 @@ fn parse_port(value: &str) -> Option<u16> {
 }
 
 /// Port, path and scheme of one metrics source of a service, as its tags set them.
-struct SourceConfig<'a> {
+struct SourceConfig {
     source: MetricsSource,
-    path: &'a str,
+    path: Arc<str>,
     /// `None`: take the instance's `AWS_INSTANCE_PORT`, else 80 (application only).
     port: Option<u16>,
-    scheme: Option<&'a str>,
+    scheme: Option<&'static str>,
 }
 
 /// Reads the tags of a service into the sources it should be scraped on. A source whose
 /// tags are malformed is reported and left out.
-fn source_configs<'a>(svc: &ServiceData<'a>, problems: &mut Vec<Problem>) -> Vec<SourceConfig<'a>> {
+fn source_configs(svc: &ServiceData<'_>, problems: &mut Vec<Problem>) -> Vec<SourceConfig> {
     let mut out = Vec::with_capacity(2);
     for source in [MetricsSource::App, MetricsSource::EcsExporter] {
         let (path_tag, port_tag, scheme_tag) = source.tags();
@@ -270,7 +712,8 @@ fn source_configs<'a>(svc: &ServiceData<'a>, problems: &mut Vec<Problem>) -> Vec
         };
         let scheme = match svc.tags.get(scheme_tag).map(|s| s.trim()) {
             None => None,
-            Some(s) if s == "http" || s == "https" => Some(s),
+            Some("http") => Some("http"),
+            Some("https") => Some("https"),
             Some(_) => {
                 problems.push(Problem::BadSchemeTag {
                     namespace: svc.namespace.to_owned(),
@@ -283,7 +726,7 @@ fn source_configs<'a>(svc: &ServiceData<'a>, problems: &mut Vec<Problem>) -> Vec
         };
         out.push(SourceConfig {
             source,
-            path,
+            path: Arc::from(path.as_str()),
             port,
             scheme,
         });
@@ -291,9 +734,12 @@ fn source_configs<'a>(svc: &ServiceData<'a>, problems: &mut Vec<Problem>) -> Vec
     out
 }
 
-/// Builds the targets of one service and appends them to `out`.
+/// Builds the targets of one service and appends them to `out`. The targets point
+/// at the service's instances: nothing of an instance is copied.
 pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
     let sources = source_configs(svc, &mut out.problems);
+    let namespace: Arc<str> = Arc::from(svc.namespace);
+    let service: Arc<str> = Arc::from(svc.service);
     for inst in svc.instances {
         let Some(raw_ip) = inst.attributes.get(ATTR_IPV4) else {
             out.skipped_without_ipv4 += 1;
@@ -303,16 +749,11 @@ pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
             out.problems.push(Problem::BadIpv4Attribute {
                 namespace: svc.namespace.to_owned(),
                 service: svc.service.to_owned(),
-                instance: inst.id.clone(),
-                value: raw_ip.clone(),
+                instance: inst.id.to_string(),
+                value: raw_ip.to_owned(),
             });
             continue;
         };
-        if sources.is_empty() {
-            continue;
-        }
-        let ip = ip.to_string();
-        let common = common_labels(svc, inst, &ip);
         for cfg in &sources {
             let port = match cfg.port {
                 Some(port) => port,
@@ -324,60 +765,30 @@ pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
                             out.problems.push(Problem::BadPortAttribute {
                                 namespace: svc.namespace.to_owned(),
                                 service: svc.service.to_owned(),
-                                instance: inst.id.clone(),
-                                value: value.clone(),
+                                instance: inst.id.to_string(),
+                                value: value.to_owned(),
                             });
                             continue;
                         }
                     },
                 },
             };
-            let mut labels = common.clone();
-            labels.insert("__metrics_path__".into(), cfg.path.to_owned());
-            if let Some(scheme) = cfg.scheme {
-                labels.insert("__scheme__".into(), scheme.to_owned());
-            }
-            labels.insert(LABEL_METRICS_SOURCE.into(), cfg.source.as_str().into());
-            out.targets.push(Target {
-                namespace: svc.namespace.to_owned(),
-                service: svc.service.to_owned(),
+            let target = Target {
+                namespace: namespace.clone(),
+                service: service.clone(),
                 instance_id: inst.id.clone(),
                 source: cfg.source,
-                address: format!("{ip}:{port}"),
-                labels,
-            });
+                address: Arc::from(format!("{ip}:{port}")),
+                labels: Labels::Derived {
+                    instance: inst.clone(),
+                    path: cfg.path.clone(),
+                    scheme: cfg.scheme,
+                },
+                content: 0,
+            };
+            Arc::make_mut(&mut out.targets).push(target.with_content());
         }
     }
-}
-
-/// Labels shared by the application and exporter targets of one instance.
-fn common_labels(svc: &ServiceData<'_>, inst: &Instance, ip: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    for (label, attr) in [
-        ("cluster", ATTR_CLUSTER),
-        ("service", ATTR_SERVICE),
-        ("taskdefinition", ATTR_TASK_DEFINITION),
-    ] {
-        if let Some(value) = inst.attributes.get(attr) {
-            labels.insert(label.to_owned(), value.clone());
-        }
-    }
-    labels.insert("namespace".into(), svc.namespace.to_owned());
-    labels.insert("taskid".into(), inst.id.clone());
-    labels.insert("instance".into(), ip.to_owned());
-    labels.insert(
-        format!("{META_PREFIX}namespace_name"),
-        svc.namespace.to_owned(),
-    );
-    labels.insert(format!("{META_PREFIX}service_name"), svc.service.to_owned());
-    labels.insert(format!("{META_PREFIX}instance_id"), inst.id.clone());
-    // Attributes are visited in name order, so when two names sanitise to the
-    // same label the first in that order wins, deterministically.
-    for (name, value) in &inst.attributes {
-        let label = format!("{META_ATTRIBUTE_PREFIX}{}", sanitize_label_name(name));
-        labels.entry(label).or_insert_with(|| value.clone());
-    }
-    labels
 }
 
 /// Builds and normalises the targets of many services.
@@ -389,23 +800,222 @@ pub fn build_all<'a>(services: impl IntoIterator<Item = ServiceData<'a>>) -> Bui
     out.finish()
 }
 
-#[derive(Serialize)]
-struct GroupRef<'a> {
-    targets: [&'a str; 1],
-    labels: &'a BTreeMap<String, String>,
+/// Writes `s` as a JSON string body (no quotes), escaped as `serde_json` does.
+fn write_escaped(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if short.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(short);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// One target group, `{"targets":["addr"],"labels":{...}}`, labels in name order.
+fn write_group(out: &mut Vec<u8>, t: &Target) {
+    out.extend_from_slice(b"{\"targets\":[\"");
+    write_escaped(out, &t.address);
+    out.extend_from_slice(b"\"],\"labels\":{");
+    for (i, (name, value)) in t.labels().iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        write_escaped(out, name.prefix);
+        write_escaped(out, &name.rest);
+        out.extend_from_slice(b"\":\"");
+        write_escaped(out, value);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"}}");
 }
 
 /// Renders targets as an `http_sd` / `file_sd` JSON document: one group per target.
 pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<u8> {
-    let groups: Vec<GroupRef<'_>> = targets
-        .into_iter()
-        .map(|t| GroupRef {
-            targets: [t.address.as_str()],
-            labels: &t.labels,
+    let mut out = vec![b'['];
+    for (i, t) in targets.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_group(&mut out, t);
+    }
+    out.push(b']');
+    out
+}
+
+/// An http_sd document as it is kept and served: gzip-compressed once (Prometheus
+/// asks for gzip; the JSON shrinks about tenfold), with the ETag of its JSON. The
+/// JSON itself is inflated only for a client that does not accept gzip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Body {
+    gzip: bytes::Bytes,
+    etag: String,
+    targets: usize,
+}
+
+/// Why bytes received as a gzip-compressed http_sd document were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("not gzip-compressed: {0}")]
+    Gzip(#[from] std::io::Error),
+    #[error("not an http_sd document: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the document is not the one its ETag and count name")]
+    Mismatch,
+}
+
+/// Feeds JSON in chunks to the gzip encoder and the ETag's hash, so a large
+/// document is never held uncompressed.
+struct BodyWriter {
+    chunk: Vec<u8>,
+    hash: xxhash_rust::xxh3::Xxh3,
+    encoder: flate2::write::GzEncoder<Vec<u8>>,
+}
+
+impl BodyWriter {
+    const CHUNK: usize = 64 * 1024;
+
+    fn new() -> Self {
+        BodyWriter {
+            chunk: Vec::with_capacity(Self::CHUNK + 4096),
+            hash: xxhash_rust::xxh3::Xxh3::new(),
+            encoder: flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+        }
+    }
+
+    fn flush_if_full(&mut self, force: bool) {
+        use std::io::Write as _;
+        if force || self.chunk.len() >= Self::CHUNK {
+            self.hash.update(&self.chunk);
+            // Writing to a Vec cannot fail.
+            let _ = self.encoder.write_all(&self.chunk);
+            self.chunk.clear();
+        }
+    }
+
+    fn finish(mut self, targets: usize) -> Body {
+        self.flush_if_full(true);
+        let gzip = self.encoder.finish().unwrap_or_default();
+        Body {
+            gzip: bytes::Bytes::from(gzip),
+            etag: format!("\"{:016x}\"", self.hash.digest()),
+            targets,
+        }
+    }
+}
+
+impl Body {
+    /// Renders and compresses `targets` (see [`render`]).
+    pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Body {
+        let mut w = BodyWriter::new();
+        w.chunk.push(b'[');
+        let mut count = 0;
+        for t in targets {
+            if count > 0 {
+                w.chunk.push(b',');
+            }
+            write_group(&mut w.chunk, t);
+            count += 1;
+            w.flush_if_full(false);
+        }
+        w.chunk.push(b']');
+        w.finish(count)
+    }
+
+    /// A document given as JSON with `targets` groups.
+    pub fn from_json(json: &[u8], targets: usize) -> Body {
+        let mut w = BodyWriter::new();
+        w.chunk.extend_from_slice(json);
+        w.finish(targets)
+    }
+
+    /// `[]`
+    pub fn empty() -> Body {
+        Body::from_json(b"[]", 0)
+    }
+
+    /// Bytes received gzip-compressed (from the leader): inflated once to check
+    /// that they are an http_sd document, to count its groups and to compute its ETag.
+    pub fn from_gzip(gzip: bytes::Bytes) -> Result<Body, BodyError> {
+        let json = inflate(&gzip)?;
+        let groups: Vec<serde::de::IgnoredAny> = serde_json::from_slice(&json)?;
+        Ok(Body {
+            etag: etag(&json),
+            targets: groups.len(),
+            gzip,
         })
-        .collect();
-    // Serialising borrowed strings and maps into a Vec cannot fail.
-    serde_json::to_vec(&groups).unwrap_or_else(|_| b"[]".to_vec())
+    }
+
+    /// Bytes taken on trust as compressed by a shard-sd leader (a mirrored
+    /// copy), checked by [`Body::checked`] before they are served.
+    pub fn unchecked(gzip: bytes::Bytes, etag: String, targets: usize) -> Body {
+        Body {
+            gzip,
+            etag,
+            targets,
+        }
+    }
+
+    /// The same body once its bytes proved to be the http_sd document its ETag
+    /// and count say.
+    pub fn checked(&self) -> Result<Body, BodyError> {
+        let body = Body::from_gzip(self.gzip.clone())?;
+        if body.etag != self.etag || body.targets != self.targets {
+            return Err(BodyError::Mismatch);
+        }
+        Ok(body)
+    }
+
+    pub fn gzip(&self) -> &bytes::Bytes {
+        &self.gzip
+    }
+
+    /// The strong ETag of the JSON.
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
+    /// The ETag of the gzip encoding (a different representation, a different tag).
+    pub fn gzip_etag(&self) -> String {
+        format!("{}-gzip\"", self.etag.trim_end_matches('"'))
+    }
+
+    pub fn targets(&self) -> usize {
+        self.targets
+    }
+
+    /// The JSON, inflated.
+    pub fn json(&self) -> Vec<u8> {
+        // Our own gzip output always inflates.
+        inflate(&self.gzip).unwrap_or_else(|_| b"[]".to_vec())
+    }
+}
+
+/// Inflates a gzip stream (one member or several, concatenated).
+pub fn inflate(gzip: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::with_capacity(gzip.len() * 8);
+    flate2::read::MultiGzDecoder::new(gzip).read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// A target group as read back from `http_sd` JSON.
@@ -419,53 +1029,48 @@ pub struct Group {
 
 /// The inverse of [`render`]: targets of `http_sd` groups. Namespace, service and
 /// instance come from the `__meta_cloudmap_*` labels shard-sd writes (else the
-/// `namespace` / `service` labels), the source from `metrics_source`.
+/// `namespace` / `service` labels), the source from `metrics_source`. Repeated
+/// strings are shared.
 pub fn from_groups(groups: Vec<Group>) -> Vec<Target> {
+    let mut strings = Interner::default();
     let label = |labels: &BTreeMap<String, String>, meta: &str, plain: &str| {
         labels
             .get(&format!("{META_PREFIX}{meta}"))
             .or_else(|| labels.get(plain))
-            .cloned()
-            .unwrap_or_default()
+            .map_or("", String::as_str)
+            .to_owned()
     };
-    groups
-        .into_iter()
-        .flat_map(|g| {
-            let namespace = label(&g.labels, "namespace_name", "namespace");
-            let service = label(&g.labels, "service_name", "service");
-            let instance_id = label(&g.labels, "instance_id", "taskid");
-            let source = match g.labels.get(LABEL_METRICS_SOURCE).map(String::as_str) {
-                Some("ecs-exporter") => MetricsSource::EcsExporter,
-                _ => MetricsSource::App,
-            };
-            g.targets.into_iter().map(move |address| Target {
-                namespace: namespace.clone(),
-                service: service.clone(),
-                instance_id: instance_id.clone(),
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let namespace = strings.get(&label(&g.labels, "namespace_name", "namespace"));
+        let service = strings.get(&label(&g.labels, "service_name", "service"));
+        let instance_id = strings.get(&label(&g.labels, "instance_id", "taskid"));
+        let source = match g.labels.get(LABEL_METRICS_SOURCE).map(String::as_str) {
+            Some("ecs-exporter") => MetricsSource::EcsExporter,
+            _ => MetricsSource::App,
+        };
+        let labels: Arc<[(Arc<str>, Arc<str>)]> = g
+            .labels
+            .iter()
+            .map(|(k, v)| (strings.get(k), strings.get(v)))
+            .collect();
+        for address in g.targets {
+            out.push(Target::given(
+                namespace.clone(),
+                service.clone(),
+                instance_id.clone(),
                 source,
-                address,
-                labels: g.labels.clone(),
-            })
-        })
-        .collect()
+                strings.get(&address),
+                labels.clone(),
+            ));
+        }
+    }
+    out
 }
 
 /// A strong ETag for a rendered body.
 pub fn etag(body: &[u8]) -> String {
     format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body))
-}
-
-/// `body` gzip-compressed at the fastest level: http_sd JSON repeats itself and
-/// shrinks about tenfold even so, and it is compressed once per change.
-pub fn gzip(body: &[u8]) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut encoder = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 8 + 64),
-        flate2::Compression::fast(),
-    );
-    // Writing to a Vec cannot fail.
-    let _ = encoder.write_all(body);
-    encoder.finish().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -488,8 +1093,14 @@ mod tests {
                 ("ECS_CLUSTER_NAME", "ecs-adot-cluster"),
                 ("ECS_SERVICE_NAME", "WebAppService"),
                 ("ECS_TASK_DEFINITION_FAMILY", "WebAppTask"),
-            ]),
+            ])
+            .into_iter()
+            .collect(),
         }
+    }
+
+    fn shared(instances: impl IntoIterator<Item = Instance>) -> Vec<Arc<Instance>> {
+        instances.into_iter().map(Arc::new).collect()
     }
 
     fn post_tags() -> BTreeMap<String, String> {
@@ -515,7 +1126,7 @@ mod tests {
     #[test]
     fn reproduces_the_post_example() {
         let tags = post_tags();
-        let instances = [post_instance()];
+        let instances = shared([post_instance()]);
         let out = build_all([ServiceData {
             namespace: "ecs-services",
             service: "webapp-svc",
@@ -524,7 +1135,7 @@ mod tests {
         }]);
         assert!(out.problems.is_empty());
         let mut rendered: serde_json::Value =
-            serde_json::from_slice(&render(&out.targets)).unwrap();
+            serde_json::from_slice(&render(out.targets.iter())).unwrap();
         // Strip what shard-sd adds over the original; the rest must match exactly.
         let mut sources = Vec::new();
         for group in rendered.as_array_mut().unwrap() {
@@ -541,16 +1152,15 @@ mod tests {
     fn adds_meta_labels_for_every_attribute() {
         let tags = post_tags();
         let mut inst = post_instance();
-        inst.attributes
-            .insert("AVAILABILITY_ZONE".into(), "us-east-1a".into());
-        inst.attributes.insert("my-attr.x".into(), "v".into());
+        inst.attributes.insert("AVAILABILITY_ZONE", "us-east-1a");
+        inst.attributes.insert("my-attr.x", "v");
         let out = build_all([ServiceData {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[inst],
+            instances: &shared([inst]),
         }]);
-        let labels = &out.targets[0].labels;
+        let labels = &out.targets[0].label_map();
         assert_eq!(labels["__meta_cloudmap_namespace_name"], "ns");
         assert_eq!(labels["__meta_cloudmap_service_name"], "svc");
         assert_eq!(
@@ -572,19 +1182,17 @@ mod tests {
     fn app_port_falls_back_to_instance_port_then_80() {
         let tags = tags(&[("METRICS_PATH", "/m")]);
         let mut with_port = post_instance();
-        with_port.attributes.insert(ATTR_PORT.into(), "8080".into());
+        with_port.attributes.insert(ATTR_PORT, "8080");
         let mut without = post_instance();
         without.id = "other".into();
-        without
-            .attributes
-            .insert(ATTR_IPV4.into(), "10.0.0.2".into());
+        without.attributes.insert(ATTR_IPV4, "10.0.0.2");
         let out = build_all([ServiceData {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[with_port, without],
+            instances: &shared([with_port, without]),
         }]);
-        let addrs: Vec<_> = out.targets.iter().map(|t| t.address.as_str()).collect();
+        let addrs: Vec<_> = out.targets.iter().map(|t| &*t.address).collect();
         assert_eq!(addrs, ["10.10.101.12:8080", "10.0.0.2:80"]);
         // No exporter tags: no exporter target.
         assert!(out.targets.iter().all(|t| t.source == MetricsSource::App));
@@ -597,7 +1205,7 @@ mod tests {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[post_instance()],
+            instances: &shared([post_instance()]),
         }]);
         assert!(out.targets.is_empty());
         assert!(out.problems.is_empty());
@@ -611,7 +1219,7 @@ mod tests {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[post_instance()],
+            instances: &shared([post_instance()]),
         }]);
         assert_eq!(out.targets.len(), 1);
         assert_eq!(out.targets[0].source, MetricsSource::EcsExporter);
@@ -627,7 +1235,7 @@ mod tests {
                 namespace: "ns",
                 service: "svc",
                 tags: &tags,
-                instances: &[post_instance()],
+                instances: &shared([post_instance()]),
             }]);
             assert_eq!(out.targets.len(), 1, "port {bad:?}");
         }
@@ -642,10 +1250,10 @@ mod tests {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[post_instance()],
+            instances: &shared([post_instance()]),
         }]);
         assert_eq!(out.targets.len(), 1);
-        assert_eq!(out.targets[0].labels["__scheme__"], "https");
+        assert_eq!(out.targets[0].label("__scheme__"), Some("https"));
         assert_eq!(out.targets[0].scheme(), "https");
         assert!(matches!(
             out.problems[0],
@@ -662,14 +1270,12 @@ mod tests {
         let mut no_ip = post_instance();
         no_ip.attributes.remove(ATTR_IPV4);
         let mut bad_ip = post_instance();
-        bad_ip
-            .attributes
-            .insert(ATTR_IPV4.into(), "10.0.0.300".into());
+        bad_ip.attributes.insert(ATTR_IPV4, "10.0.0.300");
         let out = build_all([ServiceData {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[no_ip, bad_ip],
+            instances: &shared([no_ip, bad_ip]),
         }]);
         assert!(out.targets.is_empty());
         assert_eq!(out.skipped_without_ipv4, 1);
@@ -681,17 +1287,17 @@ mod tests {
         let tags = post_tags();
         let inst = Instance {
             id: "i".into(),
-            attributes: tags_of_ip("10.0.0.1"),
+            attributes: tags_of_ip("10.0.0.1").into_iter().collect(),
         };
         let out = build_all([ServiceData {
             namespace: "ns",
             service: "svc",
             tags: &tags,
-            instances: &[inst],
+            instances: &shared([inst]),
         }]);
-        for t in &out.targets {
+        for t in out.targets.iter() {
             for absent in ["cluster", "service", "taskdefinition", "__scheme__"] {
-                assert!(!t.labels.contains_key(absent), "{absent}");
+                assert!(t.label(absent).is_none(), "{absent}");
             }
         }
     }
@@ -700,19 +1306,81 @@ mod tests {
         tags(&[(ATTR_IPV4, ip)])
     }
 
-    #[test]
-    fn rendered_targets_read_back_the_same() {
-        let tags = post_tags();
-        let out = build_all([ServiceData {
+    /// The post's service and instance, built.
+    fn post_targets() -> BuildOutput {
+        build_all([ServiceData {
             namespace: "ecs-services",
             service: "webapp-svc",
-            tags: &tags,
-            instances: &[post_instance()],
-        }]);
-        let groups: Vec<Group> = serde_json::from_slice(&render(&out.targets)).unwrap();
+            tags: &post_tags(),
+            instances: &shared([post_instance()]),
+        }])
+    }
+
+    #[test]
+    fn rendered_targets_read_back_the_same() {
+        let out = post_targets();
+        let groups: Vec<Group> = serde_json::from_slice(&render(out.targets.iter())).unwrap();
         let mut back = from_groups(groups);
         back.sort();
-        assert_eq!(back, out.targets);
+        assert_eq!(back, *out.targets);
+    }
+
+    #[test]
+    fn a_body_is_its_json_compressed_with_the_json_etag() {
+        let out = post_targets();
+        let json = render(out.targets.iter());
+        let body = Body::render(out.targets.iter());
+        assert_eq!(body.json(), json);
+        assert_eq!(body.etag(), etag(&json));
+        assert_eq!(body.targets(), 2);
+        assert_ne!(body.gzip_etag(), body.etag());
+        // What a follower receives is checked, and refused when it is not that.
+        let received = Body::from_gzip(body.gzip().clone()).expect("valid");
+        assert_eq!(received, body);
+        assert!(Body::from_gzip(bytes::Bytes::from_static(b"[]")).is_err());
+        let not_groups = Body::from_json(b"{\"a\":1}", 1);
+        assert!(Body::from_gzip(not_groups.gzip().clone()).is_err());
+        let lying = Body::unchecked(body.gzip().clone(), etag(b"[]"), 2);
+        assert!(matches!(lying.checked(), Err(BodyError::Mismatch)));
+        assert_eq!(Body::empty().json(), b"[]");
+    }
+
+    #[test]
+    fn the_interner_shares_strings_and_forgets_unused_ones() {
+        let mut strings = Interner::default();
+        let a = strings.instance(
+            "i-1",
+            [("ECS_CLUSTER_NAME", "c"), ("AWS_INSTANCE_IPV4", "10.0.0.1")],
+        );
+        let b = strings.instance(
+            "i-2",
+            [("ECS_CLUSTER_NAME", "c"), ("AWS_INSTANCE_IPV4", "10.0.0.2")],
+        );
+        let cluster = |i: &Instance| {
+            i.attributes
+                .iter()
+                .find(|(k, _)| *k == "ECS_CLUSTER_NAME")
+                .map(|(_, v)| v.as_ptr())
+        };
+        assert_eq!(cluster(&a), cluster(&b), "one copy of a repeated value");
+        assert_eq!(a.attributes.get("AWS_INSTANCE_IPV4"), Some("10.0.0.1"));
+        drop(b);
+        for i in 0..3000 {
+            strings.get(&format!("gone-{i}"));
+        }
+        strings.prune();
+        // Only what `a` still holds survives (its id, 2 names, 2 values).
+        assert_eq!(strings.len(), 5);
+    }
+
+    #[test]
+    fn attributes_behave_as_a_map() {
+        let mut attrs: Attributes = [("b", "2"), ("a", "1"), ("b", "3")].into_iter().collect();
+        assert_eq!(attrs.iter().collect::<Vec<_>>(), [("a", "1"), ("b", "3")]);
+        attrs.insert("a", "9");
+        attrs.remove("b");
+        assert_eq!(attrs.iter().collect::<Vec<_>>(), [("a", "9")]);
+        assert_eq!(attrs.get("b"), None);
     }
 
     #[test]
@@ -742,7 +1410,10 @@ mod tests {
                 if let Some(port) = port {
                     attributes.insert(ATTR_PORT.into(), port);
                 }
-                Instance { id, attributes }
+                Instance {
+                    id: id.into(),
+                    attributes: attributes.into_iter().collect(),
+                }
             })
     }
 
@@ -769,6 +1440,31 @@ mod tests {
 
     proptest! {
         #[test]
+        fn strings_are_escaped_as_serde_json_does(text in "(.|[\\x00-\\x1f\"\\\\]){0,24}") {
+            let mut ours = b"\"".to_vec();
+            write_escaped(&mut ours, &text);
+            ours.push(b'"');
+            prop_assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&text).unwrap());
+        }
+
+        #[test]
+        fn a_target_read_back_equals_its_original(
+            tags in arb_tags(),
+            instances in proptest::collection::vec(arb_instance(), 0..6),
+        ) {
+            let instances = shared(instances);
+            let out = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances }]);
+            let groups: Vec<Group> = serde_json::from_slice(&render(out.targets.iter())).unwrap();
+            let back = from_groups(groups);
+            prop_assert_eq!(back.len(), out.targets.len());
+            for (b, t) in back.iter().zip(out.targets.iter()) {
+                prop_assert_eq!(b, t);
+                prop_assert_eq!(b.content_hash(), t.content_hash());
+                prop_assert_eq!(b.label_map(), t.label_map());
+            }
+        }
+
+        #[test]
         fn sanitised_names_are_valid_and_stable(name in ".{0,24}") {
             let once = sanitize_label_name(&name);
             prop_assert!(valid_label_name(&once), "{once:?}");
@@ -781,25 +1477,26 @@ mod tests {
         #[test]
         fn every_label_name_is_valid_and_output_is_order_independent(
             tags in arb_tags(),
-            mut instances in proptest::collection::vec(arb_instance(), 0..8),
+            instances in proptest::collection::vec(arb_instance(), 0..8),
         ) {
+            let mut instances = shared(instances);
             let svc = ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances };
             let out = build_all([svc]);
-            for t in &out.targets {
-                for name in t.labels.keys() {
+            for t in out.targets.iter() {
+                for name in t.label_map().keys() {
                     prop_assert!(valid_label_name(name), "{name:?}");
                 }
                 let (ip, port) = t.address.rsplit_once(':').unwrap();
                 prop_assert!(ip.parse::<Ipv4Addr>().is_ok());
                 prop_assert!(port.parse::<u16>().map(|p| p > 0).unwrap_or(false));
-                prop_assert_eq!(&t.labels["instance"], ip);
+                prop_assert_eq!(t.label("instance"), Some(ip));
             }
             // At most two targets per instance, and only instances with an IPv4.
             prop_assert!(out.targets.len() <= 2 * instances.len());
-            let body = render(&out.targets);
+            let body = render(out.targets.iter());
             instances.reverse();
             let again = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances }]);
-            prop_assert_eq!(render(&again.targets), body);
+            prop_assert_eq!(render(again.targets.iter()), body);
         }
     }
 }

@@ -73,8 +73,13 @@ fn names(list: &[&str]) -> NamespaceSource {
     NamespaceSource::Static(list.iter().map(|s| s.to_string()).collect())
 }
 
-fn addrs(d: &Discoverer) -> Vec<String> {
-    let mut a: Vec<String> = d.targets().targets.into_iter().map(|t| t.address).collect();
+fn addrs(d: &mut Discoverer) -> Vec<String> {
+    let mut a: Vec<String> = d
+        .targets()
+        .targets
+        .iter()
+        .map(|t| t.address.to_string())
+        .collect();
     a.sort();
     a
 }
@@ -128,10 +133,13 @@ async fn pages_through_more_than_100_services_and_instances() {
     );
     assert_eq!(report.namespaces[0].services, 121);
     assert_eq!(report.namespaces[0].instances, 270);
-    let targets = d.targets().targets;
+    let targets = d.targets().targets.clone();
     assert_eq!(targets.len(), 270);
     // All 150 instances of the wide service: DiscoverInstances was asked for more than its default 100.
-    assert_eq!(targets.iter().filter(|t| t.service == "wide").count(), 150);
+    assert_eq!(
+        targets.iter().filter(|t| &*t.service == "wide").count(),
+        150
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -162,7 +170,7 @@ async fn several_namespaces_of_every_type_and_a_missing_one() {
         .await;
     let report = clean_cycle(&mut d).await;
     assert_eq!(
-        addrs(&d),
+        addrs(&mut d),
         ["10.0.0.1:3000", "10.0.0.1:9779", "10.0.0.2:8080"]
     );
     let found: Vec<(String, bool)> = report
@@ -180,8 +188,10 @@ async fn several_namespaces_of_every_type_and_a_missing_one() {
     );
     assert_eq!(report.namespaces[1].kind.as_deref(), Some("DNS_PRIVATE"));
     assert_eq!(d.missing_namespaces().collect::<Vec<_>>(), ["nope"]);
-    let t = d.targets().targets;
-    assert!(t.iter().all(|t| t.labels["namespace"] == t.namespace));
+    let t = d.targets().targets.clone();
+    assert!(t
+        .iter()
+        .all(|t| t.label("namespace") == Some(&*t.namespace)));
     assert!(
         e.proxy.counts()["ListNamespaces"] >= 2,
         "namespaces were paged"
@@ -206,12 +216,28 @@ async fn unchanged_services_cost_one_revision_call_and_changes_are_read() {
         .await;
     clean_cycle(&mut d).await;
 
+    let first = d.targets();
+
     e.proxy.reset_counts();
     let report = clean_cycle(&mut d).await;
     let counts = e.proxy.counts();
     assert_eq!(counts.get("DiscoverInstances"), None, "{counts:?}");
     assert_eq!(counts["DiscoverInstancesRevision"], 2);
     assert_eq!(report.services_refreshed, 0);
+    // Nothing changed: the very same list, not built again.
+    assert!(std::sync::Arc::ptr_eq(&first, &d.targets()));
+    // Nor after a full refresh, which reads every instance and tag again: each
+    // instance read again unchanged is the one already held.
+    e.proxy.reset_counts();
+    for _ in 0..FULL_REFRESH_CYCLES {
+        clean_cycle(&mut d).await;
+    }
+    assert_eq!(
+        e.proxy.counts()["DiscoverInstances"],
+        2,
+        "a full refresh ran"
+    );
+    assert!(std::sync::Arc::ptr_eq(&first, &d.targets()));
 
     e.cm.register_task(&a.id, "a2", "10.0.0.3").await;
     e.proxy.reset_counts();
@@ -222,11 +248,11 @@ async fn unchanged_services_cost_one_revision_call_and_changes_are_read() {
         "only the changed service is re-read"
     );
     assert_eq!(report.services_refreshed, 1);
-    assert!(addrs(&d).contains(&"10.0.0.3:3000".to_string()));
+    assert!(addrs(&mut d).contains(&"10.0.0.3:3000".to_string()));
 
     e.cm.deregister(&a.id, "a2").await;
     clean_cycle(&mut d).await;
-    assert!(!addrs(&d).contains(&"10.0.0.3:3000".to_string()));
+    assert!(!addrs(&mut d).contains(&"10.0.0.3:3000".to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -246,11 +272,11 @@ async fn health_changes_are_seen_within_a_full_refresh() {
         .await;
     clean_cycle(&mut healthy).await;
     clean_cycle(&mut or_else_all).await;
-    assert_eq!(addrs(&healthy).len(), 2);
+    assert_eq!(addrs(&mut healthy).len(), 2);
 
     e.cm.set_healthy(&svc.id, "t1", false).await;
     let mut cycles = 0;
-    while addrs(&healthy).len() != 1 {
+    while addrs(&mut healthy).len() != 1 {
         clean_cycle(&mut healthy).await;
         cycles += 1;
         assert!(
@@ -258,7 +284,7 @@ async fn health_changes_are_seen_within_a_full_refresh() {
             "health change not seen after {cycles} cycles"
         );
     }
-    assert_eq!(addrs(&healthy), ["10.0.0.2:80"]);
+    assert_eq!(addrs(&mut healthy), ["10.0.0.2:80"]);
 
     // With every instance unhealthy, HEALTHY_OR_ELSE_ALL serves them all; HEALTHY serves none.
     e.cm.set_healthy(&svc.id, "t2", false).await;
@@ -266,8 +292,8 @@ async fn health_changes_are_seen_within_a_full_refresh() {
         clean_cycle(&mut healthy).await;
         clean_cycle(&mut or_else_all).await;
     }
-    assert!(addrs(&healthy).is_empty());
-    assert_eq!(addrs(&or_else_all).len(), 2);
+    assert!(addrs(&mut healthy).is_empty());
+    assert_eq!(addrs(&mut or_else_all).len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -280,21 +306,22 @@ async fn tag_changes_and_malformed_port_tags() {
         .discoverer(names(&["ecs-services"]), HealthStatus::All)
         .await;
     clean_cycle(&mut d).await;
-    assert_eq!(addrs(&d), ["10.0.0.1:3000", "10.0.0.1:9779"]);
+    assert_eq!(addrs(&mut d), ["10.0.0.1:3000", "10.0.0.1:9779"]);
 
     e.cm.tag(&svc.arn, "METRICS_PORT", "4000").await;
     e.cm.tag(&svc.arn, "METRICS_SCHEME", "https").await;
     for _ in 0..TAG_REFRESH_CYCLES {
         clean_cycle(&mut d).await;
     }
-    assert_eq!(addrs(&d), ["10.0.0.1:4000", "10.0.0.1:9779"]);
+    assert_eq!(addrs(&mut d), ["10.0.0.1:4000", "10.0.0.1:9779"]);
     let app = d
         .targets()
         .targets
-        .into_iter()
+        .iter()
         .find(|t| t.address.ends_with(":4000"))
-        .unwrap();
-    assert_eq!(app.labels["__scheme__"], "https");
+        .unwrap()
+        .clone();
+    assert_eq!(app.label("__scheme__"), Some("https"));
 
     e.cm.tag(&svc.arn, "ECS_METRICS_PORT", "ninety").await;
     for _ in 0..TAG_REFRESH_CYCLES {
@@ -302,7 +329,7 @@ async fn tag_changes_and_malformed_port_tags() {
     }
     let built = d.targets();
     assert_eq!(
-        addrs(&d),
+        addrs(&mut d),
         ["10.0.0.1:4000"],
         "only the bad target is skipped"
     );
@@ -336,7 +363,7 @@ async fn missing_ssm_parameter_that_appears_later() {
     e.cm.put_namespaces_parameter("ECS-Namespaces", " ecs-services , ,ecs-services")
         .await;
     clean_cycle(&mut d).await;
-    assert_eq!(addrs(&d).len(), 2);
+    assert_eq!(addrs(&mut d).len(), 2);
 
     // An emptied parameter is refused and the previous list kept.
     e.cm.put_namespaces_parameter("ECS-Namespaces", " , ").await;
@@ -346,7 +373,7 @@ async fn missing_ssm_parameter_that_appears_later() {
         "{:?}",
         report.errors
     );
-    assert_eq!(addrs(&d).len(), 2);
+    assert_eq!(addrs(&mut d).len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -368,7 +395,7 @@ async fn throttling_is_retried_with_backoff() {
         let started = Instant::now();
         let report = clean_cycle(&mut d).await;
         assert_eq!(d.aws().stats.throttled() - before, 3, "{code}");
-        assert_eq!(addrs(&d).len(), 2);
+        assert_eq!(addrs(&mut d).len(), 2);
         // Three backoffs with jitter took some time, but the cycle finished.
         assert!(report.duration_ms < 10_000, "{:?}", started.elapsed());
     }
@@ -386,7 +413,7 @@ async fn failed_parts_keep_their_last_good_targets() {
         .discoverer(names(&["ecs-services"]), HealthStatus::All)
         .await;
     clean_cycle(&mut d).await;
-    let before = addrs(&d);
+    let before = addrs(&mut d);
     assert_eq!(before.len(), 4);
 
     // The namespace's services cannot be listed: its services keep their targets.
@@ -403,12 +430,12 @@ async fn failed_parts_keep_their_last_good_targets() {
         report.errors
     );
     assert!(report.namespaces[0].stale);
-    assert_eq!(addrs(&d), before);
+    assert_eq!(addrs(&mut d), before);
     // Nothing answers (namespace index included): same.
     e.proxy.set_fault(Fault::Fail { op: None });
     let report = d.run_cycle().await;
     assert!(!report.errors.is_empty());
-    assert_eq!(addrs(&d), before);
+    assert_eq!(addrs(&mut d), before);
 
     // Instances cannot be read: a deregistration is not seen, nothing is lost.
     e.cm.deregister(&a.id, "a1").await;
@@ -418,7 +445,7 @@ async fn failed_parts_keep_their_last_good_targets() {
     let mut failures = 0;
     for _ in 0..FULL_REFRESH_CYCLES {
         let report = d.run_cycle().await;
-        assert_eq!(addrs(&d), before);
+        assert_eq!(addrs(&mut d), before);
         if !report.errors.is_empty() {
             failures += 1;
             assert_eq!(report.outcome(), "partial");
@@ -434,7 +461,7 @@ async fn failed_parts_keep_their_last_good_targets() {
     for _ in 0..FULL_REFRESH_CYCLES {
         clean_cycle(&mut d).await;
     }
-    assert_eq!(addrs(&d), ["10.0.0.2:3000", "10.0.0.2:9779"]);
+    assert_eq!(addrs(&mut d), ["10.0.0.2:3000", "10.0.0.2:9779"]);
 }
 
 /// Measures a cycle over 100 services x 10 instances: first cycle, then unchanged.

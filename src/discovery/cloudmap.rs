@@ -3,7 +3,7 @@
 //! parent module stays free of SDK types. Every call, and every page of a list,
 //! first waits its turn at the [`Pacer`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_servicediscovery::types::{
     FilterCondition, HealthStatusFilter, ServiceFilter, ServiceFilterName,
@@ -202,6 +202,25 @@ pub async fn instances_revision(
     Ok(resp.instances_revision())
 }
 
+/// An instance as `DiscoverInstances` returned it, before its strings are shared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawInstance {
+    pub id: String,
+    pub attributes: HashMap<String, String>,
+}
+
+impl RawInstance {
+    /// Whether `known` holds the same id and attributes.
+    pub fn is(&self, known: &Instance) -> bool {
+        *known.id == *self.id
+            && known.attributes.len() == self.attributes.len()
+            && known
+                .attributes
+                .iter()
+                .all(|(k, v)| self.attributes.get(k).is_some_and(|mine| mine == v))
+    }
+}
+
 /// The instances of a service, filtered by health, and the revision they belong to.
 pub async fn discover_instances(
     cm: &Client,
@@ -209,7 +228,7 @@ pub async fn discover_instances(
     namespace: &str,
     service: &str,
     health: HealthStatus,
-) -> Result<(Vec<Instance>, Option<i64>), AwsCallError> {
+) -> Result<(Vec<RawInstance>, Option<i64>), AwsCallError> {
     pacer.wait().await;
     let resp = cm
         .discover_instances()
@@ -231,12 +250,9 @@ pub async fn discover_instances(
         .instances()
         .iter()
         .filter_map(|i| {
-            Some(Instance {
+            Some(RawInstance {
                 id: i.instance_id()?.to_owned(),
-                attributes: i
-                    .attributes()
-                    .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default(),
+                attributes: i.attributes().cloned().unwrap_or_default(),
             })
         })
         .collect();

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::sharding::{self, ShardBy};
+use crate::sharding::{self, TargetId};
 use crate::targets::Target;
 
 /// A held result, as `/v1/status` shows it.
@@ -32,9 +32,9 @@ pub struct DropHold {
 /// What is served while a drop is held: every target of `next`, and those of
 /// `published` that `next` lacks, in the order `next` is built in.
 pub fn union(published: &[Target], next: &[Target]) -> Vec<Target> {
-    let present: HashSet<Vec<u8>> = next.iter().map(identity).collect();
+    let present: HashSet<TargetId> = next.iter().map(identity).collect();
     let mut all: Vec<Target> = next.to_vec();
-    let mut kept: HashMap<Vec<u8>, &Target> = HashMap::new();
+    let mut kept: HashMap<TargetId, &Target> = HashMap::new();
     for t in published {
         let id = identity(t);
         if !present.contains(&id) {
@@ -61,8 +61,8 @@ pub struct DropGuard {
     held: Option<DropHold>,
 }
 
-fn identity(t: &Target) -> Vec<u8> {
-    sharding::key_bytes(t, ShardBy::Target)
+fn identity(t: &Target) -> TargetId {
+    sharding::target_id(t)
 }
 
 impl DropGuard {
@@ -91,8 +91,8 @@ impl DropGuard {
             self.release(None);
             return Verdict::Publish;
         }
-        let next_ids: HashSet<Vec<u8>> = next.iter().map(identity).collect();
-        let published_ids: HashSet<Vec<u8>> = published.iter().map(identity).collect();
+        let next_ids: HashSet<TargetId> = next.iter().map(identity).collect();
+        let published_ids: HashSet<TargetId> = published.iter().map(identity).collect();
         let would_drop = published_ids.difference(&next_ids).count();
         if would_drop as f64 <= self.max_fraction * published_ids.len() as f64 {
             self.release(None);
@@ -152,13 +152,15 @@ mod tests {
 
     fn targets(range: std::ops::Range<usize>) -> Vec<Target> {
         range
-            .map(|i| Target {
-                namespace: "ns".into(),
-                service: "svc".into(),
-                instance_id: format!("t{i}"),
-                source: MetricsSource::App,
-                address: format!("10.0.0.{i}:80"),
-                labels: Default::default(),
+            .map(|i| {
+                Target::new(
+                    "ns",
+                    "svc",
+                    &format!("t{i}"),
+                    MetricsSource::App,
+                    &format!("10.0.0.{i}:80"),
+                    Default::default(),
+                )
             })
             .collect()
     }
@@ -209,16 +211,16 @@ mod tests {
         let published = targets(0..6);
         let next = targets(4..9);
         let both = union(&published, &next);
-        let addrs: Vec<&str> = both.iter().map(|t| t.address.as_str()).collect();
+        let addrs: Vec<&str> = both.iter().map(|t| &*t.address).collect();
         assert_eq!(both.len(), 9, "{addrs:?}");
         let mut sorted = both.clone();
         sorted.sort();
         assert_eq!(both, sorted);
         // The new answer's version of a target wins.
         let mut relabelled = next.clone();
-        relabelled[0].labels.insert("team".into(), "x".into());
+        relabelled[0] = relabelled[0].with_label("team", "x");
         let both = union(&published, &relabelled);
-        assert!(both.iter().any(|t| t.labels.contains_key("team")));
+        assert!(both.iter().any(|t| t.label("team").is_some()));
         assert_eq!(both.len(), 9);
     }
 
@@ -229,7 +231,7 @@ mod tests {
         assert_eq!(guard.check(&published, &targets(0..5)), Verdict::Publish);
         let mut relabelled = published.clone();
         for t in &mut relabelled {
-            t.labels.insert("team".into(), "x".into());
+            *t = t.with_label("team", "x");
         }
         assert_eq!(guard.check(&published, &relabelled), Verdict::Publish);
         assert_eq!(guard.check(&[], &[]), Verdict::Publish);

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod namespaces;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, StreamExt};
@@ -21,7 +22,7 @@ use serde::Serialize;
 use crate::aws::pacer::Pacer;
 use crate::aws::{AwsCallError, AwsClients};
 use crate::config::HealthStatus;
-use crate::targets::{self, BuildOutput, Instance, ServiceData};
+use crate::targets::{self, BuildOutput, Instance, Interner, ServiceData};
 use cloudmap::{NamespaceRef, ServiceRef, DISCOVER_MAX_RESULTS};
 use namespaces::NamespaceSource;
 
@@ -51,10 +52,14 @@ struct ServiceState {
     svc: ServiceRef,
     tags: Option<BTreeMap<String, String>>,
     tags_cycle: u64,
-    instances: Option<Vec<Instance>>,
+    /// Shared with the targets built from them; an instance read again unchanged
+    /// keeps its `Arc`.
+    instances: Option<Vec<Arc<Instance>>>,
     revision: Option<i64>,
     instances_cycle: u64,
     warned_truncated: bool,
+    /// This service's targets, built when its tags or instances last changed.
+    built: Option<BuildOutput>,
 }
 
 impl ServiceState {
@@ -67,6 +72,7 @@ impl ServiceState {
             revision: None,
             instances_cycle: 0,
             warned_truncated: false,
+            built: None,
         }
     }
 
@@ -148,6 +154,10 @@ pub struct Discoverer {
     namespaces: BTreeMap<String, NamespaceState>,
     /// Configured names not found, each warned about once.
     missing: BTreeSet<String>,
+    /// Strings of instances, shared between them.
+    strings: Arc<Mutex<Interner>>,
+    /// The targets of everything known, until something changes.
+    built: Option<Arc<BuildOutput>>,
 }
 
 impl Discoverer {
@@ -161,6 +171,8 @@ impl Discoverer {
             service_namespace: HashMap::new(),
             namespaces: BTreeMap::new(),
             missing: BTreeSet::new(),
+            strings: Default::default(),
+            built: None,
         }
     }
 
@@ -222,7 +234,11 @@ impl Discoverer {
     /// Aligns the per-namespace state with the configured names and the index.
     fn resolve_namespaces(&mut self, names: Vec<String>, index: HashMap<String, NamespaceRef>) {
         let wanted: BTreeSet<&String> = names.iter().collect();
+        let before = self.namespaces.len();
         self.namespaces.retain(|name, _| wanted.contains(name));
+        if self.namespaces.len() != before {
+            self.built = None;
+        }
         self.missing.retain(|name| wanted.contains(name));
         for name in &names {
             match index.get(name) {
@@ -235,7 +251,9 @@ impl Discoverer {
                             self.aws.region
                         );
                     }
-                    self.namespaces.remove(name);
+                    if self.namespaces.remove(name).is_some() {
+                        self.built = None;
+                    }
                 }
                 Some(ns) => {
                     if self.missing.remove(name) {
@@ -246,6 +264,7 @@ impl Discoverer {
                         .get(name)
                         .is_some_and(|state| state.ns.id != ns.id);
                     if replaced || !self.namespaces.contains_key(name) {
+                        self.built = None;
                         self.namespaces.insert(
                             name.clone(),
                             NamespaceState {
@@ -276,7 +295,9 @@ impl Discoverer {
             };
             state.stale = false;
             state.unconfirmed = 0;
+            let first_listing = state.services.is_none();
             let mut previous = state.services.take().unwrap_or_default();
+            let mut changed = first_listing;
             let mut services = BTreeMap::new();
             for svc in listed {
                 let ns_id = match self.service_namespace.get(&svc.id) {
@@ -300,12 +321,23 @@ impl Discoverer {
                 }
                 let entry = match previous.remove(&svc.id) {
                     Some(mut known) => {
+                        if known.svc != svc {
+                            known.built = None;
+                            changed = true;
+                        }
                         known.svc = svc;
                         known
                     }
-                    None => ServiceState::new(svc),
+                    None => {
+                        changed = true;
+                        ServiceState::new(svc)
+                    }
                 };
                 services.insert(entry.svc.id.clone(), entry);
+            }
+            // A service added, gone or changed, or the first listing.
+            if changed || !previous.is_empty() {
+                self.built = None;
             }
             state.services = Some(services);
         }
@@ -332,18 +364,24 @@ impl Discoverer {
         };
         let start = tokio::time::Instant::now();
         let (cm, pacer) = (&self.aws.cloudmap, &*self.aws.pacer);
+        let strings = &*self.strings;
         let health = self.opts.health;
         let cycle = self.cycle;
         let results: Vec<_> = stream::iter(work.into_iter().enumerate())
             .map(|(i, (ns_name, id, svc))| async move {
                 tokio::time::sleep_until(start + step * i as u32).await;
-                let (svc, errs) = refresh_service(cm, pacer, health, &ns_name, svc, cycle).await;
+                let (svc, errs) =
+                    refresh_service(cm, pacer, strings, health, &ns_name, svc, cycle).await;
                 (ns_name, id, svc, errs)
             })
             .buffer_unordered(self.opts.concurrency.max(1))
             .collect()
             .await;
+        lock(&self.strings).prune();
         for (ns_name, id, svc, errs) in results {
+            if svc.built.is_none() {
+                self.built = None;
+            }
             if let Some(state) = self.namespaces.get_mut(&ns_name) {
                 state.stale |= !errs.is_empty();
                 state
@@ -420,16 +458,47 @@ impl Discoverer {
         out
     }
 
-    /// Targets built from everything known now (last good values included).
-    pub fn targets(&self) -> BuildOutput {
-        targets::build_all(self.all_services().filter_map(|(ns, state)| {
-            Some(ServiceData {
-                namespace: ns,
-                service: &state.svc.name,
-                tags: state.tags.as_ref()?,
-                instances: state.instances.as_ref()?,
+    /// Targets built from everything known now (last good values included). Only
+    /// the services whose tags or instances changed are built again; when nothing
+    /// changed, the same list is returned as it was.
+    pub fn targets(&mut self) -> Arc<BuildOutput> {
+        if let Some(built) = &self.built {
+            return built.clone();
+        }
+        let mut services: Vec<(&str, &mut ServiceState)> = self
+            .namespaces
+            .iter_mut()
+            .flat_map(|(name, state)| {
+                state
+                    .services
+                    .iter_mut()
+                    .flat_map(|m| m.values_mut())
+                    .map(move |svc| (name.as_str(), svc))
             })
-        }))
+            .collect();
+        // In (namespace, service) order, each service's own sorted list appended
+        // to the others is the whole sorted list.
+        services.sort_by(|a, b| (a.0, &a.1.svc.name).cmp(&(b.0, &b.1.svc.name)));
+        let mut all = BuildOutput::default();
+        for (ns, state) in services {
+            let (Some(tags), Some(instances)) = (&state.tags, &state.instances) else {
+                continue;
+            };
+            let built = state.built.get_or_insert_with(|| {
+                targets::build_all([ServiceData {
+                    namespace: ns,
+                    service: &state.svc.name,
+                    tags,
+                    instances,
+                }])
+            });
+            all.extend(built);
+        }
+        all.problems.sort_unstable();
+        all.problems.dedup();
+        let all = Arc::new(all);
+        self.built = Some(all.clone());
+        all
     }
 
     /// Configured namespace names that do not exist.
@@ -482,6 +551,7 @@ fn log_failures(cycle: u64, other: &[String], errors: &[AwsCallError]) {
 async fn refresh_service(
     cm: &aws_sdk_servicediscovery::Client,
     pacer: &Pacer,
+    strings: &Mutex<Interner>,
     health: HealthStatus,
     namespace: &str,
     mut state: ServiceState,
@@ -491,6 +561,9 @@ async fn refresh_service(
     if state.tags.is_none() || cycle >= state.tags_cycle + TAG_REFRESH_CYCLES {
         match cloudmap::service_tags(cm, pacer, &state.svc).await {
             Ok(tags) => {
+                if state.tags.as_ref() != Some(&tags) {
+                    state.built = None;
+                }
                 state.tags = Some(tags);
                 state.tags_cycle = cycle;
             }
@@ -508,7 +581,11 @@ async fn refresh_service(
         };
     if changed {
         match cloudmap::discover_instances(cm, pacer, namespace, &state.svc.name, health).await {
-            Ok((instances, revision)) => {
+            Ok((read, revision)) => {
+                let instances = share(read, state.instances.as_deref(), strings);
+                if state.instances.as_ref() != Some(&instances) {
+                    state.built = None;
+                }
                 if instances.len() >= DISCOVER_MAX_RESULTS as usize && !state.warned_truncated {
                     tracing::warn!(
                         "service {:?} in namespace {namespace:?} has {} or more instances, the most \
@@ -526,4 +603,33 @@ async fn refresh_service(
         }
     }
     (state, errors)
+}
+
+fn lock(strings: &Mutex<Interner>) -> std::sync::MutexGuard<'_, Interner> {
+    strings.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Instances as read, sharing what they can: an instance unchanged since the last
+/// read is the very same `Arc` (so its targets compare equal at once), and the
+/// strings of new ones are shared with every other instance's.
+fn share(
+    read: Vec<cloudmap::RawInstance>,
+    known: Option<&[Arc<Instance>]>,
+    strings: &Mutex<Interner>,
+) -> Vec<Arc<Instance>> {
+    let known: HashMap<&str, &Arc<Instance>> =
+        known.into_iter().flatten().map(|i| (&*i.id, i)).collect();
+    let mut strings = lock(strings);
+    read.into_iter()
+        .map(|raw| {
+            let same = known.get(raw.id.as_str()).filter(|k| raw.is(k));
+            match same {
+                Some(k) => Arc::clone(k),
+                None => Arc::new(strings.instance(
+                    &raw.id,
+                    raw.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                )),
+            }
+        })
+        .collect()
 }

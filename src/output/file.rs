@@ -50,14 +50,15 @@ pub async fn run(
     let mut written: Option<String> = None;
     loop {
         let current = rx.borrow_and_update().clone();
-        if let Some(published) = current.filter(|p| written.as_deref() != Some(&p.etag)) {
+        if let Some(published) = current.filter(|p| written.as_deref() != Some(p.body.etag())) {
             let target = path.clone();
             let body = published.body.clone();
-            let result = tokio::task::spawn_blocking(move || write_atomic(&target, &body)).await;
+            let result =
+                tokio::task::spawn_blocking(move || write_atomic(&target, &body.json())).await;
             match result {
                 Ok(Ok(())) => {
-                    tracing::info!(path = %path.display(), targets = published.targets, "wrote file_sd targets");
-                    written = Some(published.etag.clone());
+                    tracing::info!(path = %path.display(), targets = published.body.targets(), "wrote file_sd targets");
+                    written = Some(published.body.etag().to_owned());
                 }
                 Ok(Err(err)) => {
                     tracing::error!(

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -28,6 +29,9 @@ pub const TARGETS_PATH: &str = "/prometheus-targets";
 
 /// Longest long-poll a follower may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The content type of an encoded assignment (see `Snapshot::encode`).
+pub const SNAPSHOT_CONTENT_TYPE: &str = "application/vnd.shard-sd.snapshot";
 
 /// State of the peer routes.
 #[derive(Clone)]
@@ -186,16 +190,18 @@ async fn shard(
         if let Some(snap) = &snapshot {
             if let Some(shard) = snap.shards.get(&slot) {
                 if q.lags(snap.term, shard.generation, snap.generation) {
+                    // As compressed once for every reader: the holder serves these bytes.
                     return (
                         [
                             (
                                 header::CONTENT_TYPE,
                                 HeaderValue::from_static("application/json"),
                             ),
+                            (header::CONTENT_ENCODING, HeaderValue::from_static("gzip")),
                             (TERM_HEADER, HeaderValue::from(snap.term)),
                             (GENERATION_HEADER, HeaderValue::from(shard.generation)),
                         ],
-                        shard.body.clone(),
+                        shard.body.gzip().clone(),
                     )
                         .into_response();
                 }
@@ -249,9 +255,9 @@ async fn snapshot(State(state): State<PeerState>, Query(q): Query<ShardQuery>) -
                 return (
                     [(
                         header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
+                        HeaderValue::from_static(SNAPSHOT_CONTENT_TYPE),
                     )],
-                    snap.to_json(),
+                    snap.encode(),
                 )
                     .into_response();
             }
@@ -306,7 +312,7 @@ async fn assignment(State(state): State<PeerState>) -> Response {
 /// The current targets, or 503 before the first complete discovery (Prometheus
 /// keeps its previous list on any non-200 answer).
 async fn targets(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let response = serve_targets(&shared, &headers);
+    let response = serve_targets(&shared, &headers).await;
     let code = CodeLabels {
         code: response.status().as_u16().to_string(),
     };
@@ -314,7 +320,7 @@ async fn targets(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
     response
 }
 
-fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
+async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
     let Some(published) = shared.targets() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -340,16 +346,26 @@ fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
         }
     }
     let gzip = accepts_gzip(headers);
-    let (tag, body) = if gzip {
-        (&published.gzip_etag, &published.gzip)
-    } else {
-        (&published.etag, &published.body)
+    let tag = match gzip {
+        true => published.body.gzip_etag(),
+        false => published.body.etag().to_owned(),
     };
-    let etag = HeaderValue::from_str(tag).unwrap_or(HeaderValue::from_static("\"\""));
+    let etag = HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"\""));
     let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
-    if if_none_match(headers, tag) {
+    if if_none_match(headers, &tag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), vary]).into_response();
     }
+    // Kept compressed: a client that does not accept gzip gets it inflated.
+    let body = match gzip {
+        true => published.body.gzip().clone(),
+        false => {
+            let body = published.body.clone();
+            match tokio::task::spawn_blocking(move || body.json()).await {
+                Ok(json) => Bytes::from(json),
+                Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
+    };
     let mut response = (
         [
             (
@@ -360,7 +376,7 @@ fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             vary,
         ],
-        body.clone(),
+        body,
     )
         .into_response();
     if gzip {
@@ -413,7 +429,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             .and_then(|p| p.shard)
             .map_or(0, |s| s.generation),
         view.live_slots.as_ref().map_or(0, Vec::len),
-        published.as_ref().map_or(0, |p| p.targets),
+        published.as_ref().map_or(0, |p| p.body.targets()),
         view.slot.is_none() && view.stale_slot.is_some(),
     );
     (
@@ -459,10 +475,10 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "coordination_error": coordination.error,
         "version": env!("CARGO_PKG_VERSION"),
         "ready": shared.is_ready(),
-        "targets": published.as_ref().map_or(0, |p| p.targets),
-        "etag": published.as_ref().map(|p| p.etag.clone()),
+        "targets": published.as_ref().map_or(0, |p| p.body.targets()),
+        "etag": published.as_ref().map(|p| p.body.etag().to_owned()),
         "generation": published.as_ref().and_then(|p| p.shard).map(|s| s.generation),
-        "shard_targets": published.as_ref().map(|p| p.targets),
+        "shard_targets": published.as_ref().map(|p| p.body.targets()),
         "last_discovery": status.last_discovery,
         "last_success": status.last_success,
         "namespaces": status.namespaces,

@@ -115,13 +115,15 @@ fn bounded_load_keeps_max_over_mean_under_one_plus_epsilon() {
 #[test]
 fn grouped_keys_stay_together() {
     use crate::targets::{MetricsSource, Target};
-    let t = |ns: &str, svc: &str, ip: &str| Target {
-        namespace: ns.into(),
-        service: svc.into(),
-        instance_id: ip.into(),
-        source: MetricsSource::App,
-        address: format!("{ip}:3000"),
-        labels: Default::default(),
+    let t = |ns: &str, svc: &str, ip: &str| {
+        Target::new(
+            ns,
+            svc,
+            ip,
+            MetricsSource::App,
+            &format!("{ip}:3000"),
+            Default::default(),
+        )
     };
     let targets: Vec<Target> = (0..60)
         .map(|i| {
@@ -140,7 +142,7 @@ fn grouped_keys_stay_together() {
         ),
         (
             ShardBy::Namespace,
-            Box::new(|t: &Target| t.namespace.clone()),
+            Box::new(|t: &Target| t.namespace.to_string()),
         ),
     ] {
         let a = assign_targets(&targets, &equal_slots(4), by, &Params::default());
@@ -153,7 +155,7 @@ fn grouped_keys_stay_together() {
     }
     // By target, a label change does not move a target; the address does.
     let mut relabelled = targets.clone();
-    relabelled[0].labels.insert("team".into(), "a".into());
+    relabelled[0] = relabelled[0].with_label("team", "a");
     relabelled[0].instance_id = "other".into();
     let a = assign_targets(&targets, &equal_slots(4), ShardBy::Target, &OFF);
     let b = assign_targets(&relabelled, &equal_slots(4), ShardBy::Target, &OFF);
