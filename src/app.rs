@@ -396,10 +396,12 @@ async fn lead_when_elected(
         let (targets_tx, targets_rx) = watch::channel(None);
         // The guard's baseline until the first publication: what followers serve,
         // the inherited assignment, or, without one, the last mirrored copy.
-        let inherited = mirror
-            .as_ref()
-            .and_then(|m| m.contents())
-            .map(|c| c.targets.clone());
+        let inherited = crate::cpu_bound(|| {
+            mirror
+                .as_ref()
+                .and_then(|m| m.contents())
+                .map(|c| c.targets.clone())
+        });
         drop(mirror);
         let discovering = tokio::spawn(discovery_loop(
             Discoverer::new(aws.clone(), discovery.clone()),
@@ -491,7 +493,7 @@ fn publish_cycle(
     shared: &Shared,
     publisher: &mut Publisher,
 ) {
-    let built = discoverer.targets();
+    let built = crate::cpu_bound(|| discoverer.targets());
     // The very list published last, and no drop on hold: nothing to judge or publish.
     let unchanged = publisher
         .published
@@ -527,7 +529,7 @@ fn publish_cycle(
             _ => (built.targets.clone(), true),
         };
         changed = match &publisher.sink {
-            Sink::Serve => shared.publish(Body::render(list.iter())),
+            Sink::Serve => shared.publish(crate::cpu_bound(|| Body::render(list.iter()))),
             Sink::Leader(tx) => tx.send_if_modified(|current| {
                 let differs = current
                     .as_ref()

@@ -47,8 +47,8 @@ pub struct Snapshot {
     /// The membership the shards were computed for (live slots and those in grace).
     pub slots: Vec<Slot>,
     pub shards: BTreeMap<u32, Arc<Shard>>,
-    /// [`Snapshot::encode`], made once however many replicas mirror it.
-    encoded: OnceLock<Bytes>,
+    /// The head of [`Snapshot::encode`], made once however many replicas mirror it.
+    head: OnceLock<Bytes>,
 }
 
 /// The head of an encoded snapshot: everything but the shards' bytes.
@@ -68,6 +68,13 @@ struct ShardHead {
     etag: String,
     /// Length of its gzip bytes in the tail.
     bytes: usize,
+    /// XXH3 of those bytes, checked on receipt (a cut or garbled transfer is
+    /// refused at once, not when the copy is needed).
+    hash: String,
+}
+
+fn bytes_hash(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
 /// Why an encoded snapshot was refused.
@@ -79,7 +86,28 @@ pub enum SnapshotError {
     Head(#[from] serde_json::Error),
     #[error("the shards' bytes do not add up to what the head says")]
     Length,
+    #[error("the bytes of slot {0}'s shard are not those sent")]
+    Garbled(u32),
+    #[error("a shard is not an http_sd document: {0}")]
+    Shard(#[from] crate::targets::BodyError),
 }
+
+/// The snapshot document of earlier releases, JSON throughout: `{"term",
+/// "generation", "slots", "shards": {"<slot>": [http_sd groups]}}`. Served to,
+/// and read from, peers that do not ask for [`SNAPSHOT_CONTENT_TYPE`], so that a
+/// rolling upgrade mixes releases without a gap.
+#[derive(Debug, serde::Deserialize)]
+struct LegacyDoc {
+    term: u64,
+    generation: u64,
+    #[serde(default)]
+    slots: Vec<Slot>,
+    shards: BTreeMap<u32, Box<serde_json::value::RawValue>>,
+}
+
+/// The content type of an encoded snapshot (see [`Snapshot::encode`]); a peer
+/// that does not ask for it gets the JSON document of earlier releases.
+pub const SNAPSHOT_CONTENT_TYPE: &str = "application/vnd.shard-sd.snapshot";
 
 /// A snapshot as a replica mirrors it: the leader's shards as it compressed them.
 #[derive(Debug)]
@@ -92,10 +120,12 @@ pub struct SnapshotDoc {
 
 impl Snapshot {
     /// The whole assignment for a mirror: one JSON line (term, generation,
-    /// membership, and per shard its slot, targets, ETag and length), then each
-    /// shard's gzip bytes as served. Nothing is rendered or compressed again.
-    pub fn encode(&self) -> Bytes {
-        self.encoded
+    /// membership, and per shard its slot, targets, ETag, length and hash), then
+    /// each shard's gzip bytes as served. Nothing is rendered, compressed or
+    /// copied again: the chunks are the shards' own bytes.
+    pub fn encode(&self) -> Vec<Bytes> {
+        let head = self
+            .head
             .get_or_init(|| {
                 let head = SnapshotHead {
                     term: self.term,
@@ -109,18 +139,54 @@ impl Snapshot {
                             targets: shard.body.targets(),
                             etag: shard.body.etag().to_owned(),
                             bytes: shard.body.gzip().len(),
+                            hash: bytes_hash(shard.body.gzip()),
                         })
                         .collect(),
                 };
                 // Serialising plain structs into a Vec cannot fail.
                 let mut out = serde_json::to_vec(&head).unwrap_or_default();
                 out.push(b'\n');
-                for shard in self.shards.values() {
-                    out.extend_from_slice(shard.body.gzip());
-                }
                 Bytes::from(out)
             })
-            .clone()
+            .clone();
+        std::iter::once(head)
+            .chain(self.shards.values().map(|s| s.body.gzip().clone()))
+            .collect()
+    }
+
+    /// The JSON document of earlier releases (see [`LegacyDoc`]): each shard
+    /// inflated for it.
+    pub fn legacy_json(&self) -> Vec<u8> {
+        let slots = serde_json::to_string(&self.slots).unwrap_or_else(|_| "[]".into());
+        let mut out = format!(
+            "{{\"term\":{},\"generation\":{},\"slots\":{slots},\"shards\":{{",
+            self.term, self.generation
+        )
+        .into_bytes();
+        for (i, (slot, shard)) in self.shards.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("\"{slot}\":").as_bytes());
+            out.extend_from_slice(&shard.body.json());
+        }
+        out.extend_from_slice(b"}}");
+        out
+    }
+
+    /// Reads the JSON document of earlier releases, checking each shard.
+    pub fn decode_legacy(bytes: &[u8]) -> Result<SnapshotDoc, SnapshotError> {
+        let doc: LegacyDoc = serde_json::from_slice(bytes)?;
+        let mut shards = BTreeMap::new();
+        for (slot, raw) in doc.shards {
+            shards.insert(slot, Body::from_json_checked(raw.get().as_bytes())?);
+        }
+        Ok(SnapshotDoc {
+            term: doc.term,
+            generation: doc.generation,
+            slots: doc.slots,
+            shards,
+        })
     }
 
     /// Reads [`Snapshot::encode`]'s bytes. The shards are taken as the leader
@@ -138,8 +204,16 @@ impl Snapshot {
             if end > bytes.len() {
                 return Err(SnapshotError::Length);
             }
-            let gzip = bytes.slice(at..end);
-            shards.insert(shard.slot, Body::unchecked(gzip, shard.etag, shard.targets));
+            let gzip = &bytes[at..end];
+            if bytes_hash(gzip) != shard.hash {
+                return Err(SnapshotError::Garbled(shard.slot));
+            }
+            // A copy of its own: a shard served from the mirror does not keep the
+            // whole received buffer alive.
+            shards.insert(
+                shard.slot,
+                Body::unchecked(Bytes::copy_from_slice(gzip), shard.etag, shard.targets),
+            );
             at = end;
         }
         if at != bytes.len() {
@@ -308,7 +382,7 @@ impl Assigner {
             generation: self.generation,
             slots: self.slots.clone(),
             shards: self.shards.clone(),
-            encoded: OnceLock::new(),
+            head: OnceLock::new(),
         })
     }
 
@@ -365,16 +439,17 @@ impl Assigner {
     pub fn seed(
         &mut self,
         targets: Arc<Vec<Target>>,
-        owners: HashMap<TargetId, Vec<u32>>,
+        owners: &HashMap<TargetId, Vec<u32>>,
     ) -> Change {
         let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
         self.seeded = Some(
             owners
-                .into_iter()
-                .map(|(id, mut slots)| {
-                    slots.retain(|s| live.contains(s));
+                .iter()
+                .map(|(id, slots)| {
+                    let mut slots: Vec<u32> =
+                        slots.iter().copied().filter(|s| live.contains(s)).collect();
                     slots.sort_unstable();
-                    (id, slots)
+                    (*id, slots)
                 })
                 .collect(),
         );
@@ -392,7 +467,7 @@ impl Assigner {
             sorted.sort();
             Arc::new(sorted)
         };
-        let ids: Vec<TargetId> = list.iter().map(sharding::target_id).collect();
+        let ids = sharding::target_ids(list.iter());
         let mut last: HashMap<TargetId, usize> = HashMap::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
             last.insert(*id, i);
@@ -843,7 +918,7 @@ mod tests {
         let inherited = old.inherited().unwrap();
         let mut new = Assigner::new(ShardBy::Target, Params::default(), GRACE, 2);
         new.set_slots(&inherited.slots);
-        new.seed(inherited.targets, inherited.owners);
+        new.seed(inherited.targets, &inherited.owners);
         let seeded = new.snapshot().unwrap();
         for slot in 0..4 {
             assert_eq!(
@@ -907,8 +982,7 @@ mod tests {
         a.set_slots(&slots(&[0, 1, 2]));
         a.set_targets(Arc::new(list));
         let snap = a.snapshot().unwrap();
-        let bytes = snap.encode();
-        assert!(Arc::ptr_eq(&snap.shards[&0], &snap.shards[&0]));
+        let bytes = Bytes::from(snap.encode().concat());
         let doc = Snapshot::decode(&bytes).expect("decodes");
         assert_eq!((doc.term, doc.generation), (7, snap.generation));
         assert_eq!(doc.slots, snap.slots);
@@ -921,6 +995,19 @@ mod tests {
         let mut longer = bytes.to_vec();
         longer.push(0);
         assert!(Snapshot::decode(&Bytes::from(longer)).is_err());
+        let mut garbled = bytes.to_vec();
+        let last = garbled.len() - 3;
+        garbled[last] ^= 0xff;
+        assert!(matches!(
+            Snapshot::decode(&Bytes::from(garbled)),
+            Err(SnapshotError::Garbled(_))
+        ));
+        // The JSON document of earlier releases, both ways.
+        let legacy = Snapshot::decode_legacy(&snap.legacy_json()).expect("legacy");
+        assert_eq!((legacy.term, legacy.generation), (7, snap.generation));
+        for (slot, shard) in &snap.shards {
+            assert_eq!(legacy.shards[slot], shard.body);
+        }
     }
 
     #[test]

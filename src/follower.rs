@@ -12,7 +12,7 @@ use axum::http::HeaderName;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::Snapshot;
+use crate::assignment::{Snapshot, SNAPSHOT_CONTENT_TYPE};
 use crate::coordination::{CoordinationView, Role};
 use crate::state::{Mirror, Shared};
 use crate::targets::Body;
@@ -23,6 +23,29 @@ pub const GENERATION_HEADER: HeaderName = HeaderName::from_static("x-shard-gener
 
 /// How long the leader holds a long-poll open.
 pub const LONG_POLL: Duration = Duration::from_secs(20);
+
+/// The most bytes a leader's answer may have: far above any assignment's
+/// compressed size (about 45 bytes a target), far below what would hurt.
+pub const MAX_PEER_BYTES: usize = 1 << 30;
+
+/// A peer's answer body, refused past [`MAX_PEER_BYTES`].
+async fn read_capped(mut resp: reqwest::Response) -> Result<bytes::Bytes, String> {
+    let too_large = || format!("answer larger than {MAX_PEER_BYTES} bytes");
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_PEER_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > MAX_PEER_BYTES {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
 
 /// What a change of which restarts the poll. The term is part of it: a leader
 /// that re-took its own lease is at the same address, in a new term.
@@ -89,6 +112,7 @@ async fn poll(
     let mut req = client
         .get(&url)
         .query(&query)
+        .header(reqwest::header::ACCEPT_ENCODING, "gzip")
         .timeout(LONG_POLL + Duration::from_secs(5));
     if let Some(token) = token {
         req = req.bearer_auth(token);
@@ -119,18 +143,31 @@ async fn poll(
             "leader at {addr} sent a shard without term and generation"
         ));
     };
-    match resp.bytes().await {
-        // Checked before it replaces what is served: bad bytes never do.
-        Ok(bytes) => match Body::from_gzip(bytes.clone()) {
-            Ok(body) => Poll::Shard {
-                term,
-                generation,
-                body,
-                received: bytes.len(),
-            },
-            Err(e) => Poll::Failed(format!("leader at {addr} sent an invalid shard: {e}")),
+    // Compressed unless the leader is of an earlier release.
+    let gzip = resp
+        .headers()
+        .get(reqwest::header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    let bytes = match read_capped(resp).await {
+        Ok(bytes) => bytes,
+        Err(e) => return Poll::Failed(format!("reading shard from {addr}: {e}")),
+    };
+    let received = bytes.len();
+    // Checked before it replaces what is served: bad bytes never do.
+    let checked = tokio::task::spawn_blocking(move || match gzip {
+        true => Body::from_gzip(bytes),
+        false => Body::from_json_checked(&bytes),
+    })
+    .await;
+    match checked {
+        Ok(Ok(body)) => Poll::Shard {
+            term,
+            generation,
+            body,
+            received,
         },
-        Err(e) => Poll::Failed(format!("reading shard from {addr}: {e}")),
+        Ok(Err(e)) => Poll::Failed(format!("leader at {addr} sent an invalid shard: {e}")),
+        Err(e) => Poll::Failed(format!("checking the shard from {addr}: {e}")),
     }
 }
 
@@ -253,10 +290,17 @@ pub async fn mirror(
     let Ok(client) = reqwest::Client::builder().no_proxy().build() else {
         return;
     };
-    let mut after = (0u64, 0u64);
     loop {
         let current = view.borrow().at(Instant::now());
         let target = target_of(&current);
+        // After the copy held: none (taken by this replica's own term, say) asks
+        // for the whole assignment at once.
+        let mut after = shared.mirror().map_or((0, 0), |m| (m.term, m.generation));
+        let term = current.term.unwrap_or(0);
+        if after.0 > term {
+            // The leader term in the lease table went down (the table was reset).
+            after = (0, 0);
+        }
         let addr = match (current.role, current.leader_addr.as_deref()) {
             (Role::Single, _) => return,
             (Role::Follower | Role::Standby, Some(addr)) => addr.to_owned(),
@@ -273,7 +317,10 @@ pub async fn mirror(
             after.1,
             LONG_POLL.as_millis()
         );
-        let mut req = client.get(url).timeout(LONG_POLL + Duration::from_secs(5));
+        let mut req = client
+            .get(url)
+            .header(reqwest::header::ACCEPT, SNAPSHOT_CONTENT_TYPE)
+            .timeout(LONG_POLL + Duration::from_secs(5));
         if let Some(token) = token.as_deref() {
             req = req.bearer_auth(token);
         }
@@ -285,20 +332,24 @@ pub async fn mirror(
             if !resp.status().is_success() {
                 return None;
             }
-            let body = resp.bytes().await.ok()?;
+            // A leader of an earlier release sends the JSON document.
+            let encoded = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes() == SNAPSHOT_CONTENT_TYPE.as_bytes());
+            let body = read_capped(resp).await.ok()?;
             shared.metrics.peer_bytes_received.inc_by(body.len() as u64);
-            Some(Some(Snapshot::decode(&body)))
+            let decoded = tokio::task::spawn_blocking(move || match encoded {
+                true => Snapshot::decode(&body),
+                false => Snapshot::decode_legacy(&body),
+            });
+            decoded.await.ok().map(Some)
         };
         let answer = tokio::select! {
             answer = fetched => answer,
             _ = target_changed(&mut view, &target) => continue,
             _ = cancel.cancelled() => return,
         };
-        let term = current.term.unwrap_or(0);
-        if after.0 > term {
-            // The leader term in the lease table went down (the table was reset).
-            after = (0, 0);
-        }
         match answer {
             // Newer, or another generation of the same term (the leader answers at
             // once only a copy it did not publish).
@@ -306,7 +357,6 @@ pub async fn mirror(
                 if (doc.term > after.0 || (doc.term == after.0 && doc.generation != after.1))
                     && doc.term >= term =>
             {
-                after = (doc.term, doc.generation);
                 shared.set_mirror(Mirror::mirrored(doc));
                 continue;
             }

@@ -97,8 +97,13 @@ impl LeaderHandle {
         self.assigner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies a change and republishes when the assignment changed.
+    /// Applies a change and republishes when the assignment changed. A change
+    /// may re-render shards: it runs as CPU-bound work.
     fn apply(&self, f: impl FnOnce(&mut Assigner) -> Change) -> Change {
+        crate::cpu_bound(|| self.apply_now(f))
+    }
+
+    fn apply_now(&self, f: impl FnOnce(&mut Assigner) -> Change) -> Change {
         let mut assigner = self.lock();
         let before = assigner.generation();
         let change = f(&mut assigner);
@@ -305,16 +310,20 @@ pub async fn run(
         let seed_contents = seed
             .take()
             .filter(|_| targets.borrow().is_none())
-            .and_then(|mirror| Some((mirror.term, mirror.generation, mirror.contents()?.clone())));
+            .and_then(|mirror| {
+                let contents = crate::cpu_bound(|| mirror.contents().cloned())?;
+                Some((mirror.term, mirror.generation, contents))
+            });
         if let Some((previous_term, previous_generation, contents)) = seed_contents {
             tracing::info!(
                 term,
                 previous_term,
                 previous_generation,
                 targets = contents.targets.len(),
+                slots = slots.len(),
                 "starting from the previous leader's assignment"
             );
-            let change = handle.apply(|a| a.seed(contents.targets, contents.owners));
+            let change = handle.apply(|a| a.seed(contents.targets.clone(), &contents.owners));
             log_change("mirrored targets", &change, &handle, &shared);
         }
         if std::mem::take(&mut targets_pending) {
@@ -434,7 +443,7 @@ mod tests {
 
     /// A term fenced when its work starts (the coordinator's renewal is on its
     /// way) is worked once the renewal is published, not given up.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_term_fenced_at_its_start_is_worked_once_renewed() {
         let leading = |until| CoordinationView {
             role: Role::Leader,

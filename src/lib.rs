@@ -24,3 +24,15 @@ pub mod sharding;
 pub mod state;
 pub mod targets;
 pub mod telemetry;
+
+/// Runs CPU-heavy work (building, assigning, rendering a large target list) so
+/// that it does not hold up the runtime's other tasks, the lease renewals above
+/// all: on a multi-threaded runtime the worker hands its other tasks over first.
+pub(crate) fn cpu_bound<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}

@@ -183,6 +183,18 @@ pub fn target_id(target: &Target) -> TargetId {
     )))
 }
 
+/// [`target_id`] of every target, through one buffer.
+pub fn target_ids<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<TargetId> {
+    let mut bytes = Vec::new();
+    targets
+        .into_iter()
+        .map(|t| {
+            key_into(&mut bytes, t, ShardBy::Target);
+            TargetId(xxhash_rust::xxh3::xxh3_128(&bytes))
+        })
+        .collect()
+}
+
 /// The placement of every key: `replicas` slot ids per key, highest-ranked first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {

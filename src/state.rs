@@ -23,6 +23,18 @@ pub struct Published {
     pub body: Body,
     /// Sharded mode: the slot, leader term and generation this shard belongs to.
     pub shard: Option<ShardStamp>,
+    /// The JSON, inflated the first time a client without gzip asks, and kept
+    /// until the list changes: such clients cost one inflation per change.
+    identity: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl Published {
+    /// The JSON (see [`Published::identity`]'s field).
+    pub fn identity(&self) -> bytes::Bytes {
+        self.identity
+            .get_or_init(|| bytes::Bytes::from(self.body.json()))
+            .clone()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +70,7 @@ pub struct MirrorContents {
     pub targets: Arc<Vec<Target>>,
     /// The slots serving each target (draining ones included): a new leader goes
     /// on with the handoffs in flight.
-    pub owners: std::collections::HashMap<TargetId, Vec<u32>>,
+    pub owners: Arc<std::collections::HashMap<TargetId, Vec<u32>>>,
 }
 
 impl Mirror {
@@ -88,7 +100,7 @@ impl Mirror {
             shards,
             contents: std::sync::OnceLock::from(Some(MirrorContents {
                 targets: inherited.targets,
-                owners: inherited.owners,
+                owners: Arc::new(inherited.owners),
             })),
             current_at: std::sync::Mutex::new(std::time::Instant::now()),
         }
@@ -137,10 +149,11 @@ fn read_shards(
 ) -> Result<MirrorContents, crate::targets::BodyError> {
     let mut owners: std::collections::HashMap<TargetId, Vec<u32>> = Default::default();
     let mut targets = Vec::new();
+    let mut strings = crate::targets::Interner::default();
     for (slot, body) in shards {
-        let json = body.checked()?.json();
-        let groups: Vec<crate::targets::Group> = serde_json::from_slice(&json)?;
-        for target in crate::targets::from_groups(groups) {
+        let body = body.checked()?;
+        let groups: Vec<crate::targets::Group> = serde_json::from_reader(body.json_reader())?;
+        for target in crate::targets::from_groups_sharing(groups, &mut strings) {
             let slots = owners
                 .entry(crate::sharding::target_id(&target))
                 .or_default();
@@ -153,7 +166,7 @@ fn read_shards(
     targets.sort();
     Ok(MirrorContents {
         targets: Arc::new(targets),
-        owners,
+        owners: Arc::new(owners),
     })
 }
 
@@ -261,8 +274,11 @@ impl Shared {
         if unchanged {
             return false;
         }
-        self.targets
-            .send_replace(Some(Arc::new(Published { body, shard })));
+        self.targets.send_replace(Some(Arc::new(Published {
+            body,
+            shard,
+            identity: Default::default(),
+        })));
         true
     }
 

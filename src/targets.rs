@@ -206,6 +206,8 @@ impl MetricsSource {
 /// Equality and order are those of (namespace, service, instance id, source,
 /// address, labels), the labels compared as the name-sorted pairs they render
 /// to, so a target read back from http_sd equals the one it was rendered from.
+/// Targets are made by [`build_all`], [`from_groups`] or [`Target::new`] and then
+/// only read: their content hash is computed when they are made.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub namespace: Arc<str>,
@@ -331,7 +333,16 @@ impl Target {
     }
 
     fn with_content(mut self) -> Target {
+        // Every field framed by its length: no two different targets feed the
+        // same bytes, whatever their strings hold.
         let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut field = |parts: &[&str]| {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            h.update(&(len as u64).to_le_bytes());
+            for part in parts {
+                h.update(part.as_bytes());
+            }
+        };
         for part in [
             &*self.namespace,
             &*self.service,
@@ -339,15 +350,11 @@ impl Target {
             self.source.as_str(),
             &*self.address,
         ] {
-            h.update(part.as_bytes());
-            h.update(&[0]);
+            field(&[part]);
         }
         for (name, value) in self.labels() {
-            h.update(name.prefix.as_bytes());
-            h.update(name.rest.as_bytes());
-            h.update(&[0]);
-            h.update(value.as_bytes());
-            h.update(&[0]);
+            field(&[name.prefix, &name.rest]);
+            field(&[value]);
         }
         self.content = h.digest();
         self
@@ -438,6 +445,12 @@ impl Target {
 
     /// The value of label `name`, if set.
     pub fn label(&self, name: &str) -> Option<&str> {
+        if let Labels::Given(pairs) = &self.labels {
+            return pairs
+                .binary_search_by(|(n, _)| (**n).cmp(name))
+                .ok()
+                .map(|i| &*pairs[i].1);
+        }
         self.labels()
             .into_iter()
             .find(|(n, _)| n.is(name))
@@ -881,6 +894,11 @@ pub enum BodyError {
     Json(#[from] serde_json::Error),
     #[error("the document is not the one its ETag and count name")]
     Mismatch,
+    #[error(
+        "it inflates to more than {MAX_INFLATE_RATIO} times its size, far beyond any http_sd \
+         document"
+    )]
+    TooLarge,
 }
 
 /// Feeds JSON in chunks to the gzip encoder and the ETag's hash, so a large
@@ -953,16 +971,36 @@ impl Body {
         Body::from_json(b"[]", 0)
     }
 
-    /// Bytes received gzip-compressed (from the leader): inflated once to check
-    /// that they are an http_sd document, to count its groups and to compute its ETag.
+    /// Bytes received gzip-compressed (from the leader): inflated once, as a
+    /// stream and within [`inflate_limit`], to check that they are an http_sd
+    /// document, to count its groups and to compute its ETag.
     pub fn from_gzip(gzip: bytes::Bytes) -> Result<Body, BodyError> {
-        let json = inflate(&gzip)?;
-        let groups: Vec<serde::de::IgnoredAny> = serde_json::from_slice(&json)?;
+        let mut reader = HashingReader {
+            inner: std::io::Read::take(
+                flate2::read::MultiGzDecoder::new(&gzip[..]),
+                inflate_limit(gzip.len()),
+            ),
+            hash: xxhash_rust::xxh3::Xxh3::new(),
+        };
+        // Read to its end (nothing may follow the document), which also checks
+        // the gzip trailer's CRC.
+        let groups: Result<Vec<serde::de::IgnoredAny>, _> = serde_json::from_reader(&mut reader);
+        if reader.inner.limit() == 0 {
+            return Err(BodyError::TooLarge);
+        }
+        let groups = groups?;
         Ok(Body {
-            etag: etag(&json),
+            etag: format!("\"{:016x}\"", reader.hash.digest()),
             targets: groups.len(),
             gzip,
         })
+    }
+
+    /// A document received as JSON (from a leader that does not compress): checked,
+    /// counted and compressed here.
+    pub fn from_json_checked(json: &[u8]) -> Result<Body, BodyError> {
+        let groups: Vec<serde::de::IgnoredAny> = serde_json::from_slice(json)?;
+        Ok(Body::from_json(json, groups.len()))
     }
 
     /// Bytes taken on trust as compressed by a shard-sd leader (a mirrored
@@ -1005,17 +1043,57 @@ impl Body {
 
     /// The JSON, inflated.
     pub fn json(&self) -> Vec<u8> {
-        // Our own gzip output always inflates.
+        // A body is only ever made of our own output or of checked bytes.
         inflate(&self.gzip).unwrap_or_else(|_| b"[]".to_vec())
+    }
+
+    /// The JSON as a stream, for parsing without holding it all.
+    pub fn json_reader(&self) -> impl std::io::Read + '_ {
+        std::io::Read::take(
+            flate2::read::MultiGzDecoder::new(&self.gzip[..]),
+            inflate_limit(self.gzip.len()),
+        )
     }
 }
 
-/// Inflates a gzip stream (one member or several, concatenated).
-pub fn inflate(gzip: &[u8]) -> std::io::Result<Vec<u8>> {
+/// The most JSON that `compressed` bytes may inflate to: http_sd JSON compresses
+/// about twenty-fold, a decompression bomb a thousand-fold.
+pub fn inflate_limit(compressed: usize) -> u64 {
+    (compressed as u64)
+        .saturating_mul(MAX_INFLATE_RATIO)
+        .max(1 << 20)
+}
+
+/// See [`inflate_limit`].
+pub const MAX_INFLATE_RATIO: u64 = 100;
+
+/// Inflates a gzip stream (one member or several, concatenated), within
+/// [`inflate_limit`].
+pub fn inflate(gzip: &[u8]) -> Result<Vec<u8>, BodyError> {
     use std::io::Read as _;
-    let mut out = Vec::with_capacity(gzip.len() * 8);
-    flate2::read::MultiGzDecoder::new(gzip).read_to_end(&mut out)?;
+    let limit = inflate_limit(gzip.len());
+    let mut out = Vec::with_capacity(gzip.len().saturating_mul(8).min(64 << 20));
+    flate2::read::MultiGzDecoder::new(gzip)
+        .take(limit)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 >= limit {
+        return Err(BodyError::TooLarge);
+    }
     Ok(out)
+}
+
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: xxhash_rust::xxh3::Xxh3,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// A target group as read back from `http_sd` JSON.
@@ -1032,7 +1110,11 @@ pub struct Group {
 /// `namespace` / `service` labels), the source from `metrics_source`. Repeated
 /// strings are shared.
 pub fn from_groups(groups: Vec<Group>) -> Vec<Target> {
-    let mut strings = Interner::default();
+    from_groups_sharing(groups, &mut Interner::default())
+}
+
+/// [`from_groups`], sharing strings through `strings` (with other documents read).
+pub fn from_groups_sharing(groups: Vec<Group>, strings: &mut Interner) -> Vec<Target> {
     let label = |labels: &BTreeMap<String, String>, meta: &str, plain: &str| {
         labels
             .get(&format!("{META_PREFIX}{meta}"))
@@ -1338,6 +1420,24 @@ mod tests {
         let received = Body::from_gzip(body.gzip().clone()).expect("valid");
         assert_eq!(received, body);
         assert!(Body::from_gzip(bytes::Bytes::from_static(b"[]")).is_err());
+        // A bomb: a few kilobytes that would inflate to gigabytes.
+        let bomb = {
+            use std::io::Write as _;
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            enc.write_all(b"[").unwrap();
+            let zeros = vec![b' '; 1 << 20];
+            for _ in 0..200 {
+                enc.write_all(&zeros).unwrap();
+            }
+            enc.write_all(b"]").unwrap();
+            bytes::Bytes::from(enc.finish().unwrap())
+        };
+        assert!(bomb.len() < 1 << 20);
+        assert!(matches!(
+            Body::from_gzip(bomb.clone()),
+            Err(BodyError::TooLarge)
+        ));
+        assert!(matches!(inflate(&bomb), Err(BodyError::TooLarge)));
         let not_groups = Body::from_json(b"{\"a\":1}", 1);
         assert!(Body::from_gzip(not_groups.gzip().clone()).is_err());
         let lying = Body::unchecked(body.gzip().clone(), etag(b"[]"), 2);

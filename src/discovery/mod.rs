@@ -58,8 +58,17 @@ struct ServiceState {
     revision: Option<i64>,
     instances_cycle: u64,
     warned_truncated: bool,
-    /// This service's targets, built when its tags or instances last changed.
-    built: Option<BuildOutput>,
+    /// Where this service's targets stand in the last list built, and what its
+    /// data had wrong; `None` when its tags or instances changed since.
+    built: Option<ServiceBuilt>,
+}
+
+/// A service's part of the last list built.
+#[derive(Clone, Debug)]
+struct ServiceBuilt {
+    range: std::ops::Range<usize>,
+    problems: Vec<targets::Problem>,
+    skipped_without_ipv4: usize,
 }
 
 impl ServiceState {
@@ -156,8 +165,11 @@ pub struct Discoverer {
     missing: BTreeSet<String>,
     /// Strings of instances, shared between them.
     strings: Arc<Mutex<Interner>>,
-    /// The targets of everything known, until something changes.
+    /// The targets of everything known as last built; each service's part is
+    /// taken from it again while the service is unchanged.
     built: Option<Arc<BuildOutput>>,
+    /// Whether anything changed since `built` was built.
+    changed: bool,
 }
 
 impl Discoverer {
@@ -173,6 +185,7 @@ impl Discoverer {
             missing: BTreeSet::new(),
             strings: Default::default(),
             built: None,
+            changed: true,
         }
     }
 
@@ -237,7 +250,7 @@ impl Discoverer {
         let before = self.namespaces.len();
         self.namespaces.retain(|name, _| wanted.contains(name));
         if self.namespaces.len() != before {
-            self.built = None;
+            self.changed = true;
         }
         self.missing.retain(|name| wanted.contains(name));
         for name in &names {
@@ -252,7 +265,7 @@ impl Discoverer {
                         );
                     }
                     if self.namespaces.remove(name).is_some() {
-                        self.built = None;
+                        self.changed = true;
                     }
                 }
                 Some(ns) => {
@@ -264,7 +277,7 @@ impl Discoverer {
                         .get(name)
                         .is_some_and(|state| state.ns.id != ns.id);
                     if replaced || !self.namespaces.contains_key(name) {
-                        self.built = None;
+                        self.changed = true;
                         self.namespaces.insert(
                             name.clone(),
                             NamespaceState {
@@ -337,7 +350,7 @@ impl Discoverer {
             }
             // A service added, gone or changed, or the first listing.
             if changed || !previous.is_empty() {
-                self.built = None;
+                self.changed = true;
             }
             state.services = Some(services);
         }
@@ -379,8 +392,9 @@ impl Discoverer {
             .await;
         lock(&self.strings).prune();
         for (ns_name, id, svc, errs) in results {
-            if svc.built.is_none() {
-                self.built = None;
+            // A service read at last, or read again with something new.
+            if svc.built.is_none() && svc.is_read() {
+                self.changed = true;
             }
             if let Some(state) = self.namespaces.get_mut(&ns_name) {
                 state.stale |= !errs.is_empty();
@@ -459,12 +473,14 @@ impl Discoverer {
     }
 
     /// Targets built from everything known now (last good values included). Only
-    /// the services whose tags or instances changed are built again; when nothing
-    /// changed, the same list is returned as it was.
+    /// the services whose tags or instances changed are built again, the others'
+    /// targets are taken from the last list; when nothing changed, the last list
+    /// itself is returned.
     pub fn targets(&mut self) -> Arc<BuildOutput> {
-        if let Some(built) = &self.built {
+        if let (false, Some(built)) = (self.changed, &self.built) {
             return built.clone();
         }
+        let last = self.built.take();
         let mut services: Vec<(&str, &mut ServiceState)> = self
             .namespaces
             .iter_mut()
@@ -479,26 +495,70 @@ impl Discoverer {
         // In (namespace, service) order, each service's own sorted list appended
         // to the others is the whole sorted list.
         services.sort_by(|a, b| (a.0, &a.1.svc.name).cmp(&(b.0, &b.1.svc.name)));
+        let mut list: Vec<targets::Target> =
+            Vec::with_capacity(last.as_ref().map_or(0, |l| l.targets.len()));
         let mut all = BuildOutput::default();
         for (ns, state) in services {
             let (Some(tags), Some(instances)) = (&state.tags, &state.instances) else {
                 continue;
             };
-            let built = state.built.get_or_insert_with(|| {
-                targets::build_all([ServiceData {
+            let start = list.len();
+            let kept = state
+                .built
+                .as_ref()
+                .zip(last.as_ref())
+                .and_then(|(b, last)| last.targets.get(b.range.clone()));
+            let part = match kept {
+                Some(targets) => {
+                    list.extend_from_slice(targets);
+                    state.built.clone()
+                }
+                None => None,
+            };
+            let part = part.unwrap_or_else(|| {
+                let built = targets::build_all([ServiceData {
                     namespace: ns,
                     service: &state.svc.name,
                     tags,
                     instances,
-                }])
+                }]);
+                list.extend(built.targets.iter().cloned());
+                ServiceBuilt {
+                    range: 0..0,
+                    problems: built.problems,
+                    skipped_without_ipv4: built.skipped_without_ipv4,
+                }
             });
-            all.extend(built);
+            all.problems.extend(part.problems.iter().cloned());
+            all.skipped_without_ipv4 += part.skipped_without_ipv4;
+            state.built = Some(ServiceBuilt {
+                range: start..list.len(),
+                ..part
+            });
         }
-        all.problems.sort_unstable();
-        all.problems.dedup();
+        drop(last);
+        all.targets = Arc::new(list);
+        // Sorted by construction; should two services ever share a name, sort.
+        let all = if all.targets.windows(2).all(|w| w[0] <= w[1]) {
+            all.problems.sort_unstable();
+            all.problems.dedup();
+            all
+        } else {
+            for state in self.all_services_mut() {
+                state.built = None;
+            }
+            all.finish()
+        };
         let all = Arc::new(all);
         self.built = Some(all.clone());
+        self.changed = false;
         all
+    }
+
+    fn all_services_mut(&mut self) -> impl Iterator<Item = &mut ServiceState> {
+        self.namespaces
+            .values_mut()
+            .flat_map(|state| state.services.iter_mut().flat_map(|m| m.values_mut()))
     }
 
     /// Configured namespace names that do not exist.
@@ -620,7 +680,8 @@ fn share(
     let known: HashMap<&str, &Arc<Instance>> =
         known.into_iter().flatten().map(|i| (&*i.id, i)).collect();
     let mut strings = lock(strings);
-    read.into_iter()
+    let mut instances: Vec<Arc<Instance>> = read
+        .into_iter()
         .map(|raw| {
             let same = known.get(raw.id.as_str()).filter(|k| raw.is(k));
             match same {
@@ -631,5 +692,8 @@ fn share(
                 )),
             }
         })
-        .collect()
+        .collect();
+    // In id order: the same instances read in another order are the same list.
+    instances.sort_by(|a, b| a.id.cmp(&b.id));
+    instances
 }

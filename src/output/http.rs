@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,7 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::{AssignedSlot, AssignmentDoc};
+use crate::assignment::{AssignedSlot, AssignmentDoc, SNAPSHOT_CONTENT_TYPE};
 use crate::follower::{GENERATION_HEADER, TERM_HEADER};
 use crate::leader::{self, LeaderHandle};
 use crate::state::Shared;
@@ -29,9 +28,6 @@ pub const TARGETS_PATH: &str = "/prometheus-targets";
 
 /// Longest long-poll a follower may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
-
-/// The content type of an encoded assignment (see `Snapshot::encode`).
-pub const SNAPSHOT_CONTENT_TYPE: &str = "application/vnd.shard-sd.snapshot";
 
 /// State of the peer routes.
 #[derive(Clone)]
@@ -159,6 +155,7 @@ async fn shard(
     State(state): State<PeerState>,
     Path(slot): Path<u32>,
     Query(q): Query<ShardQuery>,
+    headers: HeaderMap,
 ) -> Response {
     let leader = match leader_of(&state) {
         Ok(leader) => leader,
@@ -190,20 +187,24 @@ async fn shard(
         if let Some(snap) = &snapshot {
             if let Some(shard) = snap.shards.get(&slot) {
                 if q.lags(snap.term, shard.generation, snap.generation) {
-                    // As compressed once for every reader: the holder serves these bytes.
-                    return (
-                        [
-                            (
-                                header::CONTENT_TYPE,
-                                HeaderValue::from_static("application/json"),
-                            ),
-                            (header::CONTENT_ENCODING, HeaderValue::from_static("gzip")),
-                            (TERM_HEADER, HeaderValue::from(snap.term)),
-                            (GENERATION_HEADER, HeaderValue::from(shard.generation)),
-                        ],
-                        shard.body.gzip().clone(),
-                    )
-                        .into_response();
+                    let stamp = [
+                        (
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        ),
+                        (TERM_HEADER, HeaderValue::from(snap.term)),
+                        (GENERATION_HEADER, HeaderValue::from(shard.generation)),
+                    ];
+                    // As compressed once for every reader: the holder serves these
+                    // very bytes. A holder of an earlier release gets the JSON.
+                    if !accepts_gzip(&headers) {
+                        return (stamp, shard.body.json()).into_response();
+                    }
+                    let mut response = (stamp, shard.body.gzip().clone()).into_response();
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                    return response;
                 }
             }
         }
@@ -242,7 +243,17 @@ async fn shard(
 
 /// The whole assignment for mirroring: immediately if newer than (`after_term`,
 /// `after`), else when it changes or after `wait_ms` (304).
-async fn snapshot(State(state): State<PeerState>, Query(q): Query<ShardQuery>) -> Response {
+async fn snapshot(
+    State(state): State<PeerState>,
+    Query(q): Query<ShardQuery>,
+    headers: HeaderMap,
+) -> Response {
+    // Replicas of earlier releases ask for no type: they get the JSON document.
+    let encoded = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains(SNAPSHOT_CONTENT_TYPE));
     let leader = match leader_of(&state) {
         Ok(leader) => leader,
         Err(refused) => return refused.into_response(),
@@ -252,12 +263,27 @@ async fn snapshot(State(state): State<PeerState>, Query(q): Query<ShardQuery>) -
     loop {
         if let Some(snap) = updates.borrow_and_update().clone() {
             if q.lags(snap.term, snap.generation, snap.generation) {
+                if !encoded {
+                    return (
+                        [(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        )],
+                        snap.legacy_json(),
+                    )
+                        .into_response();
+                }
+                let chunks = futures::stream::iter(
+                    snap.encode()
+                        .into_iter()
+                        .map(Ok::<_, std::convert::Infallible>),
+                );
                 return (
                     [(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static(SNAPSHOT_CONTENT_TYPE),
                     )],
-                    snap.encode(),
+                    axum::body::Body::from_stream(chunks),
                 )
                     .into_response();
             }
@@ -355,13 +381,14 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
     if if_none_match(headers, &tag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), vary]).into_response();
     }
-    // Kept compressed: a client that does not accept gzip gets it inflated.
+    // Kept compressed: a client that does not accept gzip gets it inflated (once
+    // per change, whatever the number of such clients).
     let body = match gzip {
         true => published.body.gzip().clone(),
         false => {
-            let body = published.body.clone();
-            match tokio::task::spawn_blocking(move || body.json()).await {
-                Ok(json) => Bytes::from(json),
+            let published = published.clone();
+            match tokio::task::spawn_blocking(move || published.identity()).await {
+                Ok(json) => json,
                 Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             }
         }

@@ -155,8 +155,15 @@ fn grouped_keys_stay_together() {
     }
     // By target, a label change does not move a target; the address does.
     let mut relabelled = targets.clone();
-    relabelled[0] = relabelled[0].with_label("team", "a");
-    relabelled[0].instance_id = "other".into();
+    let first = relabelled[0].with_label("team", "a");
+    relabelled[0] = Target::new(
+        &first.namespace,
+        &first.service,
+        "other",
+        first.source,
+        &first.address,
+        first.label_map(),
+    );
     let a = assign_targets(&targets, &equal_slots(4), ShardBy::Target, &OFF);
     let b = assign_targets(&relabelled, &equal_slots(4), ShardBy::Target, &OFF);
     assert_eq!(a, b);
