@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::sharding::{self, Params, ShardBy, Slot, TargetAssignment, TargetId};
+use crate::sharding::{self, IdMap, Params, ShardBy, Slot, TargetAssignment, TargetId};
+
+/// The slots serving each target, by identity.
+pub type Owners = IdMap<TargetId, Vec<u32>>;
 use crate::targets::{Body, Target};
 
 /// One slot's shard as published.
@@ -309,7 +312,7 @@ struct Drain {
 pub struct Inherited {
     pub targets: Arc<Vec<Target>>,
     /// The slots serving each target, draining ones included.
-    pub owners: HashMap<TargetId, Vec<u32>>,
+    pub owners: Owners,
     pub slots: Vec<Slot>,
 }
 
@@ -338,8 +341,8 @@ pub struct Assigner {
     placed: TargetAssignment,
     /// Slots each target had in the previous term (a seed), taken as its old
     /// owners by the next computation.
-    seeded: Option<HashMap<TargetId, Vec<u32>>>,
-    draining: HashMap<TargetId, Vec<Drain>>,
+    seeded: Option<Owners>,
+    draining: IdMap<TargetId, Vec<Drain>>,
     /// Per member slot: which holder confirmed which generation.
     confirmed: HashMap<u32, (String, u64)>,
     shards: BTreeMap<u32, Arc<Shard>>,
@@ -360,7 +363,7 @@ impl Assigner {
             ids: Vec::new(),
             placed: TargetAssignment::default(),
             seeded: None,
-            draining: HashMap::new(),
+            draining: IdMap::default(),
             confirmed: HashMap::new(),
             shards: BTreeMap::new(),
             has_targets: false,
@@ -401,8 +404,8 @@ impl Assigner {
     }
 
     /// The slots serving each target now, draining ones included.
-    fn owners(&self) -> HashMap<TargetId, Vec<u32>> {
-        let mut owners: HashMap<TargetId, Vec<u32>> = self
+    fn owners(&self) -> Owners {
+        let mut owners: Owners = self
             .ids
             .iter()
             .enumerate()
@@ -436,11 +439,7 @@ impl Assigner {
     /// Starts from a previous term's assignment: its targets and the slots that
     /// served each, so that a target still being handed over goes on being served
     /// by its old slot until its new holder confirms it in this term.
-    pub fn seed(
-        &mut self,
-        targets: Arc<Vec<Target>>,
-        owners: &HashMap<TargetId, Vec<u32>>,
-    ) -> Change {
+    pub fn seed(&mut self, targets: Arc<Vec<Target>>, owners: &Owners) -> Change {
         let live: BTreeSet<u32> = self.slots.iter().map(|s| s.id).collect();
         self.seeded = Some(
             owners
@@ -468,7 +467,8 @@ impl Assigner {
             Arc::new(sorted)
         };
         let ids = sharding::target_ids(list.iter());
-        let mut last: HashMap<TargetId, usize> = HashMap::with_capacity(ids.len());
+        let mut last: IdMap<TargetId, usize> =
+            IdMap::with_capacity_and_hasher(ids.len(), Default::default());
         for (i, id) in ids.iter().enumerate() {
             last.insert(*id, i);
         }
@@ -572,8 +572,8 @@ impl Assigner {
         // Old owners: the seed's, else the previous computation's (looked up by
         // position, so that nothing per target is allocated).
         let seeded = self.seeded.take();
-        let before: HashMap<TargetId, usize> = match &seeded {
-            Some(_) => HashMap::new(),
+        let before: IdMap<TargetId, usize> = match &seeded {
+            Some(_) => IdMap::default(),
             None => self
                 .ids
                 .iter()
@@ -635,8 +635,8 @@ impl Assigner {
             self.draining.entry(id).or_default().push(drain);
         }
         // Drains of targets that are gone, back home, or from slots no longer live end now.
-        let index: HashMap<TargetId, usize> = match self.draining.is_empty() {
-            true => HashMap::new(),
+        let index: IdMap<TargetId, usize> = match self.draining.is_empty() {
+            true => IdMap::default(),
             false => ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
         };
         self.draining.retain(|id, drains| {
@@ -657,7 +657,7 @@ impl Assigner {
     /// Renders every live slot's shard whose targets changed; bumps the generation
     /// if any did.
     fn render(&mut self) -> Change {
-        let draining: HashMap<TargetId, Vec<u32>> = self
+        let draining: Owners = self
             .draining
             .iter()
             .map(|(id, ds)| (*id, ds.iter().map(|d| d.from).collect()))

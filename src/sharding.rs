@@ -176,6 +176,32 @@ pub fn key_into(out: &mut Vec<u8>, target: &Target, by: ShardBy) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetId(pub u128);
 
+/// Hashes a value that is a hash already (a [`TargetId`], a key's 128 bits) by
+/// taking its low bits: maps of a million of them spend nothing on hashing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = splitmix64(self.0 ^ u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= v as u64;
+    }
+}
+
+/// Maps keyed by [`TargetId`]s or key hashes.
+pub type IdMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 pub fn target_id(target: &Target) -> TargetId {
     TargetId(xxhash_rust::xxh3::xxh3_128(&key_bytes(
         target,
@@ -474,7 +500,7 @@ pub fn group_targets<'a>(
     by: ShardBy,
 ) -> (Vec<Key>, Vec<usize>) {
     // Keys are told apart by 128 bits of their bytes: no key is kept whole.
-    let mut index: std::collections::HashMap<u128, usize> = std::collections::HashMap::new();
+    let mut index: IdMap<u128, usize> = IdMap::default();
     let mut keys: Vec<Key> = Vec::new();
     let mut of_target = Vec::new();
     let mut bytes = Vec::new();

@@ -12,7 +12,6 @@ use tokio::sync::watch;
 use crate::coordination::{CoordinationView, Role};
 use crate::discovery::NamespaceReport;
 use crate::leader::LeaderHandle;
-use crate::sharding::TargetId;
 use crate::targets::{Body, Target};
 use crate::telemetry::Metrics;
 
@@ -70,7 +69,7 @@ pub struct MirrorContents {
     pub targets: Arc<Vec<Target>>,
     /// The slots serving each target (draining ones included): a new leader goes
     /// on with the handoffs in flight.
-    pub owners: Arc<std::collections::HashMap<TargetId, Vec<u32>>>,
+    pub owners: Arc<crate::assignment::Owners>,
 }
 
 impl Mirror {
@@ -147,12 +146,17 @@ impl Mirror {
 fn read_shards(
     shards: &std::collections::BTreeMap<u32, Body>,
 ) -> Result<MirrorContents, crate::targets::BodyError> {
-    let mut owners: std::collections::HashMap<TargetId, Vec<u32>> = Default::default();
+    let mut owners = crate::assignment::Owners::default();
     let mut targets = Vec::new();
     let mut strings = crate::targets::Interner::default();
     for (slot, body) in shards {
-        let body = body.checked()?;
-        let groups: Vec<crate::targets::Group> = serde_json::from_reader(body.json_reader())?;
+        // Checked as it is read: the very document its ETag and count name.
+        let json = crate::targets::inflate(body.gzip())?;
+        let groups: Vec<crate::targets::Group> = serde_json::from_slice(&json)?;
+        if crate::targets::etag(&json) != body.etag() || groups.len() != body.targets() {
+            return Err(crate::targets::BodyError::Mismatch);
+        }
+        drop(json);
         for target in crate::targets::from_groups_sharing(groups, &mut strings) {
             let slots = owners
                 .entry(crate::sharding::target_id(&target))

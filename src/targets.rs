@@ -109,11 +109,23 @@ impl<K: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(K, V)> for Attributes {
 /// across instances (cluster, service, task definition, zone), are held once
 /// however many instances carry them. [`Interner::prune`] forgets the strings
 /// nothing else holds any more.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Interner {
-    strings: std::collections::HashSet<Arc<str>>,
+    strings: std::collections::HashSet<Arc<str>, xxhash_rust::xxh3::Xxh3Builder>,
     /// Size after the last prune.
     kept: usize,
+}
+
+impl Default for Interner {
+    fn default() -> Self {
+        Interner {
+            // Seeded at random: strings from AWS or peers cannot be chosen to collide.
+            strings: std::collections::HashSet::with_hasher(
+                xxhash_rust::xxh3::Xxh3Builder::new().with_seed(fastrand::u64(..)),
+            ),
+            kept: 0,
+        }
+    }
 }
 
 impl Interner {
@@ -244,8 +256,8 @@ pub struct LabelName<'a> {
 }
 
 impl LabelName<'_> {
-    fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
-        self.prefix.bytes().chain(self.rest.bytes())
+    fn parts(&self) -> [&[u8]; 2] {
+        [self.prefix.as_bytes(), self.rest.as_bytes()]
     }
 
     fn is(&self, name: &str) -> bool {
@@ -263,7 +275,7 @@ impl std::fmt::Display for LabelName<'_> {
 
 impl PartialEq for LabelName<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.bytes().eq(other.bytes())
+        self.cmp(other) == std::cmp::Ordering::Equal
     }
 }
 
@@ -276,8 +288,34 @@ impl PartialOrd for LabelName<'_> {
 }
 
 impl Ord for LabelName<'_> {
+    /// As the concatenated names compare, a run of bytes at a time.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.bytes().cmp(other.bytes())
+        let (a, b) = (self.parts(), other.parts());
+        let (mut ia, mut oa, mut ib, mut ob) = (0, 0, 0, 0);
+        loop {
+            while ia < 2 && oa == a[ia].len() {
+                ia += 1;
+                oa = 0;
+            }
+            while ib < 2 && ob == b[ib].len() {
+                ib += 1;
+                ob = 0;
+            }
+            let (sa, sb) = match (a.get(ia), b.get(ib)) {
+                (None, None) => return std::cmp::Ordering::Equal,
+                (None, Some(_)) => return std::cmp::Ordering::Less,
+                (Some(_), None) => return std::cmp::Ordering::Greater,
+                (Some(sa), Some(sb)) => (&sa[oa..], &sb[ob..]),
+            };
+            let n = sa.len().min(sb.len());
+            match sa[..n].cmp(&sb[..n]) {
+                std::cmp::Ordering::Equal => {
+                    oa += n;
+                    ob += n;
+                }
+                unequal => return unequal,
+            }
+        }
     }
 }
 
@@ -352,10 +390,10 @@ impl Target {
         ] {
             field(&[part]);
         }
-        for (name, value) in self.labels() {
+        self.for_each_label(|name, value| {
             field(&[name.prefix, &name.rest]);
             field(&[value]);
-        }
+        });
         self.content = h.digest();
         self
     }
@@ -381,66 +419,79 @@ impl Target {
 
     /// The labels as rendered, sorted by name, names unique.
     pub fn labels(&self) -> Vec<(LabelName<'_>, &str)> {
-        match &self.labels {
-            Labels::Given(pairs) => pairs
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        LabelName {
-                            prefix: "",
-                            rest: Cow::Borrowed(&**n),
-                        },
-                        &**v,
-                    )
-                })
-                .collect(),
+        let mut out = Vec::with_capacity(16);
+        self.for_each_label(|name, value| out.push((name.clone(), value)));
+        out
+    }
+
+    /// Visits the labels as rendered, sorted by name, names unique, without
+    /// building a list: a discovered target's attribute labels all sort before its
+    /// fixed ones (`__meta_cloudmap_attribute_` before `__meta_cloudmap_instance_id`),
+    /// and they are in order already when every attribute name is a valid label
+    /// name (ECS's are); otherwise they are sorted, and of two names that
+    /// sanitise to one label the first in name order wins.
+    pub fn for_each_label<'a>(&'a self, mut visit: impl FnMut(&LabelName<'a>, &'a str)) {
+        let (instance, path, scheme) = match &self.labels {
+            Labels::Given(pairs) => {
+                for (name, value) in pairs.iter() {
+                    let name = LabelName {
+                        prefix: "",
+                        rest: Cow::Borrowed(&**name),
+                    };
+                    visit(&name, value);
+                }
+                return;
+            }
             Labels::Derived {
                 instance,
                 path,
                 scheme,
-            } => {
-                let attrs = &instance.attributes;
-                let ip = self
-                    .address
-                    .rsplit_once(':')
-                    .map_or(&*self.address, |(ip, _)| ip);
-                let mut out: Vec<(LabelName<'_>, &str)> = Vec::with_capacity(12 + attrs.len());
-                for (label, attr) in [
-                    ("cluster", ATTR_CLUSTER),
-                    ("service", ATTR_SERVICE),
-                    ("taskdefinition", ATTR_TASK_DEFINITION),
-                ] {
-                    if let Some(value) = attrs.get(attr) {
-                        out.push((fixed(label), value));
-                    }
-                }
-                out.push((fixed("namespace"), &self.namespace));
-                out.push((fixed("taskid"), &instance.id));
-                out.push((fixed("instance"), ip));
-                out.push((fixed("__meta_cloudmap_namespace_name"), &self.namespace));
-                out.push((fixed("__meta_cloudmap_service_name"), &self.service));
-                out.push((fixed("__meta_cloudmap_instance_id"), &instance.id));
-                out.push((fixed("__metrics_path__"), path));
-                if let Some(scheme) = scheme {
-                    out.push((fixed("__scheme__"), scheme));
-                }
-                out.push((fixed(LABEL_METRICS_SOURCE), self.source.as_str()));
-                for (name, value) in attrs.iter() {
-                    out.push((
-                        LabelName {
-                            prefix: META_ATTRIBUTE_PREFIX,
-                            rest: sanitized(name),
-                        },
-                        value,
-                    ));
-                }
-                // Stable: when two attribute names sanitise to the same label, the
-                // first in name order wins, deterministically.
-                out.sort_by(|a, b| a.0.cmp(&b.0));
-                out.dedup_by(|later, first| later.0 == first.0);
-                out
+            } => (instance, path, scheme),
+        };
+        let attrs = &instance.attributes;
+        let attribute = |name: &'a str| LabelName {
+            prefix: META_ATTRIBUTE_PREFIX,
+            rest: sanitized(name),
+        };
+        if attrs.iter().all(|(name, _)| is_label_name(name)) {
+            for (name, value) in attrs.iter() {
+                visit(&attribute(name), value);
+            }
+        } else {
+            let mut named: Vec<(LabelName<'a>, &'a str)> =
+                attrs.iter().map(|(n, v)| (attribute(n), v)).collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            named.dedup_by(|later, first| later.0 == first.0);
+            for (name, value) in &named {
+                visit(name, value);
             }
         }
+        let ip = self
+            .address
+            .rsplit_once(':')
+            .map_or(&*self.address, |(ip, _)| ip);
+        let optional = |attr: &str| attrs.get(attr);
+        // In name order.
+        visit(&fixed("__meta_cloudmap_instance_id"), &instance.id);
+        visit(&fixed("__meta_cloudmap_namespace_name"), &self.namespace);
+        visit(&fixed("__meta_cloudmap_service_name"), &self.service);
+        visit(&fixed("__metrics_path__"), path);
+        if let Some(scheme) = scheme {
+            visit(&fixed("__scheme__"), scheme);
+        }
+        if let Some(cluster) = optional(ATTR_CLUSTER) {
+            visit(&fixed("cluster"), cluster);
+        }
+        visit(&fixed("instance"), ip);
+        visit(&fixed(LABEL_METRICS_SOURCE), self.source.as_str());
+        visit(&fixed("namespace"), &self.namespace);
+        if let Some(service) = optional(ATTR_SERVICE) {
+            visit(&fixed("service"), service);
+        }
+        if let Some(family) = optional(ATTR_TASK_DEFINITION) {
+            visit(&fixed("taskdefinition"), family);
+        }
+        visit(&fixed("taskid"), &instance.id);
     }
 
     /// The value of label `name`, if set.
@@ -542,12 +593,16 @@ impl std::hash::Hash for Target {
     }
 }
 
+/// Whether `name` is a valid label name as it is (`[a-zA-Z_][a-zA-Z0-9_]*`).
+fn is_label_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// `name` as a valid label name: borrowed when it already is one.
 fn sanitized(name: &str) -> Cow<'_, str> {
-    let valid = !name.is_empty()
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if valid {
+    if is_label_name(name) {
         Cow::Borrowed(name)
     } else {
         Cow::Owned(sanitize_label_name(name))
@@ -848,8 +903,9 @@ fn write_group(out: &mut Vec<u8>, t: &Target) {
     out.extend_from_slice(b"{\"targets\":[\"");
     write_escaped(out, &t.address);
     out.extend_from_slice(b"\"],\"labels\":{");
-    for (i, (name, value)) in t.labels().iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    t.for_each_label(|name, value| {
+        if !std::mem::take(&mut first) {
             out.push(b',');
         }
         out.push(b'"');
@@ -858,7 +914,7 @@ fn write_group(out: &mut Vec<u8>, t: &Target) {
         out.extend_from_slice(b"\":\"");
         write_escaped(out, value);
         out.push(b'"');
-    }
+    });
     out.extend_from_slice(b"}}");
 }
 
@@ -971,26 +1027,14 @@ impl Body {
         Body::from_json(b"[]", 0)
     }
 
-    /// Bytes received gzip-compressed (from the leader): inflated once, as a
-    /// stream and within [`inflate_limit`], to check that they are an http_sd
-    /// document, to count its groups and to compute its ETag.
+    /// Bytes received gzip-compressed (from the leader): inflated once, within
+    /// [`inflate_limit`], to check that they are an http_sd document, to count
+    /// its groups and to compute its ETag; the JSON is dropped after.
     pub fn from_gzip(gzip: bytes::Bytes) -> Result<Body, BodyError> {
-        let mut reader = HashingReader {
-            inner: std::io::Read::take(
-                flate2::read::MultiGzDecoder::new(&gzip[..]),
-                inflate_limit(gzip.len()),
-            ),
-            hash: xxhash_rust::xxh3::Xxh3::new(),
-        };
-        // Read to its end (nothing may follow the document), which also checks
-        // the gzip trailer's CRC.
-        let groups: Result<Vec<serde::de::IgnoredAny>, _> = serde_json::from_reader(&mut reader);
-        if reader.inner.limit() == 0 {
-            return Err(BodyError::TooLarge);
-        }
-        let groups = groups?;
+        let json = inflate(&gzip)?;
+        let groups: Vec<serde::de::IgnoredAny> = serde_json::from_slice(&json)?;
         Ok(Body {
-            etag: format!("\"{:016x}\"", reader.hash.digest()),
+            etag: etag(&json),
             targets: groups.len(),
             gzip,
         })
@@ -1046,14 +1090,6 @@ impl Body {
         // A body is only ever made of our own output or of checked bytes.
         inflate(&self.gzip).unwrap_or_else(|_| b"[]".to_vec())
     }
-
-    /// The JSON as a stream, for parsing without holding it all.
-    pub fn json_reader(&self) -> impl std::io::Read + '_ {
-        std::io::Read::take(
-            flate2::read::MultiGzDecoder::new(&self.gzip[..]),
-            inflate_limit(self.gzip.len()),
-        )
-    }
 }
 
 /// The most JSON that `compressed` bytes may inflate to: http_sd JSON compresses
@@ -1080,20 +1116,6 @@ pub fn inflate(gzip: &[u8]) -> Result<Vec<u8>, BodyError> {
         return Err(BodyError::TooLarge);
     }
     Ok(out)
-}
-
-/// Hashes what is read through it.
-struct HashingReader<R> {
-    inner: R,
-    hash: xxhash_rust::xxh3::Xxh3,
-}
-
-impl<R: std::io::Read> std::io::Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 /// A target group as read back from `http_sd` JSON.
@@ -1540,6 +1562,22 @@ mod tests {
 
     proptest! {
         #[test]
+        fn label_names_order_as_their_text_does(
+            a in (0usize..5, "[A-Z_a-z]{0,6}"),
+            b in (0usize..5, "[A-Z_a-z]{0,6}"),
+        ) {
+            const PREFIXES: [&str; 5] =
+                ["", "__meta_cloudmap_attribute_", "__meta", "cluster", "__meta_cloudmap_attribute_A"];
+            let name = |(p, rest): &(usize, String)| LabelName {
+                prefix: PREFIXES[*p],
+                rest: Cow::Owned(rest.clone()),
+            };
+            let (x, y) = (name(&a), name(&b));
+            prop_assert_eq!(x.cmp(&y), x.to_string().cmp(&y.to_string()));
+            prop_assert_eq!(x == y, x.to_string() == y.to_string());
+        }
+
+        #[test]
         fn strings_are_escaped_as_serde_json_does(text in "(.|[\\x00-\\x1f\"\\\\]){0,24}") {
             let mut ours = b"\"".to_vec();
             write_escaped(&mut ours, &text);
@@ -1586,6 +1624,8 @@ mod tests {
                 for name in t.label_map().keys() {
                     prop_assert!(valid_label_name(name), "{name:?}");
                 }
+                let names: Vec<String> = t.labels().iter().map(|(n, _)| n.to_string()).collect();
+                prop_assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted and unique: {names:?}");
                 let (ip, port) = t.address.rsplit_once(':').unwrap();
                 prop_assert!(ip.parse::<Ipv4Addr>().is_ok());
                 prop_assert!(port.parse::<u16>().map(|p| p > 0).unwrap_or(false));

@@ -8,12 +8,14 @@
 //! targets that appeared meanwhile (a deployment replacing most tasks over a few
 //! cycles) are served at once and nothing is served less.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::sharding::{self, TargetId};
+use crate::sharding::{self, IdHasher, TargetId};
+
+type IdBuild = std::hash::BuildHasherDefault<IdHasher>;
 use crate::targets::Target;
 
 /// A held result, as `/v1/status` shows it.
@@ -32,9 +34,9 @@ pub struct DropHold {
 /// What is served while a drop is held: every target of `next`, and those of
 /// `published` that `next` lacks, in the order `next` is built in.
 pub fn union(published: &[Target], next: &[Target]) -> Vec<Target> {
-    let present: HashSet<TargetId> = next.iter().map(identity).collect();
+    let present: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
     let mut all: Vec<Target> = next.to_vec();
-    let mut kept: HashMap<TargetId, &Target> = HashMap::new();
+    let mut kept: sharding::IdMap<TargetId, &Target> = Default::default();
     for t in published {
         let id = identity(t);
         if !present.contains(&id) {
@@ -91,8 +93,8 @@ impl DropGuard {
             self.release(None);
             return Verdict::Publish;
         }
-        let next_ids: HashSet<TargetId> = next.iter().map(identity).collect();
-        let published_ids: HashSet<TargetId> = published.iter().map(identity).collect();
+        let next_ids: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
+        let published_ids: HashSet<TargetId, IdBuild> = published.iter().map(identity).collect();
         let would_drop = published_ids.difference(&next_ids).count();
         if would_drop as f64 <= self.max_fraction * published_ids.len() as f64 {
             self.release(None);
