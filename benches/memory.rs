@@ -52,6 +52,16 @@ fn live() -> usize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// The process's resident size, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Services of 100 ECS tasks each, as ECS registers them; a third of the services
 /// also tag an exporter (two targets per task), as synthetic-aws generates them.
 /// A service: its name, tags and instances.
@@ -133,12 +143,25 @@ fn measure(size: usize) {
     assigner.set_targets(list.clone());
     let assign_ms = started.elapsed().as_secs_f64() * 1000.0;
     let after_assigner = live() as isize;
+    // Placement alone, from the targets (keys grouped and hashed), on 100 slots.
+    let hundred: Vec<Slot> = (0..100).map(|id| Slot { id, weight: 1.0 }).collect();
+    let started = Instant::now();
+    let placed = shard_sd::sharding::assign_targets(
+        list.iter(),
+        &hundred,
+        ShardBy::Target,
+        &Params::default(),
+    );
+    let place_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(placed.len(), list.len());
+    drop(placed);
     let snapshot = assigner.snapshot().expect("snapshot");
     let gzip_bytes: usize = snapshot.shards.values().map(|s| s.body.gzip().len()).sum();
     let json_bytes = targets::render(list.iter().take(1000)).len() as f64 / 1000.0;
     let doc = snapshot.encode();
     let after_doc = live() as isize;
     println!("\n### {n} targets, 3 slots (leader), assignment in {assign_ms:.0} ms\n");
+    println!("Placement alone on 100 slots (bounded load, from the targets): {place_ms:.0} ms\n");
     println!(
         "{json_bytes:.0} B of http_sd JSON per target, kept gzip-compressed: {:.0} B per target\n",
         gzip_bytes as f64 / n as f64
@@ -166,6 +189,15 @@ fn measure(size: usize) {
         n,
     );
     row("leader in all", after_doc - base, n);
+    let rss_before = rss();
+    // SAFETY: returns glibc's free pages, as shard-sd does after large changes.
+    unsafe { libc::malloc_trim(0) };
+    println!(
+        "\nProcess resident size: {:.0} MiB, {:.0} MiB after returning free pages (the bench's \
+         own input included)",
+        rss_before as f64 / 1048576.0,
+        rss() as f64 / 1048576.0
+    );
     let received = bytes::Bytes::from(doc.concat());
     let before_mirror = live() as isize;
     let mirror = Mirror::mirrored(Snapshot::decode(&received).expect("snapshot"));

@@ -544,6 +544,10 @@ fn publish_cycle(
             publisher.published = Some(list);
         }
     }
+    if !unchanged {
+        // A list was built (and, single, rendered): its transient buffers are free now.
+        crate::release_free_memory();
+    }
     if changed {
         tracing::info!(
             cycle = report.cycle,

@@ -240,6 +240,8 @@ pub async fn run(
                         highest_term = term;
                         have = Some((slot, term, generation));
                         shared.publish_shard(Some(slot), term, generation, body);
+                        // The shard was inflated to be checked: that is free now.
+                        crate::release_free_memory();
                         if last_error.take().is_some() {
                             tracing::info!(leader = addr, "receiving shards from the leader again");
                         }
@@ -358,6 +360,7 @@ pub async fn mirror(
                     && doc.term >= term =>
             {
                 shared.set_mirror(Mirror::mirrored(doc));
+                crate::release_free_memory();
                 continue;
             }
             Some(Some(Err(err))) => tracing::warn!("the leader's assignment is invalid: {err}"),

@@ -112,6 +112,9 @@ impl LeaderHandle {
                 tracing::debug!(target: "leader_action", term = snap.term, generation = snap.generation, "leader acting");
                 self.snapshot.send_replace(Some(Arc::new(snap)));
             }
+            drop(assigner);
+            // Shards were rendered: their transient buffers are free now.
+            crate::release_free_memory();
         }
         change
     }

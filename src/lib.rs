@@ -36,3 +36,26 @@ pub(crate) fn cpu_bound<R>(work: impl FnOnce() -> R) -> R {
         _ => work(),
     }
 }
+
+/// Hands the heap's free pages back to the system after a large list was built,
+/// assigned or received: the allocator keeps freed memory for reuse, so without
+/// this a replica's resident size follows its largest transient, not what it holds.
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Keeps the allocator to two arenas. glibc gives each thread that allocates an
+/// arena of its own (up to eight per core); long-lived targets built on one
+/// thread beside another thread's transient buffers then pin pages that no trim
+/// returns. Called first thing, before any thread starts.
+pub fn limit_allocator_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: a tuning parameter of glibc's malloc, set before other threads run.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}

@@ -22,18 +22,6 @@ pub struct Published {
     pub body: Body,
     /// Sharded mode: the slot, leader term and generation this shard belongs to.
     pub shard: Option<ShardStamp>,
-    /// The JSON, inflated the first time a client without gzip asks, and kept
-    /// until the list changes: such clients cost one inflation per change.
-    identity: std::sync::OnceLock<bytes::Bytes>,
-}
-
-impl Published {
-    /// The JSON (see [`Published::identity`]'s field).
-    pub fn identity(&self) -> bytes::Bytes {
-        self.identity
-            .get_or_init(|| bytes::Bytes::from(self.body.json()))
-            .clone()
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,11 +266,8 @@ impl Shared {
         if unchanged {
             return false;
         }
-        self.targets.send_replace(Some(Arc::new(Published {
-            body,
-            shard,
-            identity: Default::default(),
-        })));
+        self.targets
+            .send_replace(Some(Arc::new(Published { body, shard })));
         true
     }
 

@@ -1085,6 +1085,31 @@ impl Body {
         self.targets
     }
 
+    /// The JSON as a stream of chunks of at most `chunk` bytes, inflated as it
+    /// is read: a client that does not accept gzip costs CPU, never a copy of a
+    /// large list held for it.
+    pub fn json_chunks(&self, chunk: usize) -> impl Iterator<Item = std::io::Result<bytes::Bytes>> {
+        let mut decoder = std::io::Read::take(
+            flate2::read::MultiGzDecoder::new(std::io::Cursor::new(self.gzip.clone())),
+            inflate_limit(self.gzip.len()),
+        );
+        std::iter::from_fn(move || {
+            let mut buf = vec![0u8; chunk];
+            let mut filled = 0;
+            while filled < chunk {
+                match std::io::Read::read(&mut decoder, &mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(err) => return Some(Err(err)),
+                }
+            }
+            (filled > 0).then(|| {
+                buf.truncate(filled);
+                Ok(bytes::Bytes::from(buf))
+            })
+        })
+    }
+
     /// The JSON, inflated.
     pub fn json(&self) -> Vec<u8> {
         // A body is only ever made of our own output or of checked bytes.
@@ -1435,6 +1460,9 @@ mod tests {
         let json = render(out.targets.iter());
         let body = Body::render(out.targets.iter());
         assert_eq!(body.json(), json);
+        let chunks: Vec<bytes::Bytes> = body.json_chunks(100).map(Result::unwrap).collect();
+        assert!(chunks.iter().all(|c| c.len() <= 100) && chunks.len() > 1);
+        assert_eq!(chunks.concat(), json);
         assert_eq!(body.etag(), etag(&json));
         assert_eq!(body.targets(), 2);
         assert_ne!(body.gzip_etag(), body.etag());

@@ -16,8 +16,9 @@
 //! - `peer_bytes_per_change` received per follower for one registration, from
 //!   `shard_sd_peer_bytes_received_total`;
 //! - `http_sd_p99_ms` (and p50) of the largest shard with 50 concurrent clients
-//!   that accept gzip, as Prometheus does, each asking every 100-150 ms (500
-//!   requests a second in all, far above 50 collectors' 30 s refresh); and the
+//!   that accept gzip, as Prometheus does, each asking every `--client-pause`
+//!   plus up to half of it (100 ms by default: about 400 requests a second in
+//!   all, far above 50 collectors' 30 s refresh); and the
 //!   same with each client asking again at once (`http_sd_saturated_*`), which
 //!   measures the server's throughput rather than a collector's wait.
 
@@ -67,6 +68,9 @@ struct Args {
     /// Seconds of 50-client load on the largest shard.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     load: Duration,
+    /// Pause of each of the 50 clients between its requests (plus up to half of it).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    client_pause: Duration,
     /// Directory of the shard-sd and synthetic-aws binaries.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
@@ -372,9 +376,11 @@ impl Harness {
         let limit = self.args.refresh * 3 + Duration::from_secs(300);
         loop {
             for (i, r) in self.replicas.iter().enumerate() {
+                // As Prometheus asks: gzip, and again only when the ETag moved.
                 let mut req = self
                     .client
-                    .get(format!("http://{}/prometheus-targets", r.addr));
+                    .get(format!("http://{}/prometheus-targets", r.addr))
+                    .header("accept-encoding", "gzip");
                 if let Some(etag) = &etags[i] {
                     req = req.header("if-none-match", etag);
                 }
@@ -387,8 +393,13 @@ impl Harness {
                     .get("etag")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let body = resp.bytes().await.unwrap_or_default();
-                if body.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                let gzip = resp.bytes().await.unwrap_or_default();
+                let mut body = Vec::new();
+                let inflated = std::io::Read::read_to_end(
+                    &mut flate2::read::MultiGzDecoder::new(&gzip[..]),
+                    &mut body,
+                );
+                if inflated.is_ok() && body.windows(needle.len()).any(|w| w == needle.as_bytes()) {
                     return Ok(started.elapsed().as_secs_f64());
                 }
             }
@@ -564,7 +575,7 @@ async fn run(args: Args) -> Result<Value> {
         }
     }
     let (lat_p50, lat_p99, body_bytes, requests) = h
-        .http_sd_latency(&h.replicas[largest.0].addr, Duration::from_millis(100))
+        .http_sd_latency(&h.replicas[largest.0].addr, h.args.client_pause)
         .await;
     let (sat_p50, sat_p99, _, sat_requests) = h
         .http_sd_latency(&h.replicas[largest.0].addr, Duration::ZERO)
@@ -592,6 +603,7 @@ async fn run(args: Args) -> Result<Value> {
         "http_sd_p50_ms": round(lat_p50, 2),
         "http_sd_p99_ms": round(lat_p99, 2),
         "http_sd_requests": requests,
+        "http_sd_client_pause_ms": h.args.client_pause.as_millis() as u64,
         "http_sd_saturated_p50_ms": round(sat_p50, 2),
         "http_sd_saturated_p99_ms": round(sat_p99, 2),
         "http_sd_saturated_requests_per_s": round(sat_requests as f64 / h.args.load.as_secs_f64(), 0),

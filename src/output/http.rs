@@ -381,17 +381,13 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
     if if_none_match(headers, &tag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), vary]).into_response();
     }
-    // Kept compressed: a client that does not accept gzip gets it inflated (once
-    // per change, whatever the number of such clients).
+    // Kept compressed: a client that does not accept gzip gets it inflated as it
+    // is sent, 64 KiB at a time.
     let body = match gzip {
-        true => published.body.gzip().clone(),
-        false => {
-            let published = published.clone();
-            match tokio::task::spawn_blocking(move || published.identity()).await {
-                Ok(json) => json,
-                Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-            }
-        }
+        true => axum::body::Body::from(published.body.gzip().clone()),
+        false => axum::body::Body::from_stream(futures::stream::iter(
+            published.body.json_chunks(64 * 1024),
+        )),
     };
     let mut response = (
         [

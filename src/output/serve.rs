@@ -37,7 +37,13 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // A body's last segment goes out at once, not after the client's
+                    // delayed acknowledgement (Nagle's algorithm would hold it up to
+                    // 40 ms).
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(err) => {
                     // Out of file descriptors and the like: pause instead of spinning.
                     tracing::warn!("accepting a connection failed: {err}");

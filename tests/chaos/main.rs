@@ -49,6 +49,8 @@ const HANDOFF_GRACE: Duration = Duration::from_secs(2);
 const RELOAD: Duration = Duration::from_secs(1);
 /// Longest a Cloud Map call may take with its retries (AWS_CALL_TIMEOUT x attempts).
 const CALL_LIMIT: Duration = Duration::from_secs(3);
+/// AWS_CALL_TIMEOUT of the replicas: one attempt of a Cloud Map call.
+const CALL_ATTEMPT: Duration = Duration::from_secs(1);
 const REPLICAS: usize = 5;
 const SLOTS: &str = "3";
 const SLOT_COUNT: u32 = 3;

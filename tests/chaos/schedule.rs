@@ -59,6 +59,18 @@ pub fn fault_name(fault: &Fault) -> String {
     }
 }
 
+/// A fault's kind in reports: latencies counted by whether a call still fits
+/// its attempt timeout (slow but successful) or not.
+fn fault_kind(fault: &Fault, attempt_timeout: Duration) -> String {
+    match fault {
+        Fault::Delay { by, .. } if *by < attempt_timeout => {
+            "latency within the attempt timeout".into()
+        }
+        Fault::Delay { .. } => "latency past the attempt timeout".into(),
+        other => fault_name(other),
+    }
+}
+
 impl Action {
     /// The kind this action counts as in reports.
     pub fn kind(&self) -> String {
@@ -67,17 +79,26 @@ impl Action {
             Action::Term { .. } => "SIGTERM".into(),
             Action::Pause { pause, .. } if *pause < crate::LEASE => "SIGSTOP < lease".into(),
             Action::Pause { .. } => "SIGSTOP > lease".into(),
+            // The lease table's attempt timeout is the heartbeat; Cloud Map's AWS_CALL_TIMEOUT.
             Action::DynamoDb {
                 who: Some(_),
                 fault,
                 ..
-            } => format!("DynamoDB one replica: {}", fault_name(fault)),
+            } => format!(
+                "DynamoDB one replica: {}",
+                fault_kind(fault, crate::HEARTBEAT)
+            ),
             Action::DynamoDb {
                 who: None, fault, ..
             } => {
-                format!("DynamoDB all replicas: {}", fault_name(fault))
+                format!(
+                    "DynamoDB all replicas: {}",
+                    fault_kind(fault, crate::HEARTBEAT)
+                )
             }
-            Action::CloudMap { fault, .. } => format!("Cloud Map: {}", fault_name(fault)),
+            Action::CloudMap { fault, .. } => {
+                format!("Cloud Map: {}", fault_kind(fault, crate::CALL_ATTEMPT))
+            }
             Action::Partition { .. } => "peer partition".into(),
             Action::Register { .. } => "registration".into(),
             Action::Deregister { .. } => "deregistration".into(),
@@ -108,9 +129,16 @@ fn dynamodb_fault(rng: &mut fastrand::Rng) -> Fault {
             remaining: u32::MAX,
             code: "ProvisionedThroughputExceededException".into(),
         },
+        // Half of the latency faults keep every call under the SDK's attempt
+        // timeout: lease steps slow down but succeed, and publish renewals late
+        // (a leader's work once restarted its term on that and froze followers).
         3 => Fault::Delay {
             op: None,
-            by: ms(rng, 200..2500),
+            by: if rng.bool() {
+                ms(rng, 250..480)
+            } else {
+                ms(rng, 500..2500)
+            },
         },
         4 => Fault::DropResponse {
             op: Some(if rng.bool() { "UpdateItem" } else { "PutItem" }.into()),
