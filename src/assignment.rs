@@ -159,7 +159,7 @@ impl Snapshot {
 
     /// The JSON document of earlier releases (see [`LegacyDoc`]): each shard
     /// inflated for it.
-    pub fn legacy_json(&self) -> Vec<u8> {
+    pub fn legacy_json(&self) -> Result<Vec<u8>, crate::targets::BodyError> {
         let slots = serde_json::to_string(&self.slots).unwrap_or_else(|_| "[]".into());
         let mut out = format!(
             "{{\"term\":{},\"generation\":{},\"slots\":{slots},\"shards\":{{",
@@ -171,10 +171,10 @@ impl Snapshot {
                 out.push(b',');
             }
             out.extend_from_slice(format!("\"{slot}\":").as_bytes());
-            out.extend_from_slice(&shard.body.json());
+            out.extend_from_slice(&shard.body.json()?);
         }
         out.extend_from_slice(b"}}");
-        out
+        Ok(out)
     }
 
     /// Reads the JSON document of earlier releases, checking each shard.
@@ -745,7 +745,8 @@ mod tests {
     }
 
     fn addresses(shard: &Shard) -> BTreeSet<String> {
-        let groups: Vec<serde_json::Value> = serde_json::from_slice(&shard.body.json()).unwrap();
+        let groups: Vec<serde_json::Value> =
+            serde_json::from_slice(&shard.body.json().unwrap()).unwrap();
         groups
             .iter()
             .map(|g| g["targets"][0].as_str().unwrap().to_owned())
@@ -771,7 +772,10 @@ mod tests {
         a.set_targets(Arc::new(Vec::new()));
         let snap = a.snapshot().unwrap();
         assert_eq!(snap.shards.len(), 2);
-        assert!(snap.shards.values().all(|s| s.body.json() == b"[]"));
+        assert!(snap
+            .shards
+            .values()
+            .all(|s| s.body.json().unwrap() == b"[]"));
     }
 
     #[test]
@@ -1003,7 +1007,8 @@ mod tests {
             Err(SnapshotError::Garbled(_))
         ));
         // The JSON document of earlier releases, both ways.
-        let legacy = Snapshot::decode_legacy(&snap.legacy_json()).expect("legacy");
+        let legacy =
+            Snapshot::decode_legacy(&snap.legacy_json().expect("inflates")).expect("legacy");
         assert_eq!((legacy.term, legacy.generation), (7, snap.generation));
         for (slot, shard) in &snap.shards {
             assert_eq!(legacy.shards[slot], shard.body);

@@ -397,7 +397,7 @@ fn start_slot(shared: &Shared, slot: u32) -> Option<(u32, u64, u64)> {
     let mirror = shared.mirror();
     let mirrored = mirror.as_ref().and_then(|m| {
         let shard = m.shards.get(&slot)?;
-        match shard.checked() {
+        match crate::cpu_bound(|| shard.checked()) {
             Ok(body) => Some((m, body)),
             Err(err) => {
                 tracing::warn!(

@@ -40,22 +40,50 @@ pub(crate) fn cpu_bound<R>(work: impl FnOnce() -> R) -> R {
 /// Hands the heap's free pages back to the system after a large list was built,
 /// assigned or received: the allocator keeps freed memory for reuse, so without
 /// this a replica's resident size follows its largest transient, not what it holds.
+///
+/// Trimming walks every free chunk under the allocator's lock, so it runs on a
+/// thread of its own, never on the runtime's, at most once per
+/// [`TRIM_SPACING`]: requests meanwhile are folded into one trim after it.
 pub(crate) fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages of glibc's own heaps.
-    unsafe {
-        libc::malloc_trim(0);
+    {
+        use std::sync::mpsc::{sync_channel, SyncSender};
+        static TRIMMER: std::sync::OnceLock<Option<SyncSender<()>>> = std::sync::OnceLock::new();
+        let trimmer = TRIMMER.get_or_init(|| {
+            let (requests, pending) = sync_channel::<()>(1);
+            std::thread::Builder::new()
+                .name("shard-sd-trim".into())
+                .spawn(move || {
+                    while pending.recv().is_ok() {
+                        // SAFETY: malloc_trim only returns free pages of glibc's own heaps.
+                        unsafe {
+                            libc::malloc_trim(0);
+                        }
+                        std::thread::sleep(TRIM_SPACING);
+                    }
+                })
+                .ok()
+                .map(|_| requests)
+        });
+        if let Some(requests) = trimmer {
+            // Full: a trim is pending already and will cover this one.
+            let _ = requests.try_send(());
+        }
     }
 }
 
-/// Keeps the allocator to two arenas. glibc gives each thread that allocates an
-/// arena of its own (up to eight per core); long-lived targets built on one
-/// thread beside another thread's transient buffers then pin pages that no trim
-/// returns. Called first thing, before any thread starts.
-pub fn limit_allocator_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: a tuning parameter of glibc's malloc, set before other threads run.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+/// See [`release_free_memory`].
+pub const TRIM_SPACING: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn freeing_memory_never_waits_for_the_trim() {
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            super::release_free_memory();
+        }
+        // Requests fold into one pending trim on its own thread.
+        assert!(started.elapsed() < std::time::Duration::from_millis(200));
     }
 }

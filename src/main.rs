@@ -11,7 +11,6 @@ use shard_sd::{plan, probe, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    shard_sd::limit_allocator_arenas();
     // clap prints the error, naming the variable and accepted values, and exits 2.
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

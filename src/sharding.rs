@@ -177,9 +177,21 @@ pub fn key_into(out: &mut Vec<u8>, target: &Target, by: ShardBy) {
 pub struct TargetId(pub u128);
 
 /// Hashes a value that is a hash already (a [`TargetId`], a key's 128 bits) by
-/// taking its low bits: maps of a million of them spend nothing on hashing.
-#[derive(Clone, Copy, Debug, Default)]
+/// mixing its low bits with a secret of this process: maps of a million of them
+/// spend next to nothing on hashing, and keys (made of addresses anyone who can
+/// register in Cloud Map chooses) cannot be picked to collide in a table.
+#[derive(Clone, Copy, Debug)]
 pub struct IdHasher(u64);
+
+impl Default for IdHasher {
+    fn default() -> Self {
+        static SECRET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        IdHasher(*SECRET.get_or_init(|| {
+            use std::hash::BuildHasher as _;
+            std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+        }))
+    }
+}
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -195,7 +207,7 @@ impl Hasher for IdHasher {
     }
 
     fn write_u128(&mut self, v: u128) {
-        self.0 ^= v as u64;
+        self.0 = splitmix64(self.0 ^ v as u64);
     }
 }
 

@@ -139,13 +139,12 @@ fn read_shards(
     let mut strings = crate::targets::Interner::default();
     for (slot, body) in shards {
         // Checked as it is read: the very document its ETag and count name.
-        let json = crate::targets::inflate(body.gzip())?;
-        let groups: Vec<crate::targets::Group> = serde_json::from_slice(&json)?;
-        if crate::targets::etag(&json) != body.etag() || groups.len() != body.targets() {
+        let read: crate::targets::Document<Vec<crate::targets::Group>> =
+            crate::targets::read_document(body.gzip())?;
+        if read.etag != body.etag() || read.value.len() != body.targets() {
             return Err(crate::targets::BodyError::Mismatch);
         }
-        drop(json);
-        for target in crate::targets::from_groups_sharing(groups, &mut strings) {
+        for target in crate::targets::from_groups_sharing(read.value, &mut strings) {
             let slots = owners
                 .entry(crate::sharding::target_id(&target))
                 .or_default();
@@ -205,7 +204,15 @@ pub struct Shared {
     draining: std::sync::atomic::AtomicBool,
     targets: watch::Sender<Option<Arc<Published>>>,
     status: RwLock<DiscoveryStatus>,
+    /// Clients without gzip being sent a list inflated as it goes (see
+    /// [`INFLATING_CLIENTS`]).
+    pub inflating: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many clients that do not accept gzip are served at once: each costs the
+/// inflation of the whole list, so more are answered `503` (Prometheus and
+/// every collector ask with gzip; this bounds the CPU a loop of `curl` can take).
+pub const INFLATING_CLIENTS: usize = 4;
 
 impl Shared {
     /// `coordination` is the coordinator's view, or a fixed single-replica view.
@@ -224,6 +231,7 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             mirror: RwLock::new(None),
             targets: watch::Sender::new(None),
+            inflating: Arc::new(tokio::sync::Semaphore::new(INFLATING_CLIENTS)),
             status: RwLock::new(DiscoveryStatus::default()),
         })
     }
@@ -372,7 +380,7 @@ mod tests {
         s.set_draining();
         assert!(!s.publish_shard(None, 3, 0, Body::empty()));
         let served = s.targets().expect("published");
-        assert_eq!(served.body.json(), b"[1]");
+        assert_eq!(served.body.json().unwrap(), b"[1]");
         assert_eq!(served.shard.and_then(|st| st.slot), Some(1));
     }
 }

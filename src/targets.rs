@@ -109,23 +109,12 @@ impl<K: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(K, V)> for Attributes {
 /// across instances (cluster, service, task definition, zone), are held once
 /// however many instances carry them. [`Interner::prune`] forgets the strings
 /// nothing else holds any more.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Interner {
-    strings: std::collections::HashSet<Arc<str>, xxhash_rust::xxh3::Xxh3Builder>,
+    /// Keyed SipHash: strings from AWS or peers cannot be chosen to collide.
+    strings: std::collections::HashSet<Arc<str>>,
     /// Size after the last prune.
     kept: usize,
-}
-
-impl Default for Interner {
-    fn default() -> Self {
-        Interner {
-            // Seeded at random: strings from AWS or peers cannot be chosen to collide.
-            strings: std::collections::HashSet::with_hasher(
-                xxhash_rust::xxh3::Xxh3Builder::new().with_seed(fastrand::u64(..)),
-            ),
-            kept: 0,
-        }
-    }
 }
 
 impl Interner {
@@ -934,12 +923,23 @@ pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<u8> {
 /// An http_sd document as it is kept and served: gzip-compressed once (Prometheus
 /// asks for gzip; the JSON shrinks about tenfold), with the ETag of its JSON. The
 /// JSON itself is inflated only for a client that does not accept gzip.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Body {
     gzip: bytes::Bytes,
     etag: String,
     targets: usize,
+    /// Length of the JSON, once known (rendered here or checked on receipt).
+    json_len: Option<u64>,
 }
+
+/// The same document: its bytes, ETag and count (the JSON's length follows).
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        self.gzip == other.gzip && self.etag == other.etag && self.targets == other.targets
+    }
+}
+
+impl Eq for Body {}
 
 /// Why bytes received as a gzip-compressed http_sd document were refused.
 #[derive(Debug, thiserror::Error)]
@@ -962,6 +962,7 @@ pub enum BodyError {
 struct BodyWriter {
     chunk: Vec<u8>,
     hash: xxhash_rust::xxh3::Xxh3,
+    len: u64,
     encoder: flate2::write::GzEncoder<Vec<u8>>,
 }
 
@@ -972,6 +973,7 @@ impl BodyWriter {
         BodyWriter {
             chunk: Vec::with_capacity(Self::CHUNK + 4096),
             hash: xxhash_rust::xxh3::Xxh3::new(),
+            len: 0,
             encoder: flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
         }
     }
@@ -980,6 +982,7 @@ impl BodyWriter {
         use std::io::Write as _;
         if force || self.chunk.len() >= Self::CHUNK {
             self.hash.update(&self.chunk);
+            self.len += self.chunk.len() as u64;
             // Writing to a Vec cannot fail.
             let _ = self.encoder.write_all(&self.chunk);
             self.chunk.clear();
@@ -993,6 +996,7 @@ impl BodyWriter {
             gzip: bytes::Bytes::from(gzip),
             etag: format!("\"{:016x}\"", self.hash.digest()),
             targets,
+            json_len: Some(self.len),
         }
     }
 }
@@ -1027,15 +1031,16 @@ impl Body {
         Body::from_json(b"[]", 0)
     }
 
-    /// Bytes received gzip-compressed (from the leader): inflated once, within
-    /// [`inflate_limit`], to check that they are an http_sd document, to count
-    /// its groups and to compute its ETag; the JSON is dropped after.
+    /// Bytes received gzip-compressed (from the leader): inflated as they are
+    /// read, within [`inflate_limit`], to check that they are an http_sd
+    /// document, to count its groups and to compute its ETag; the JSON is never
+    /// held whole.
     pub fn from_gzip(gzip: bytes::Bytes) -> Result<Body, BodyError> {
-        let json = inflate(&gzip)?;
-        let groups: Vec<serde::de::IgnoredAny> = serde_json::from_slice(&json)?;
+        let read: Document<Vec<serde::de::IgnoredAny>> = read_document(&gzip)?;
         Ok(Body {
-            etag: etag(&json),
-            targets: groups.len(),
+            etag: read.etag,
+            targets: read.value.len(),
+            json_len: Some(read.json_len),
             gzip,
         })
     }
@@ -1054,6 +1059,7 @@ impl Body {
             gzip,
             etag,
             targets,
+            json_len: None,
         }
     }
 
@@ -1085,22 +1091,35 @@ impl Body {
         self.targets
     }
 
+    /// Length of the JSON, when known: always for a body rendered here or
+    /// checked on receipt.
+    pub fn json_len(&self) -> Option<u64> {
+        self.json_len
+    }
+
     /// The JSON as a stream of chunks of at most `chunk` bytes, inflated as it
     /// is read: a client that does not accept gzip costs CPU, never a copy of a
-    /// large list held for it.
+    /// large list held for it. A body is only ever our own output or checked
+    /// bytes, so no limit applies; a failure (none is expected) ends the stream
+    /// with an error, never with a short document.
     pub fn json_chunks(&self, chunk: usize) -> impl Iterator<Item = std::io::Result<bytes::Bytes>> {
-        let mut decoder = std::io::Read::take(
-            flate2::read::MultiGzDecoder::new(std::io::Cursor::new(self.gzip.clone())),
-            inflate_limit(self.gzip.len()),
-        );
+        let mut decoder =
+            flate2::read::MultiGzDecoder::new(std::io::Cursor::new(self.gzip.clone()));
+        let mut failed = false;
         std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
             let mut buf = vec![0u8; chunk];
             let mut filled = 0;
             while filled < chunk {
                 match std::io::Read::read(&mut decoder, &mut buf[filled..]) {
                     Ok(0) => break,
                     Ok(n) => filled += n,
-                    Err(err) => return Some(Err(err)),
+                    Err(err) => {
+                        failed = true;
+                        return Some(Err(err));
+                    }
                 }
             }
             (filled > 0).then(|| {
@@ -1110,10 +1129,64 @@ impl Body {
         })
     }
 
-    /// The JSON, inflated.
-    pub fn json(&self) -> Vec<u8> {
-        // A body is only ever made of our own output or of checked bytes.
-        inflate(&self.gzip).unwrap_or_else(|_| b"[]".to_vec())
+    /// The JSON, inflated (our own output or checked bytes: no limit applies).
+    pub fn json(&self) -> Result<Vec<u8>, BodyError> {
+        use std::io::Read as _;
+        let mut out = Vec::with_capacity(self.json_len.unwrap_or(0).min(1 << 30) as usize);
+        flate2::read::MultiGzDecoder::new(&self.gzip[..]).read_to_end(&mut out)?;
+        Ok(out)
+    }
+}
+
+/// A document read from gzip-compressed http_sd JSON, with its ETag and length.
+pub struct Document<T> {
+    pub value: T,
+    pub etag: String,
+    pub json_len: u64,
+}
+
+/// Reads gzip-compressed JSON as `T` while it is inflated, within
+/// [`inflate_limit`], hashing it for its ETag on the way: a large shard is never
+/// held as JSON.
+pub fn read_document<T: serde::de::DeserializeOwned>(
+    gzip: &[u8],
+) -> Result<Document<T>, BodyError> {
+    let mut reader = HashingReader {
+        inner: flate2::read::MultiGzDecoder::new(gzip),
+        hash: xxhash_rust::xxh3::Xxh3::new(),
+        len: 0,
+        limit: inflate_limit(gzip.len()),
+    };
+    let parsed = serde_json::from_reader(std::io::BufReader::with_capacity(64 * 1024, &mut reader));
+    match parsed {
+        Ok(value) => Ok(Document {
+            value,
+            etag: format!("\"{:016x}\"", reader.hash.digest()),
+            json_len: reader.len,
+        }),
+        Err(_) if reader.len >= reader.limit => Err(BodyError::TooLarge),
+        Err(err) if err.is_io() => Err(BodyError::Gzip(err.into())),
+        Err(err) => Err(BodyError::Json(err)),
+    }
+}
+
+/// Counts and hashes what passes through, and fails past its limit.
+struct HashingReader<R> {
+    inner: R,
+    hash: xxhash_rust::xxh3::Xxh3,
+    len: u64,
+    limit: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.len += n as u64;
+        if self.len >= self.limit {
+            return Err(std::io::Error::other("inflates past its limit"));
+        }
+        self.hash.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -1459,7 +1532,7 @@ mod tests {
         let out = post_targets();
         let json = render(out.targets.iter());
         let body = Body::render(out.targets.iter());
-        assert_eq!(body.json(), json);
+        assert_eq!(body.json().unwrap(), json);
         let chunks: Vec<bytes::Bytes> = body.json_chunks(100).map(Result::unwrap).collect();
         assert!(chunks.iter().all(|c| c.len() <= 100) && chunks.len() > 1);
         assert_eq!(chunks.concat(), json);
@@ -1469,7 +1542,18 @@ mod tests {
         // What a follower receives is checked, and refused when it is not that.
         let received = Body::from_gzip(body.gzip().clone()).expect("valid");
         assert_eq!(received, body);
-        assert!(Body::from_gzip(bytes::Bytes::from_static(b"[]")).is_err());
+        assert_eq!(received.json_len(), Some(json.len() as u64));
+        assert_eq!(body.json_len(), Some(json.len() as u64));
+        assert!(matches!(
+            Body::from_gzip(bytes::Bytes::from_static(b"[]")),
+            Err(BodyError::Gzip(_))
+        ));
+        // Trailing bytes after the document are not a document.
+        let trailing = Body::from_json(b"[] x", 0);
+        assert!(matches!(
+            Body::from_gzip(trailing.gzip().clone()),
+            Err(BodyError::Json(_))
+        ));
         // A bomb: a few kilobytes that would inflate to gigabytes.
         let bomb = {
             use std::io::Write as _;
@@ -1492,7 +1576,7 @@ mod tests {
         assert!(Body::from_gzip(not_groups.gzip().clone()).is_err());
         let lying = Body::unchecked(body.gzip().clone(), etag(b"[]"), 2);
         assert!(matches!(lying.checked(), Err(BodyError::Mismatch)));
-        assert_eq!(Body::empty().json(), b"[]");
+        assert_eq!(Body::empty().json().unwrap(), b"[]");
     }
 
     #[test]

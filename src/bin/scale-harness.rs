@@ -17,8 +17,9 @@
 //!   `shard_sd_peer_bytes_received_total`;
 //! - `http_sd_p99_ms` (and p50) of the largest shard with 50 concurrent clients
 //!   that accept gzip, as Prometheus does, each asking every `--client-pause`
-//!   plus up to half of it (100 ms by default: about 400 requests a second in
-//!   all, far above 50 collectors' 30 s refresh); and the
+//!   plus up to half of it, their first requests spread over one pause (100 ms
+//!   by default: about 400 requests a second in all, far above 50 collectors'
+//!   30 s refresh); and the
 //!   same with each client asking again at once (`http_sd_saturated_*`), which
 //!   measures the server's throughput rather than a collector's wait.
 
@@ -416,7 +417,7 @@ impl Harness {
     async fn http_sd_latency(&self, addr: &str, pause: Duration) -> (f64, f64, u64, u64) {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
-        for _ in 0..50 {
+        for i in 0..50u32 {
             let client = reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -426,6 +427,9 @@ impl Harness {
             tasks.push(tokio::spawn(async move {
                 let mut samples = Vec::new();
                 let mut bytes = 0u64;
+                // Collectors' refreshes start at different times: the clients'
+                // first requests are spread over one pause, not sent at once.
+                tokio::time::sleep(pause * i / 50).await;
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     let Ok(resp) = client

@@ -53,8 +53,12 @@ pub async fn run(
         if let Some(published) = current.filter(|p| written.as_deref() != Some(p.body.etag())) {
             let target = path.clone();
             let body = published.body.clone();
-            let result =
-                tokio::task::spawn_blocking(move || write_atomic(&target, &body.json())).await;
+            let result = tokio::task::spawn_blocking(move || {
+                // Our own output: inflating it cannot fail short of a defect.
+                let json = body.json().map_err(std::io::Error::other)?;
+                write_atomic(&target, &json)
+            })
+            .await;
             match result {
                 Ok(Ok(())) => {
                     tracing::info!(path = %path.display(), targets = published.body.targets(), "wrote file_sd targets");

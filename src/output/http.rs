@@ -198,7 +198,10 @@ async fn shard(
                     // As compressed once for every reader: the holder serves these
                     // very bytes. A holder of an earlier release gets the JSON.
                     if !accepts_gzip(&headers) {
-                        return (stamp, shard.body.json()).into_response();
+                        return match shard.body.json() {
+                            Ok(json) => (stamp, json).into_response(),
+                            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                        };
                     }
                     let mut response = (stamp, shard.body.gzip().clone()).into_response();
                     response
@@ -264,12 +267,15 @@ async fn snapshot(
         if let Some(snap) = updates.borrow_and_update().clone() {
             if q.lags(snap.term, snap.generation, snap.generation) {
                 if !encoded {
+                    let Ok(json) = snap.legacy_json() else {
+                        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                    };
                     return (
                         [(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("application/json"),
                         )],
-                        snap.legacy_json(),
+                        json,
                     )
                         .into_response();
                 }
@@ -382,12 +388,27 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), vary]).into_response();
     }
     // Kept compressed: a client that does not accept gzip gets it inflated as it
-    // is sent, 64 KiB at a time.
+    // is sent, 64 KiB at a time, a few such clients at once.
+    let mut json_len = None;
     let body = match gzip {
         true => axum::body::Body::from(published.body.gzip().clone()),
-        false => axum::body::Body::from_stream(futures::stream::iter(
-            published.body.json_chunks(64 * 1024),
-        )),
+        false => {
+            let Ok(permit) = shared.inflating.clone().try_acquire_owned() else {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    "too many clients without gzip at once; retry, or send \
+                     Accept-Encoding: gzip\n",
+                )
+                    .into_response();
+            };
+            json_len = published.body.json_len();
+            // The permit goes with the stream: released when it ends or the client leaves.
+            let chunks = published.body.json_chunks(64 * 1024).inspect(move |_| {
+                let _held = &permit;
+            });
+            axum::body::Body::from_stream(futures::stream::iter(chunks))
+        }
     };
     let mut response = (
         [
@@ -406,6 +427,12 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
         response
             .headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    // A streamed body has its length said, so a cut-short one is seen as such.
+    if let Some(len) = json_len {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     response
 }
@@ -568,5 +595,96 @@ mod tests {
         assert!(!if_none_match(&h, "\"ab\""));
         h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
         assert!(if_none_match(&h, "\"anything\""));
+    }
+}
+
+#[cfg(test)]
+mod serving_tests {
+    use super::*;
+    use crate::targets::Body;
+
+    async fn served(shared: Arc<Shared>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router(shared)).await });
+        format!("http://{addr}/prometheus-targets")
+    }
+
+    fn with_list(groups: usize) -> (Arc<Shared>, Vec<u8>) {
+        let json = format!(
+            "[{}]",
+            (0..groups)
+                .map(|i| format!(
+                    r#"{{"targets":["10.0.{}.{}:80"],"labels":{{}}}}"#,
+                    i / 250,
+                    i % 250
+                ))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+        .into_bytes();
+        let view = tokio::sync::watch::channel(crate::coordination::CoordinationView::single()).1;
+        let metrics = Arc::new(crate::telemetry::Metrics::new(&Default::default()));
+        let shared = Shared::new("t".into(), "127.0.0.1:9001".into(), view, metrics);
+        shared.publish(Body::from_json(&json, groups));
+        (shared, json)
+    }
+
+    #[tokio::test]
+    async fn a_client_without_gzip_gets_the_whole_json_with_its_length() {
+        // Several 64 KiB chunks.
+        let (shared, json) = with_list(5000);
+        let url = served(shared).await;
+        let resp = reqwest::get(&url).await.expect("get");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()),
+            Some(json.len().to_string().as_str())
+        );
+        assert!(resp.headers().get(header::CONTENT_ENCODING).is_none());
+        assert_eq!(resp.bytes().await.expect("body"), json);
+    }
+
+    #[tokio::test]
+    async fn clients_without_gzip_past_the_limit_are_told_to_retry_and_gzip_is_still_served() {
+        let (shared, json) = with_list(10);
+        let held: Vec<_> = (0..crate::state::INFLATING_CLIENTS)
+            .map(|_| {
+                shared
+                    .inflating
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("permit")
+            })
+            .collect();
+        let url = served(shared.clone()).await;
+        let client = reqwest::Client::new();
+        let refused = client.get(&url).send().await.expect("get");
+        assert_eq!(refused.status(), 503);
+        assert!(refused.headers().get(header::RETRY_AFTER).is_some());
+        let gzip = client
+            .get(&url)
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(gzip.status(), 200);
+        assert_eq!(
+            crate::targets::inflate(&gzip.bytes().await.expect("body")).expect("gzip"),
+            json
+        );
+        // A permit comes back when its stream ends.
+        drop(held);
+        let served = client.get(&url).send().await.expect("get");
+        assert_eq!(served.status(), 200);
+        assert_eq!(served.bytes().await.expect("body"), json);
+        assert_eq!(
+            shared.inflating.available_permits(),
+            crate::state::INFLATING_CLIENTS
+        );
     }
 }
