@@ -23,10 +23,16 @@ use shard_sd::targets::{self, Instance, Interner, ServiceData};
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        grew(layout.size());
         // SAFETY: the caller's contract is passed on unchanged.
         unsafe { System.alloc(layout) }
     }
@@ -38,7 +44,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        grew(new_size);
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -50,6 +56,14 @@ static ALLOCATOR: Counting = Counting;
 
 fn live() -> usize {
     LIVE.load(Ordering::Relaxed)
+}
+
+/// The most heap `work` held at once above what was live before it, and its result.
+fn peak_during<R>(work: impl FnOnce() -> R) -> (usize, R) {
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    let out = work();
+    (PEAK.load(Ordering::Relaxed).saturating_sub(before), out)
 }
 
 /// The process's resident size, in bytes.
@@ -219,6 +233,30 @@ fn measure(size: usize) {
         &format!("read into targets when elected ({read_ms:.0} ms)"),
         after_contents - after_mirror,
         n,
+    );
+    // Checking the largest shard received: as it is inflated, against the JSON
+    // inflated whole first.
+    let largest = snapshot
+        .shards
+        .values()
+        .max_by_key(|s| s.body.targets())
+        .expect("a shard");
+    let gzip = largest.body.gzip().clone();
+    let (streamed, checked) = peak_during(|| targets::Body::from_gzip(gzip.clone()));
+    assert!(checked.is_ok());
+    let (whole, parsed) = peak_during(|| {
+        let json = targets::inflate(&gzip).expect("inflates");
+        serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&json).map(|g| g.len())
+    });
+    assert!(parsed.is_ok());
+    println!(
+        "\nChecking the largest shard received ({} targets): at most {:.1} MiB held while it is \
+         inflated and read as a stream ({:.0} B per target of the shard), against {:.1} MiB when \
+         the JSON is inflated whole first\n",
+        largest.body.targets(),
+        streamed as f64 / 1048576.0,
+        streamed as f64 / largest.body.targets() as f64,
+        whole as f64 / 1048576.0
     );
     drop((mirror, received, doc, snapshot, assigner, list, data));
 }
