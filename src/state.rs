@@ -22,6 +22,56 @@ pub struct Published {
     pub body: Body,
     /// Sharded mode: the slot, leader term and generation this shard belongs to.
     pub shard: Option<ShardStamp>,
+    /// The JSON, inflated when a client without gzip first asks (Prometheus's
+    /// http_sd sends no `Accept-Encoding`) and kept while this list is served:
+    /// one inflation per change, whatever the number of clients.
+    json: tokio::sync::OnceCell<bytes::Bytes>,
+    /// Longest JSON kept so (see [`MAX_KEPT_JSON`]).
+    keep_up_to: u64,
+}
+
+/// Lists whose JSON is longer than this (about 80,000 targets) are not kept
+/// inflated: each client without gzip gets theirs inflated as it is sent, which
+/// costs CPU per request instead of hundreds of MiB held.
+pub const MAX_KEPT_JSON: u64 = 64 << 20;
+
+impl Published {
+    pub fn new(body: Body, shard: Option<ShardStamp>) -> Published {
+        Published::keeping_json_up_to(body, shard, MAX_KEPT_JSON)
+    }
+
+    pub fn keeping_json_up_to(body: Body, shard: Option<ShardStamp>, bytes: u64) -> Published {
+        Published {
+            body,
+            shard,
+            json: tokio::sync::OnceCell::new(),
+            keep_up_to: bytes,
+        }
+    }
+
+    /// The JSON (see the field), or `None` for a list too long to keep: it is
+    /// then sent inflated as it goes ([`Body::json_chunks`]). Concurrent first
+    /// askers wait for one inflation, which runs off the async workers.
+    pub async fn kept_json(&self) -> Result<Option<bytes::Bytes>, crate::targets::BodyError> {
+        if self.body.json_len().is_none_or(|len| len > self.keep_up_to) {
+            return Ok(None);
+        }
+        self.json
+            .get_or_try_init(|| {
+                let body = self.body.clone();
+                async move {
+                    match tokio::task::spawn_blocking(move || body.json()).await {
+                        Ok(json) => json.map(bytes::Bytes::from),
+                        Err(join) => {
+                            Err(crate::targets::BodyError::Gzip(std::io::Error::other(join)))
+                        }
+                    }
+                }
+            })
+            .await
+            .cloned()
+            .map(Some)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,15 +254,9 @@ pub struct Shared {
     draining: std::sync::atomic::AtomicBool,
     targets: watch::Sender<Option<Arc<Published>>>,
     status: RwLock<DiscoveryStatus>,
-    /// Clients without gzip being sent a list inflated as it goes (see
-    /// [`INFLATING_CLIENTS`]).
-    pub inflating: Arc<tokio::sync::Semaphore>,
+    /// [`MAX_KEPT_JSON`] unless told otherwise.
+    kept_json_limit: std::sync::atomic::AtomicU64,
 }
-
-/// How many clients that do not accept gzip are served at once: each costs the
-/// inflation of the whole list, so more are answered `503` (Prometheus and
-/// every collector ask with gzip; this bounds the CPU a loop of `curl` can take).
-pub const INFLATING_CLIENTS: usize = 4;
 
 impl Shared {
     /// `coordination` is the coordinator's view, or a fixed single-replica view.
@@ -231,7 +275,7 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             mirror: RwLock::new(None),
             targets: watch::Sender::new(None),
-            inflating: Arc::new(tokio::sync::Semaphore::new(INFLATING_CLIENTS)),
+            kept_json_limit: std::sync::atomic::AtomicU64::new(MAX_KEPT_JSON),
             status: RwLock::new(DiscoveryStatus::default()),
         })
     }
@@ -274,9 +318,20 @@ impl Shared {
         if unchanged {
             return false;
         }
+        let keep_up_to = self
+            .kept_json_limit
+            .load(std::sync::atomic::Ordering::Relaxed);
         self.targets
-            .send_replace(Some(Arc::new(Published { body, shard })));
+            .send_replace(Some(Arc::new(Published::keeping_json_up_to(
+                body, shard, keep_up_to,
+            ))));
         true
+    }
+
+    /// Lists published from now on keep their JSON only up to `bytes` long.
+    pub fn keep_json_up_to(&self, bytes: u64) {
+        self.kept_json_limit
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The leader's assignment while this replica leads.

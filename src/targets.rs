@@ -920,9 +920,10 @@ pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<u8> {
     out
 }
 
-/// An http_sd document as it is kept and served: gzip-compressed once (Prometheus
-/// asks for gzip; the JSON shrinks about tenfold), with the ETag of its JSON. The
-/// JSON itself is inflated only for a client that does not accept gzip.
+/// An http_sd document as it is kept, mirrored and sent between replicas:
+/// gzip-compressed once (the JSON shrinks about seventeenfold), with the ETag of
+/// its JSON. The JSON itself is inflated for clients that do not accept gzip,
+/// Prometheus's http_sd among them, once per change (see `state::Published`).
 #[derive(Clone, Debug)]
 pub struct Body {
     gzip: bytes::Bytes,
@@ -1098,8 +1099,8 @@ impl Body {
     }
 
     /// The JSON as a stream of chunks of at most `chunk` bytes, inflated as it
-    /// is read: a client that does not accept gzip costs CPU, never a copy of a
-    /// large list held for it. A body is only ever our own output or checked
+    /// is read: a large list sent to a client without gzip costs CPU, never a
+    /// copy held for it. A body is only ever our own output or checked
     /// bytes, so no limit applies; a failure (none is expected) ends the stream
     /// with an error, never with a short document.
     pub fn json_chunks(&self, chunk: usize) -> impl Iterator<Item = std::io::Result<bytes::Bytes>> {

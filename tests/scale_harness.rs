@@ -56,6 +56,8 @@ fn the_harness_reports_every_figure_at_about_2000_targets() {
         "follower_rss_mib",
         "http_sd_p50_ms",
         "http_sd_p99_ms",
+        "http_sd_gzip_p50_ms",
+        "http_sd_gzip_p99_ms",
     ] {
         let value = report[figure].as_f64();
         assert!(
@@ -78,4 +80,10 @@ fn the_harness_reports_every_figure_at_about_2000_targets() {
     assert!(received > 0.0, "{report}");
     assert!(report["largest_shard_targets"].as_u64() >= Some(targets / 2));
     assert!(report["http_sd_gzip_bytes"].as_u64() > Some(1000));
+    // Clients without gzip (as Prometheus asks) get the JSON, several times larger.
+    assert!(
+        report["http_sd_json_bytes"].as_u64()
+            > Some(5 * report["http_sd_gzip_bytes"].as_u64().unwrap_or(0)),
+        "{report}"
+    );
 }

@@ -387,28 +387,25 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
     if if_none_match(headers, &tag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), vary]).into_response();
     }
-    // Kept compressed: a client that does not accept gzip gets it inflated as it
-    // is sent, 64 KiB at a time, a few such clients at once.
-    let mut json_len = None;
+    // Kept compressed for clients that accept gzip; Prometheus's http_sd does not
+    // ask for it, and gets the JSON inflated once per change (a very long list:
+    // inflated as it is sent, with its length said so a cut-short one shows).
+    let mut streamed_len = None;
     let body = match gzip {
         true => axum::body::Body::from(published.body.gzip().clone()),
-        false => {
-            let Ok(permit) = shared.inflating.clone().try_acquire_owned() else {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::RETRY_AFTER, "1")],
-                    "too many clients without gzip at once; retry, or send \
-                     Accept-Encoding: gzip\n",
-                )
-                    .into_response();
-            };
-            json_len = published.body.json_len();
-            // The permit goes with the stream: released when it ends or the client leaves.
-            let chunks = published.body.json_chunks(64 * 1024).inspect(move |_| {
-                let _held = &permit;
-            });
-            axum::body::Body::from_stream(futures::stream::iter(chunks))
-        }
+        false => match published.kept_json().await {
+            Ok(Some(json)) => axum::body::Body::from(json),
+            Ok(None) => {
+                streamed_len = published.body.json_len();
+                axum::body::Body::from_stream(futures::stream::iter(
+                    published.body.json_chunks(256 * 1024),
+                ))
+            }
+            Err(err) => {
+                tracing::error!("the published list does not inflate: {err}");
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        },
     };
     let mut response = (
         [
@@ -428,8 +425,7 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
             .headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
-    // A streamed body has its length said, so a cut-short one is seen as such.
-    if let Some(len) = json_len {
+    if let Some(len) = streamed_len {
         response
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -613,6 +609,10 @@ mod serving_tests {
     }
 
     fn with_list(groups: usize) -> (Arc<Shared>, Vec<u8>) {
+        with_list_keeping(groups, crate::state::MAX_KEPT_JSON)
+    }
+
+    fn with_list_keeping(groups: usize, keep_up_to: u64) -> (Arc<Shared>, Vec<u8>) {
         let json = format!(
             "[{}]",
             (0..groups)
@@ -628,13 +628,30 @@ mod serving_tests {
         let view = tokio::sync::watch::channel(crate::coordination::CoordinationView::single()).1;
         let metrics = Arc::new(crate::telemetry::Metrics::new(&Default::default()));
         let shared = Shared::new("t".into(), "127.0.0.1:9001".into(), view, metrics);
+        shared.keep_json_up_to(keep_up_to);
         shared.publish(Body::from_json(&json, groups));
         (shared, json)
     }
 
     #[tokio::test]
+    async fn a_list_too_long_to_keep_is_inflated_as_it_is_sent_with_its_length() {
+        let (shared, json) = with_list_keeping(5000, 1000);
+        let published = shared.targets().expect("published");
+        assert!(published.kept_json().await.expect("inflates").is_none());
+        let url = served(shared.clone()).await;
+        let resp = reqwest::get(&url).await.expect("get");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()),
+            Some(json.len().to_string().as_str())
+        );
+        assert_eq!(resp.bytes().await.expect("body"), json);
+    }
+
+    #[tokio::test]
     async fn a_client_without_gzip_gets_the_whole_json_with_its_length() {
-        // Several 64 KiB chunks.
         let (shared, json) = with_list(5000);
         let url = served(shared).await;
         let resp = reqwest::get(&url).await.expect("get");
@@ -650,22 +667,34 @@ mod serving_tests {
     }
 
     #[tokio::test]
-    async fn clients_without_gzip_past_the_limit_are_told_to_retry_and_gzip_is_still_served() {
-        let (shared, json) = with_list(10);
-        let held: Vec<_> = (0..crate::state::INFLATING_CLIENTS)
-            .map(|_| {
-                shared
-                    .inflating
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("permit")
-            })
-            .collect();
+    async fn clients_without_gzip_share_one_inflation_per_change() {
+        let (shared, json) = with_list(3000);
         let url = served(shared.clone()).await;
         let client = reqwest::Client::new();
-        let refused = client.get(&url).send().await.expect("get");
-        assert_eq!(refused.status(), 503);
-        assert!(refused.headers().get(header::RETRY_AFTER).is_some());
+        // Prometheus's http_sd asks like this: no Accept-Encoding.
+        let asks = (0..20).map(|_| {
+            client
+                .get(&url)
+                .header(header::ACCEPT, "application/json")
+                .send()
+        });
+        for resp in futures::future::join_all(asks).await {
+            let resp = resp.expect("get");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.bytes().await.expect("body"), json);
+        }
+        let published = shared.targets().expect("published");
+        let (a, b) = (
+            published.kept_json().await.expect("inflates"),
+            published.kept_json().await.expect("inflates"),
+        );
+        let (a, b) = (a.expect("kept"), b.expect("kept"));
+        assert_eq!(a.as_ptr(), b.as_ptr(), "inflated once, shared");
+        // A new list is inflated anew.
+        let (_, other) = with_list(7);
+        shared.publish(Body::from_json(&other, 7));
+        let resp = client.get(&url).send().await.expect("get");
+        assert_eq!(resp.bytes().await.expect("body"), other);
         let gzip = client
             .get(&url)
             .header(header::ACCEPT_ENCODING, "gzip")
@@ -675,16 +704,7 @@ mod serving_tests {
         assert_eq!(gzip.status(), 200);
         assert_eq!(
             crate::targets::inflate(&gzip.bytes().await.expect("body")).expect("gzip"),
-            json
-        );
-        // A permit comes back when its stream ends.
-        drop(held);
-        let served = client.get(&url).send().await.expect("get");
-        assert_eq!(served.status(), 200);
-        assert_eq!(served.bytes().await.expect("body"), json);
-        assert_eq!(
-            shared.inflating.available_permits(),
-            crate::state::INFLATING_CLIENTS
+            other
         );
     }
 }
