@@ -30,10 +30,10 @@ pub struct Published {
     keep_up_to: u64,
 }
 
-/// Lists whose JSON is longer than this (about 80,000 targets) are not kept
+/// Lists whose JSON is longer than this (about 20,000 targets) are not kept
 /// inflated: each client without gzip gets theirs inflated as it is sent, which
 /// costs CPU per request instead of hundreds of MiB held.
-pub const MAX_KEPT_JSON: u64 = 64 << 20;
+pub const MAX_KEPT_JSON: u64 = 16 << 20;
 
 impl Published {
     pub fn new(body: Body, shard: Option<ShardStamp>) -> Published {
