@@ -240,7 +240,7 @@ pub async fn run(
                         highest_term = term;
                         have = Some((slot, term, generation));
                         shared.publish_shard(Some(slot), term, generation, body);
-                        // The shard was inflated to be checked: that is free now.
+                        // The received buffer and the shard it replaced are free now.
                         crate::release_free_memory();
                         if last_error.take().is_some() {
                             tracing::info!(leader = addr, "receiving shards from the leader again");

@@ -36,10 +36,6 @@ pub struct Published {
 pub const MAX_KEPT_JSON: u64 = 16 << 20;
 
 impl Published {
-    pub fn new(body: Body, shard: Option<ShardStamp>) -> Published {
-        Published::keeping_json_up_to(body, shard, MAX_KEPT_JSON)
-    }
-
     pub fn keeping_json_up_to(body: Body, shard: Option<ShardStamp>, bytes: u64) -> Published {
         Published {
             body,

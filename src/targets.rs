@@ -995,7 +995,7 @@ impl BodyWriter {
         let gzip = self.encoder.finish().unwrap_or_default();
         Body {
             gzip: bytes::Bytes::from(gzip),
-            etag: format!("\"{:016x}\"", self.hash.digest()),
+            etag: etag_of(self.hash.digest()),
             targets,
             json_len: Some(self.len),
         }
@@ -1162,7 +1162,7 @@ pub fn read_document<T: serde::de::DeserializeOwned>(
     match parsed {
         Ok(value) => Ok(Document {
             value,
-            etag: format!("\"{:016x}\"", reader.hash.digest()),
+            etag: etag_of(reader.hash.digest()),
             json_len: reader.len,
         }),
         Err(_) if reader.len >= reader.limit => Err(BodyError::TooLarge),
@@ -1273,7 +1273,12 @@ pub fn from_groups_sharing(groups: Vec<Group>, strings: &mut Interner) -> Vec<Ta
 
 /// A strong ETag for a rendered body.
 pub fn etag(body: &[u8]) -> String {
-    format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body))
+    etag_of(xxhash_rust::xxh3::xxh3_64(body))
+}
+
+/// The ETag of JSON whose XXH3-64 is `digest` (hashed whole or as it streamed).
+fn etag_of(digest: u64) -> String {
+    format!("\"{digest:016x}\"")
 }
 
 #[cfg(test)]

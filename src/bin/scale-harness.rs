@@ -417,7 +417,7 @@ impl Harness {
     }
 
     /// p50 and p99 latency, in ms, of `GET /prometheus-targets` on `addr` with 50
-    /// concurrent clients accepting gzip, each asking again at once (`pause` zero:
+    /// concurrent clients (asking for gzip when `gzip`, else as Prometheus does), each asking again at once (`pause` zero:
     /// the server saturated) or every `pause`; and the body size and request count.
     async fn http_sd_latency(
         &self,
@@ -542,13 +542,17 @@ async fn run(args: Args) -> Result<Value> {
         .as_object()
         .map(|m| m.values().filter_map(Value::as_u64).sum())
         .unwrap_or(0);
-    let leader_rss = cpu_and_rss(pids[leader]).1;
-    let follower_rss = pids
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != leader)
-        .map(|(_, p)| cpu_and_rss(*p).1)
-        .max();
+    // The leader's resident size, and the largest of the followers'.
+    let resident = || {
+        let followers = pids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != leader)
+            .map(|(_, p)| cpu_and_rss(*p).1)
+            .max();
+        (cpu_and_rss(pids[leader]).1, followers)
+    };
+    let (leader_rss, follower_rss) = resident();
 
     // Registrations, and what followers receive for one.
     let followers: Vec<usize> = (0..h.replicas.len()).filter(|i| *i != leader).collect();
@@ -596,14 +600,9 @@ async fn run(args: Args) -> Result<Value> {
     let (sat_p50, sat_p99, _, sat_requests) = h.http_sd_latency(&addr, Duration::ZERO, false).await;
     // Resident sizes again, now that every replica serves its JSON to clients
     // without gzip: the larger of the two is reported.
-    let leader_rss = leader_rss.max(cpu_and_rss(pids[leader]).1);
-    let follower_rss = follower_rss.max(
-        pids.iter()
-            .enumerate()
-            .filter(|(i, _)| *i != leader)
-            .map(|(_, p)| cpu_and_rss(*p).1)
-            .max(),
-    );
+    let (leader_after, followers_after) = resident();
+    let leader_rss = leader_rss.max(leader_after);
+    let follower_rss = follower_rss.max(followers_after);
 
     Ok(json!({
         "targets": targets,
