@@ -1,10 +1,10 @@
 //! Where the leader's and a follower's bytes go, per structure, at a given number
 //! of targets: a counting global allocator measures the live heap after each step
 //! of what a leader holds (the discovery cache of instances, built through the
-//! same interner as discovery's; the target list; the assignment with its
-//! compressed shards; the encoded snapshot every follower mirrors) and what a
-//! follower holds (the mirror of the whole assignment, and what a new leader
-//! reads from it).
+//! same interner as discovery's; the target list; the assignment with its change
+//! log; a whole copy for replicas behind the log) and what a follower holds (the
+//! mirror of the whole assignment as received, its own slot's shard typed, and
+//! what a new leader reads from the mirror).
 //!
 //! `cargo bench --bench memory -- 100000` (the default size is 100,000 targets;
 //! several sizes may be given). Prints one table per size, in bytes per target.
@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use shard_sd::assignment::{Assigner, Snapshot};
+use shard_sd::cluster::assignment::Assigner;
+use shard_sd::cluster::mirror::{Mirror, OwnShard};
 use shard_sd::sharding::{Params, ShardBy, Slot};
-use shard_sd::state::Mirror;
 use shard_sd::targets::{self, Instance, Interner, ServiceData};
 
 struct Counting;
@@ -170,15 +170,20 @@ fn measure(size: usize) {
     assert_eq!(placed.len(), list.len());
     drop(placed);
     let snapshot = assigner.snapshot().expect("snapshot");
-    let gzip_bytes: usize = snapshot.shards.values().map(|s| s.body.gzip().len()).sum();
     let json_bytes = targets::render(list.iter().take(1000)).len() as f64 / 1000.0;
-    let doc = snapshot.encode();
-    let after_doc = live() as isize;
+    let log_bytes: usize = snapshot.log.iter().map(|f| f.bytes.len()).sum();
+    let after_snapshot = live() as isize;
+    let started = Instant::now();
+    let (whole_peak, whole) = peak_during(|| snapshot.whole().clone());
+    let whole_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let after_whole = live() as isize;
     println!("\n### {n} targets, 3 slots (leader), assignment in {assign_ms:.0} ms\n");
     println!("Placement alone on 100 slots (bounded load, from the targets): {place_ms:.0} ms\n");
     println!(
-        "{json_bytes:.0} B of http_sd JSON per target, kept gzip-compressed: {:.0} B per target\n",
-        gzip_bytes as f64 / n as f64
+        "{json_bytes:.0} B of http_sd JSON per target; on the peer wire, compressed: {:.0} B per \
+         target (a whole copy, made in {whole_ms:.0} ms with at most {:.1} MiB more held)\n",
+        whole.bytes.len() as f64 / n as f64,
+        whole_peak as f64 / 1048576.0
     );
     println!("| structure | live heap | bytes per target |");
     println!("|---|---|---|");
@@ -193,16 +198,19 @@ fn measure(size: usize) {
         n,
     );
     row(
-        "assignment: identities, owners, compressed shards",
+        &format!(
+            "assignment: identities, placements, shards' members, the change log ({:.1} MiB)",
+            log_bytes as f64 / 1048576.0
+        ),
         after_assigner - after_list,
         n,
     );
     row(
-        "encoded snapshot for mirrors (a head; the shards are sent as they are held)",
-        after_doc - after_assigner,
+        "a whole copy, made for replicas behind the log",
+        after_whole - after_snapshot,
         n,
     );
-    row("leader in all", after_doc - base, n);
+    row("leader in all", after_whole - base, n);
     let rss_before = rss();
     // SAFETY: returns glibc's free pages, as shard-sd does after large changes.
     unsafe { libc::malloc_trim(0) };
@@ -212,10 +220,22 @@ fn measure(size: usize) {
         rss_before as f64 / 1048576.0,
         rss() as f64 / 1048576.0
     );
-    let received = bytes::Bytes::from(doc.concat());
+    // A follower: the whole copy as received, then its slot's shard, typed.
+    let head = snapshot.answer_head(true);
     let before_mirror = live() as isize;
-    let mirror = Mirror::mirrored(Snapshot::decode(&received).expect("snapshot"));
+    let mirror = Mirror::followed(None, head, vec![whole.clone()]).expect("mirror");
     let after_mirror = live() as isize;
+    let slot = snapshot
+        .shards
+        .iter()
+        .max_by_key(|(_, s)| s.targets())
+        .map(|(slot, _)| *slot)
+        .expect("a shard");
+    let started = Instant::now();
+    let own = OwnShard::from_mirror(slot, &mirror).expect("own shard");
+    let body = own.body(&mirror.shards[&slot]).expect("checks");
+    let own_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let after_own = live() as isize;
     let started = Instant::now();
     let contents = mirror.contents().expect("contents").targets.len();
     let read_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -225,40 +245,24 @@ fn measure(size: usize) {
     println!("| structure | live heap | bytes per target |");
     println!("|---|---|---|");
     row(
-        "mirror of the whole assignment (its shards as received)",
+        "mirror of the whole assignment (the frames as received)",
         after_mirror - before_mirror,
         n,
     );
     row(
-        &format!("read into targets when elected ({read_ms:.0} ms)"),
-        after_contents - after_mirror,
+        &format!(
+            "its own slot's shard, typed, and its body ({} targets, built in {own_ms:.0} ms)",
+            own.len()
+        ),
+        after_own - after_mirror,
         n,
     );
-    // Checking the largest shard received: as it is inflated, against the JSON
-    // inflated whole first.
-    let largest = snapshot
-        .shards
-        .values()
-        .max_by_key(|s| s.body.targets())
-        .expect("a shard");
-    let gzip = largest.body.gzip().clone();
-    let (streamed, checked) = peak_during(|| targets::Body::from_gzip(gzip.clone()));
-    assert!(checked.is_ok());
-    let (whole, parsed) = peak_during(|| {
-        let json = targets::inflate(&gzip).expect("inflates");
-        serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&json).map(|g| g.len())
-    });
-    assert!(parsed.is_ok());
-    println!(
-        "\nChecking the largest shard received ({} targets): at most {:.1} MiB held while it is \
-         inflated and read as a stream ({:.0} B per target of the shard), against {:.1} MiB when \
-         the JSON is inflated whole first\n",
-        largest.body.targets(),
-        streamed as f64 / 1048576.0,
-        streamed as f64 / largest.body.targets() as f64,
-        whole as f64 / 1048576.0
+    row(
+        &format!("read into targets when elected ({read_ms:.0} ms)"),
+        after_contents - after_own,
+        n,
     );
-    drop((mirror, received, doc, snapshot, assigner, list, data));
+    drop((mirror, own, body, whole, snapshot, assigner, list, data));
 }
 
 fn main() {

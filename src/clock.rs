@@ -41,6 +41,15 @@ pub fn parse_offset(raw: &str) -> Result<i64, String> {
         .map_err(|e| format!("{e}: expected a signed duration such as +5m or -90s"))
 }
 
+/// Completes at `deadline`, or never without one: a timer branch for `select!`
+/// that is off when nothing is due.
+pub async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::clock::parse_offset;
 use crate::coordination::ShardCount;
 use crate::discovery::namespaces::{parse_namespace_list, NamespaceSource};
+use crate::discovery::HealthStatus;
 use crate::sharding::{Params, ShardBy};
+use crate::telemetry::LogFormat;
 
 /// Name of the file written in `FILE_BASED` mode, as the original sidecar named it.
 pub const FILE_SD_NAME: &str = "ecs-services.json";
@@ -30,24 +32,15 @@ pub enum DiscoveryMode {
     FileBased,
 }
 
-/// Which instances `DiscoverInstances` returns, by Cloud Map health status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum HealthStatus {
-    #[value(name = "HEALTHY")]
-    Healthy,
-    #[value(name = "UNHEALTHY")]
-    Unhealthy,
-    #[value(name = "ALL")]
-    All,
-    /// Healthy instances, or all of them when none is healthy.
-    #[value(name = "HEALTHY_OR_ELSE_ALL")]
-    HealthyOrElseAll,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// A parser for a domain enum named by `names` (matched ignoring case, listed in
+/// `--help`): the domain types stay free of the command line.
+fn named<T: Clone + Send + Sync + 'static>(
+    names: &'static [&'static str],
+    from_name: fn(&str) -> Option<T>,
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(names)
+        .try_map(move |name| from_name(&name).ok_or_else(|| format!("unknown value {name:?}")))
 }
 
 /// The command line: the sidecar by default, or a subcommand.
@@ -138,7 +131,7 @@ pub struct Config {
         long,
         env = "HEALTH_STATUS",
         value_name = "HEALTH_STATUS",
-        value_enum,
+        value_parser = named(HealthStatus::NAMES, HealthStatus::from_name),
         ignore_case = true,
         default_value = "HEALTHY_OR_ELSE_ALL"
     )]
@@ -208,7 +201,7 @@ pub struct Config {
         long,
         env = "SHARD_BY",
         value_name = "SHARD_BY",
-        value_enum,
+        value_parser = named(ShardBy::NAMES, ShardBy::from_name),
         ignore_case = true,
         default_value = "target",
         global = true
@@ -308,7 +301,7 @@ pub struct Config {
         long,
         env = "LOG_FORMAT",
         value_name = "LOG_FORMAT",
-        value_enum,
+        value_parser = named(LogFormat::NAMES, LogFormat::from_name),
         ignore_case = true,
         default_value = "text"
     )]

@@ -5,18 +5,17 @@
 //! Map; [`targets`] turns instances and tags into target groups; [`app`]
 //! publishes them into [`state`]; [`output`] serves them to collectors.
 //! With a lease table, [`coordination`] elects a fenced leader and assigns shard
-//! slots to replicas through DynamoDB leases.
+//! slots to replicas through DynamoDB leases, and [`cluster`] does the sharded
+//! serving: the leader assigns, every other replica follows its changes.
 
 pub mod app;
-pub mod assignment;
 pub mod aws;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod coordination;
 pub mod discovery;
-pub mod follower;
 pub mod identity;
-pub mod leader;
 pub mod output;
 pub mod plan;
 pub mod probe;

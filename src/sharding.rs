@@ -30,7 +30,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 use crate::targets::Target;
 
 /// What is hashed to place targets: all targets with the same key share slots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShardBy {
     /// Each target on its own: scheme, address and metrics path (labels do not move it).
@@ -39,6 +39,20 @@ pub enum ShardBy {
     Service,
     /// All targets of a namespace together (the hand-made sharding of the post, automated).
     Namespace,
+}
+
+impl ShardBy {
+    /// As `SHARD_BY` names them.
+    pub const NAMES: &'static [&'static str] = &["target", "service", "namespace"];
+
+    pub fn from_name(name: &str) -> Option<ShardBy> {
+        match name.to_ascii_lowercase().as_str() {
+            "target" => Some(ShardBy::Target),
+            "service" => Some(ShardBy::Service),
+            "namespace" => Some(ShardBy::Namespace),
+            _ => None,
+        }
+    }
 }
 
 /// A slot that can be assigned keys.

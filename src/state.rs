@@ -9,10 +9,11 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::cluster::leader::LeaderHandle;
+use crate::cluster::mirror::Mirror;
 use crate::coordination::{CoordinationView, Role};
 use crate::discovery::NamespaceReport;
-use crate::leader::LeaderHandle;
-use crate::targets::{Body, Target};
+use crate::targets::Body;
 use crate::telemetry::Metrics;
 
 /// A rendered target list: the exact bytes every reader serves (gzip-compressed,
@@ -70,141 +71,19 @@ impl Published {
     }
 }
 
+/// See [`Shared::serving`].
+#[derive(Clone, Debug)]
+pub enum Serving {
+    List(Arc<Published>),
+    /// A shard of a slot this replica no longer serves: `[]`.
+    SomeoneElses,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShardStamp {
     pub slot: Option<u32>,
     pub term: u64,
     pub generation: u64,
-}
-
-/// A copy of a leader's whole assignment (mirrored from the leader, or this
-/// replica's own when it stopped leading), from which the next leader starts,
-/// and from which a replica that takes a slot serves it until the leader answers.
-#[derive(Debug)]
-pub struct Mirror {
-    pub term: u64,
-    pub generation: u64,
-    /// The membership of that assignment.
-    pub slots: Vec<crate::sharding::Slot>,
-    /// Each slot's shard as the leader rendered it.
-    pub shards: std::collections::BTreeMap<u32, Body>,
-    /// The targets and the slots serving each: this replica's own when it led,
-    /// else read from the shards the first time a new leader needs them.
-    contents: std::sync::OnceLock<Option<MirrorContents>>,
-    /// When the copy was last known to be current: received, or confirmed
-    /// unchanged by its leader's long-poll, or this replica's own term ended.
-    current_at: std::sync::Mutex<std::time::Instant>,
-}
-
-/// What a new leader starts from.
-#[derive(Clone, Debug)]
-pub struct MirrorContents {
-    /// Sorted, one per identity.
-    pub targets: Arc<Vec<Target>>,
-    /// The slots serving each target (draining ones included): a new leader goes
-    /// on with the handoffs in flight.
-    pub owners: Arc<crate::assignment::Owners>,
-}
-
-impl Mirror {
-    /// A copy of an assignment received from its leader.
-    pub fn mirrored(doc: crate::assignment::SnapshotDoc) -> Self {
-        Mirror {
-            term: doc.term,
-            generation: doc.generation,
-            slots: doc.slots,
-            shards: doc.shards,
-            contents: std::sync::OnceLock::new(),
-            current_at: std::sync::Mutex::new(std::time::Instant::now()),
-        }
-    }
-
-    /// This replica's own assignment, as its term leaves it.
-    pub fn own(
-        term: u64,
-        generation: u64,
-        inherited: crate::assignment::Inherited,
-        shards: std::collections::BTreeMap<u32, Body>,
-    ) -> Self {
-        Mirror {
-            term,
-            generation,
-            slots: inherited.slots,
-            shards,
-            contents: std::sync::OnceLock::from(Some(MirrorContents {
-                targets: inherited.targets,
-                owners: Arc::new(inherited.owners),
-            })),
-            current_at: std::sync::Mutex::new(std::time::Instant::now()),
-        }
-    }
-
-    /// The targets and their slots, read from the shards once. `None` if a shard
-    /// is not the document it claims to be (it is then not started from).
-    pub fn contents(&self) -> Option<&MirrorContents> {
-        self.contents
-            .get_or_init(|| match read_shards(&self.shards) {
-                Ok(contents) => Some(contents),
-                Err(err) => {
-                    tracing::warn!(
-                        term = self.term,
-                        generation = self.generation,
-                        "the mirrored assignment cannot be read: {err}"
-                    );
-                    None
-                }
-            })
-            .as_ref()
-    }
-
-    /// Its leader said nothing changed since: the copy is current now.
-    pub fn confirm_current(&self) {
-        self.set_current_at(std::time::Instant::now());
-    }
-
-    /// The copy was last known current at `at`.
-    pub fn set_current_at(&self, at: std::time::Instant) {
-        *self.current_at.lock().unwrap_or_else(|e| e.into_inner()) = at;
-    }
-
-    /// How long ago the copy was last known to be current.
-    pub fn age(&self) -> std::time::Duration {
-        self.current_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-    }
-}
-
-/// The targets of every shard, each once, with the slots whose shards hold it.
-fn read_shards(
-    shards: &std::collections::BTreeMap<u32, Body>,
-) -> Result<MirrorContents, crate::targets::BodyError> {
-    let mut owners = crate::assignment::Owners::default();
-    let mut targets = Vec::new();
-    let mut strings = crate::targets::Interner::default();
-    for (slot, body) in shards {
-        // Checked as it is read: the very document its ETag and count name.
-        let read: crate::targets::Document<Vec<crate::targets::Group>> =
-            crate::targets::read_document(body.gzip())?;
-        if read.etag != body.etag() || read.value.len() != body.targets() {
-            return Err(crate::targets::BodyError::Mismatch);
-        }
-        for target in crate::targets::from_groups_sharing(read.value, &mut strings) {
-            let slots = owners
-                .entry(crate::sharding::target_id(&target))
-                .or_default();
-            if slots.is_empty() {
-                targets.push(target);
-            }
-            slots.push(*slot);
-        }
-    }
-    targets.sort();
-    Ok(MirrorContents {
-        targets: Arc::new(targets),
-        owners: Arc::new(owners),
-    })
 }
 
 /// The latest discovery cycle, as `/v1/status` shows it.
@@ -244,7 +123,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     coordination: watch::Receiver<CoordinationView>,
     leader: std::sync::RwLock<Option<Arc<LeaderHandle>>>,
-    /// The last full assignment received from the leader (followers and standbys).
+    /// The copy of the leader's assignment (followers and standbys), or this
+    /// replica's own as its last term left it.
     mirror: RwLock<Option<Arc<Mirror>>>,
     /// Stopping: keep serving the last shard while its slot is handed over.
     draining: std::sync::atomic::AtomicBool,
@@ -274,6 +154,23 @@ impl Shared {
             kept_json_limit: std::sync::atomic::AtomicU64::new(MAX_KEPT_JSON),
             status: RwLock::new(DiscoveryStatus::default()),
         })
+    }
+
+    /// What every output (HTTP and file alike) serves now: `None` until the
+    /// first complete discovery; `[]` for the shard of a slot this replica no
+    /// longer serves, which is someone else's now (checked when asked, so a
+    /// replica resuming from a pause never serves it again). A slot whose lease
+    /// lapsed while nobody else took it is still served (stale), and so is the
+    /// last shard while stopping.
+    pub fn serving(&self) -> Option<Serving> {
+        let published = self.targets()?;
+        if let Some(stamp) = published.shard {
+            let serving = self.coordination().serving_slot();
+            if stamp.slot.is_some() && stamp.slot != serving && !self.is_draining() {
+                return Some(Serving::SomeoneElses);
+            }
+        }
+        Some(Serving::List(published))
     }
 
     /// The current list; `None` until the first complete discovery.
@@ -349,8 +246,8 @@ impl Shared {
             .clone()
     }
 
-    pub fn set_mirror(&self, mirror: Mirror) {
-        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(mirror));
+    pub fn set_mirror(&self, mirror: Option<Mirror>) {
+        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = mirror.map(Arc::new);
     }
 
     /// The mirror, no longer kept here: a new leader starts from it once and then

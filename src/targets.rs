@@ -171,7 +171,9 @@ pub struct ServiceData<'a> {
 }
 
 /// Which endpoint of a task a target scrapes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 pub enum MetricsSource {
     #[serde(rename = "app")]
     App,
@@ -385,6 +387,35 @@ impl Target {
         });
         self.content = h.digest();
         self
+    }
+
+    /// A target as a peer sent it: its fields, and its labels as rendered (sorted
+    /// by name, names unique, else `None`), strings shared through `strings`. It
+    /// renders to the very bytes, and has the content hash, of the one sent.
+    pub fn from_parts(
+        strings: &mut Interner,
+        namespace: &str,
+        service: &str,
+        instance_id: &str,
+        source: MetricsSource,
+        address: &str,
+        labels: &[(String, String)],
+    ) -> Option<Target> {
+        if labels.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return None;
+        }
+        let labels: Arc<[(Arc<str>, Arc<str>)]> = labels
+            .iter()
+            .map(|(k, v)| (strings.get(k), strings.get(v)))
+            .collect();
+        Some(Target::given(
+            strings.get(namespace),
+            strings.get(service),
+            strings.get(instance_id),
+            source,
+            strings.get(address),
+            labels,
+        ))
     }
 
     /// The same target with one more label (or one replaced): a relabelled copy.

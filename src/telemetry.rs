@@ -15,10 +15,29 @@ use prometheus_client::registry::{Registry, Unit};
 use tracing_subscriber::EnvFilter;
 
 use crate::aws::RequestStats;
-use crate::config::LogFormat;
 
 /// Installs the global log subscriber. Logs go to stderr so that stdout stays
 /// free for command output.
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// As `LOG_FORMAT` names them.
+    pub const NAMES: &'static [&'static str] = &["text", "json"];
+
+    pub fn from_name(name: &str) -> Option<LogFormat> {
+        match name.to_ascii_lowercase().as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use common::cloudmap::{CloudMap, POST_TAGS};
 use common::proxy::{AwsProxy, Fault};
 use common::Moto;
-use shard_sd::config::HealthStatus;
 use shard_sd::discovery::namespaces::NamespaceSource;
+use shard_sd::discovery::HealthStatus;
 use shard_sd::discovery::{
     CycleReport, Discoverer, DiscoveryOptions, FULL_REFRESH_CYCLES, TAG_REFRESH_CYCLES,
 };

@@ -348,6 +348,12 @@ async fn forged_confirmations_change_nothing() {
             u64::MAX
         ));
         http().get(url).bearer_auth(TOKEN).send().await.unwrap();
+        // The same through the replication stream.
+        let url = leader.peer_url(&format!(
+            "/v1/changes?holder={who}&slot={slot}&after_term={term}&after={}&wait_ms=0",
+            u64::MAX
+        ));
+        http().get(url).bearer_auth(TOKEN).send().await.unwrap();
     }
     let after = assignment().await;
     let slots = after["slots"].as_array().unwrap();

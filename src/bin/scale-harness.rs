@@ -14,7 +14,14 @@
 //! - `registration_to_shard_s` (p50, max): from a registration at the synthetic
 //!   endpoint to the target appearing in some replica's `/prometheus-targets`;
 //! - `peer_bytes_per_change` received per follower for one registration, from
-//!   `shard_sd_peer_bytes_received_total`;
+//!   `shard_sd_peer_bytes_received_total`; `peer_full_copy_bytes`, what a whole
+//!   copy of the assignment weighs on the peer wire; `churn_bytes_per_follower`
+//!   for `--churn-burst` instances registered and deregistered at once (1% of the
+//!   targets by default), and `churn_bytes_vs_encoded`, that over what the changed
+//!   targets weigh in a whole copy;
+//! - `new_leader_publish_s`: from SIGKILL of the leader to a survivor leading a
+//!   newer term with its assignment published, and `new_leader_survivors_changed`,
+//!   the survivors whose served shard changed meanwhile (a target moved);
 //! - `http_sd_p99_ms` (and p50) of the largest shard with 50 concurrent clients
 //!   that ask as Prometheus's http_sd does (no `Accept-Encoding`: the JSON), each
 //!   asking every `--client-pause`
@@ -66,6 +73,13 @@ struct Args {
     /// AWS_MAX_RPS of the replicas (Cloud Map calls per second in all).
     #[arg(long)]
     max_rps: Option<f64>,
+    /// Instances registered and deregistered at once for `churn_bytes_per_follower`
+    /// (default: 1% of the targets).
+    #[arg(long)]
+    churn_burst: Option<usize>,
+    /// Skip SIGKILLing the leader at the end.
+    #[arg(long)]
+    no_kill: bool,
     /// Registrations timed for `registration_to_shard_s`.
     #[arg(long, default_value_t = 5)]
     registrations: usize,
@@ -169,6 +183,8 @@ struct Harness {
     client: reqwest::Client,
     synthetic: String,
     replicas: Vec<Replica>,
+    /// Each replica's peer address.
+    peers: Vec<String>,
     _moto: Proc,
     _aws: Proc,
 }
@@ -277,6 +293,7 @@ impl Harness {
             client,
             synthetic,
             replicas: Vec::new(),
+            peers: Vec::new(),
             _moto: moto,
             _aws: aws,
         };
@@ -331,6 +348,7 @@ impl Harness {
             }
             let proc = spawn(&harness.args.logs, &format!("shard-sd-r{i}"), &mut cmd)?;
             harness.replicas.push(Replica { proc, addr });
+            harness.peers.push(peer);
         }
         Ok(harness)
     }
@@ -416,6 +434,113 @@ impl Harness {
         }
     }
 
+    /// What a follower would receive for a whole copy of the assignment, in bytes:
+    /// the replication stream from the start, or (a leader of an earlier release)
+    /// the encoded snapshot.
+    async fn full_copy_bytes(&self, leader: usize) -> Option<u64> {
+        let addr = &self.peers[leader];
+        let changes = self
+            .client
+            .get(format!("http://{addr}/v1/changes?after_term=0&after=0"))
+            .bearer_auth("scale")
+            .send()
+            .await
+            .ok()?;
+        let resp = match changes.status() {
+            reqwest::StatusCode::NOT_FOUND => self
+                .client
+                .get(format!("http://{addr}/v1/snapshot?after_term=0&after=0"))
+                .header("accept", "application/vnd.shard-sd.snapshot")
+                .bearer_auth("scale")
+                .send()
+                .await
+                .ok()?,
+            _ => changes,
+        };
+        resp.status().is_success().then_some(())?;
+        Some(resp.bytes().await.ok()?.len() as u64)
+    }
+
+    /// Bytes each follower received since `before` (per follower, in order).
+    async fn peer_bytes_since(&self, followers: &[usize], before: &[f64]) -> Vec<f64> {
+        let mut out = Vec::new();
+        for (k, i) in followers.iter().enumerate() {
+            let now = self
+                .metric(&self.replicas[*i], "shard_sd_peer_bytes_received_total")
+                .await;
+            out.push(now - before[k]);
+        }
+        out
+    }
+
+    async fn peer_bytes(&self, followers: &[usize]) -> Vec<f64> {
+        let mut out = Vec::new();
+        for i in followers {
+            out.push(
+                self.metric(&self.replicas[*i], "shard_sd_peer_bytes_received_total")
+                    .await,
+            );
+        }
+        out
+    }
+
+    /// Each replica's (slot, ETag) as served.
+    async fn served(&self, which: &[usize]) -> Vec<(Value, Value)> {
+        let mut out = Vec::new();
+        for i in which {
+            let s = self.status(&self.replicas[*i]).await.unwrap_or_default();
+            out.push((s["slot"].clone(), s["etag"].clone()));
+        }
+        out
+    }
+
+    /// SIGKILLs the leader; returns the seconds until a survivor leads in a newer
+    /// term and has published its assignment, and how many survivors then serve
+    /// something else than before (a target moved) 3 s later.
+    async fn kill_leader(&mut self, leader: usize) -> Result<(f64, usize, u64)> {
+        let old_term = self
+            .status(&self.replicas[leader])
+            .await
+            .unwrap_or_default()["term"]
+            .as_u64()
+            .unwrap_or(0);
+        let survivors: Vec<usize> = (0..self.replicas.len()).filter(|i| *i != leader).collect();
+        let before = self.served(&survivors).await;
+        let killed = Instant::now();
+        let _ = self.replicas[leader].proc.child.kill();
+        let _ = self.replicas[leader].proc.child.wait();
+        let limit = Duration::from_secs(120);
+        let term = wait_until("a new leader's publication", limit, || async {
+            for i in &survivors {
+                let s = self.status(&self.replicas[*i]).await?;
+                let term = s["term"].as_u64().unwrap_or(0);
+                if s["role"] != "leader" || term <= old_term {
+                    continue;
+                }
+                let doc = self
+                    .client
+                    .get(format!("http://{}/v1/assignment", self.peers[*i]))
+                    .bearer_auth("scale")
+                    .send()
+                    .await
+                    .ok()?
+                    .json::<Value>()
+                    .await
+                    .ok()?;
+                if doc["generation"].is_u64() && doc["term"].as_u64() == Some(term) {
+                    return Some(term);
+                }
+            }
+            None
+        })
+        .await?;
+        let publish_s = killed.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = self.served(&survivors).await;
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        Ok((publish_s, moved, term))
+    }
+
     /// p50 and p99 latency, in ms, of `GET /prometheus-targets` on `addr` with 50
     /// concurrent clients (asking for gzip when `gzip`, else as Prometheus does), each asking again at once (`pause` zero:
     /// the server saturated) or every `pause`; and the body size and request count.
@@ -491,7 +616,7 @@ fn round(v: f64, digits: i32) -> f64 {
 
 async fn run(args: Args) -> Result<Value> {
     let json_out = args.json;
-    let h = Harness::start(args).await?;
+    let mut h = Harness::start(args).await?;
     let started = Instant::now();
     let stats = h.synthetic_stats().await?;
     let targets = stats["targets"].as_u64().unwrap_or(0) as usize;
@@ -604,6 +729,38 @@ async fn run(args: Args) -> Result<Value> {
     let leader_rss = leader_rss.max(leader_after);
     let follower_rss = follower_rss.max(followers_after);
 
+    // A burst of changes (1% of the targets by default): what each follower
+    // receives for it, against what those targets weigh in a whole copy.
+    let full_copy = h.full_copy_bytes(leader).await.unwrap_or(0);
+    let burst = h.args.churn_burst.unwrap_or(targets / 100).max(1);
+    let before = h.peer_bytes(&followers).await;
+    let changed: usize = h
+        .client
+        .post(format!("{}/synthetic/churn?count={burst}", h.synthetic))
+        .send()
+        .await?
+        .text()
+        .await?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    // Two whole cycles see every changed service; then the followers settle.
+    let last = h.status(&h.replicas[leader]).await.unwrap_or_default()["last_discovery"].clone();
+    let next = h.next_cycle(leader, &last).await?;
+    h.next_cycle(leader, &next).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let churn_bytes = h.peer_bytes_since(&followers, &before).await;
+    let per_target = full_copy as f64 / targets.max(1) as f64;
+    let churn_ratio: Vec<f64> = churn_bytes
+        .iter()
+        .map(|b| round(b / (changed as f64 * per_target), 2))
+        .collect();
+
+    let kill = match h.args.no_kill {
+        true => None,
+        false => Some(h.kill_leader(leader).await?),
+    };
+
     Ok(json!({
         "targets": targets,
         "services": services,
@@ -623,6 +780,14 @@ async fn run(args: Args) -> Result<Value> {
         "follower_rss_mib": follower_rss.map(mib),
         "registration_to_shard_s": {"p50": round(p50, 2), "max": round(max, 2), "n": times.len()},
         "peer_bytes_per_change": peer_bytes.iter().map(|b| b.round()).collect::<Vec<_>>(),
+        "peer_full_copy_bytes": full_copy,
+        "churn_burst": burst,
+        "churn_targets_changed": changed,
+        "churn_bytes_per_follower": churn_bytes.iter().map(|b| b.round()).collect::<Vec<_>>(),
+        "churn_bytes_vs_encoded": churn_ratio,
+        "new_leader_publish_s": kill.map(|k| round(k.0, 2)),
+        "new_leader_survivors_changed": kill.map(|k| k.1),
+        "new_leader_term": kill.map(|k| k.2),
         "largest_shard_targets": largest.1,
         "http_sd_p50_ms": round(lat_p50, 2),
         "http_sd_p99_ms": round(lat_p99, 2),

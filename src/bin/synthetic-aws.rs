@@ -29,7 +29,9 @@
 //! the service's revision), `--flaps-per-s` (health changes, which, as on AWS, do
 //! not). `GET /synthetic/stats` counts requests and throttles per operation;
 //! `POST /synthetic/register?service=N` registers one instance and answers its
-//! target address; `POST /synthetic/reset` zeroes the counters.
+//! target address; `POST /synthetic/churn?count=N` registers and deregisters N
+//! instances at random services in turn and answers how many targets changed;
+//! `POST /synthetic/reset` zeroes the counters.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -278,13 +280,40 @@ impl Account {
         if self.rng.bool() {
             self.register(i);
         } else {
-            let svc = &mut self.services[i];
-            if !svc.instances.is_empty() {
-                let k = self.rng.usize(0..svc.instances.len());
-                svc.instances.swap_remove(k);
-                svc.revision += 1;
+            self.deregister_one(i);
+        }
+    }
+
+    /// Deregisters one instance of service `i` at random; returns whether it had one.
+    fn deregister_one(&mut self, i: usize) -> bool {
+        let k = match self.services[i].instances.len() {
+            0 => return false,
+            n => self.rng.usize(0..n),
+        };
+        let svc = &mut self.services[i];
+        svc.instances.swap_remove(k);
+        svc.revision += 1;
+        true
+    }
+
+    /// `count` changes at random services, registrations and deregistrations in
+    /// turn; returns how many targets appeared or went.
+    fn churn_now(&mut self, count: usize) -> usize {
+        let mut targets = 0;
+        for k in 0..count {
+            if self.services.is_empty() {
+                break;
+            }
+            let i = self.rng.usize(0..self.services.len());
+            let per = if self.services[i].exporter { 2 } else { 1 };
+            if k % 2 == 0 {
+                self.register(i);
+                targets += per;
+            } else if self.deregister_one(i) {
+                targets += per;
             }
         }
+        targets
     }
 
     fn flap(&mut self) {
@@ -564,6 +593,16 @@ async fn register(State(state): State<Arc<Synthetic>>, Query(q): Query<RegisterQ
     }
 }
 
+#[derive(Deserialize)]
+struct ChurnQuery {
+    count: usize,
+}
+
+async fn churn(State(state): State<Arc<Synthetic>>, Query(q): Query<ChurnQuery>) -> String {
+    let mut account = state.account.lock().unwrap_or_else(|e| e.into_inner());
+    account.churn_now(q.count).to_string()
+}
+
 /// Applies `per_s` random changes a second with `change`, in ten steps a second.
 fn spawn_changes(state: Arc<Synthetic>, per_s: f64, change: fn(&mut Account)) {
     if per_s <= 0.0 {
@@ -606,6 +645,7 @@ async fn main() -> anyhow::Result<()> {
         .route("/synthetic/stats", get(stats))
         .route("/synthetic/reset", post(reset))
         .route("/synthetic/register", post(register))
+        .route("/synthetic/churn", post(churn))
         .fallback(handle)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -18,6 +18,7 @@
 pub mod lease;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -171,6 +172,35 @@ impl CoordinationView {
     }
 }
 
+/// Wakes every reader of the view when a lease deadline in it passes, even while
+/// the coordinator is blocked in a call: the view as of then (see
+/// [`CoordinationView::at`]) has lost that lease, and nobody has to poll for it.
+/// The view itself is left as published, so a renewal that was made but is
+/// published late reads as one, not as the end of a term.
+async fn notify_deadlines(view: Arc<watch::Sender<CoordinationView>>, shutdown: CancellationToken) {
+    let mut published = view.subscribe();
+    loop {
+        let next = {
+            let current = published.borrow_and_update();
+            let now = Instant::now();
+            [current.leader_until, current.slot_until]
+                .into_iter()
+                .flatten()
+                .filter(|deadline| *deadline > now)
+                .min()
+        };
+        tokio::select! {
+            changed = published.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = crate::clock::sleep_until(next) => view.send_modify(|_| {}),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// When each item's current record version was first received.
 #[derive(Debug, Default)]
 pub struct Observer {
@@ -280,7 +310,8 @@ pub struct Coordinator {
     observer: Observer,
     /// Highest slot index known to exist (auto mode reads one beyond it).
     highest_slot: u32,
-    view: watch::Sender<CoordinationView>,
+    /// Shared with [`notify_deadlines`].
+    view: Arc<watch::Sender<CoordinationView>>,
     last_error: Option<String>,
     last_live: Option<Vec<LiveSlot>>,
     /// The slot whose lease lapsed because renewals failed, with the item as this
@@ -305,7 +336,7 @@ impl Coordinator {
             slot: None,
             observer: Observer::default(),
             highest_slot: 0,
-            view: watch::Sender::new(CoordinationView::starting()),
+            view: Arc::new(watch::Sender::new(CoordinationView::starting())),
             last_error: None,
             last_live: None,
             lapsed: None,
@@ -321,6 +352,7 @@ impl Coordinator {
 
     /// Runs until `shutdown`, then releases what it holds so successors need not wait a lease.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        tokio::spawn(notify_deadlines(self.view.clone(), shutdown.clone()));
         if self.cfg.create_table {
             if let Err(err) = self.table.create_if_missing().await {
                 self.report_error(&err);

@@ -10,9 +10,9 @@ use aws_sdk_servicediscovery::types::{
 };
 use aws_sdk_servicediscovery::Client;
 
+use super::HealthStatus;
 use crate::aws::pacer::Pacer;
 use crate::aws::AwsCallError;
-use crate::config::HealthStatus;
 use crate::targets::Instance;
 
 /// `DiscoverInstances` returns at most this many instances and has no pagination.

@@ -31,6 +31,13 @@ pub struct DropHold {
     pub published: usize,
 }
 
+/// How many targets of `published` `next` drops, and the identities published.
+fn dropped(published: &[Target], next: &[Target]) -> (usize, HashSet<TargetId, IdBuild>) {
+    let next_ids: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
+    let published_ids: HashSet<TargetId, IdBuild> = published.iter().map(identity).collect();
+    (published_ids.difference(&next_ids).count(), published_ids)
+}
+
 /// What is served while a drop is held: every target of `next`, and those of
 /// `published` that `next` lacks, in the order `next` is built in.
 pub fn union(published: &[Target], next: &[Target]) -> Vec<Target> {
@@ -86,6 +93,16 @@ impl DropGuard {
         self.held.as_ref()
     }
 
+    /// Whether `next` drops no more of `published` than a publication may,
+    /// counting nothing towards a hold.
+    pub fn allows(&self, published: &[Target], next: &[Target]) -> bool {
+        if !self.enabled() || published.is_empty() {
+            return true;
+        }
+        let (would_drop, published_ids) = dropped(published, next);
+        would_drop as f64 <= self.max_fraction * published_ids.len() as f64
+    }
+
     /// Judges `next` against what is `published`. Targets are compared by identity
     /// (scheme, address, path), so a label change drops nothing.
     pub fn check(&mut self, published: &[Target], next: &[Target]) -> Verdict {
@@ -93,9 +110,7 @@ impl DropGuard {
             self.release(None);
             return Verdict::Publish;
         }
-        let next_ids: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
-        let published_ids: HashSet<TargetId, IdBuild> = published.iter().map(identity).collect();
-        let would_drop = published_ids.difference(&next_ids).count();
+        let (would_drop, published_ids) = dropped(published, next);
         if would_drop as f64 <= self.max_fraction * published_ids.len() as f64 {
             self.release(None);
             return Verdict::Publish;

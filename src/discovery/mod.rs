@@ -11,6 +11,7 @@
 pub mod cloudmap;
 pub mod guard;
 pub mod namespaces;
+pub mod publish;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -21,11 +22,38 @@ use serde::Serialize;
 
 use crate::aws::pacer::Pacer;
 use crate::aws::{AwsCallError, AwsClients};
-use crate::config::HealthStatus;
 use crate::targets::{self, BuildOutput, Instance, Interner, ServiceData};
 use cloudmap::{NamespaceRef, ServiceRef, DISCOVER_MAX_RESULTS};
 use namespaces::NamespaceSource;
 
+/// Which instances `DiscoverInstances` returns, by Cloud Map health status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthStatus {
+    Healthy,
+    Unhealthy,
+    All,
+    /// Healthy instances, or all of them when none is healthy.
+    HealthyOrElseAll,
+}
+
+impl HealthStatus {
+    /// As `HEALTH_STATUS` names them.
+    pub const NAMES: &'static [&'static str] =
+        &["HEALTHY", "UNHEALTHY", "ALL", "HEALTHY_OR_ELSE_ALL"];
+
+    pub fn from_name(name: &str) -> Option<HealthStatus> {
+        let all = [
+            HealthStatus::Healthy,
+            HealthStatus::Unhealthy,
+            HealthStatus::All,
+            HealthStatus::HealthyOrElseAll,
+        ];
+        let i = Self::NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))?;
+        Some(all[i])
+    }
+}
 /// Instances are re-read even with an unchanged revision every this many cycles,
 /// because a health change does not bump the revision.
 pub const FULL_REFRESH_CYCLES: u64 = 5;
@@ -42,6 +70,15 @@ pub struct DiscoveryOptions {
     /// zero: no spreading.
     pub interval: Duration,
 }
+
+/// What is called with the discoverer when services changed during a cycle.
+pub type Progress<'a> = &'a mut (dyn FnMut(&mut Discoverer) + Send);
+
+/// Least time between two calls of a cycle's progress, and how many times the
+/// last call's own duration it must also leave (a large list costs more to
+/// build and assign: fewer mid-cycle publications).
+pub const PROGRESS_SPACING: Duration = Duration::from_secs(1);
+const PROGRESS_COST_FACTOR: u32 = 10;
 
 /// The part of the refresh interval over which a cycle spreads its service
 /// refreshes, leaving room for the pacer's own delays.
@@ -195,6 +232,12 @@ impl Discoverer {
 
     /// Runs one discovery cycle and updates the cached state.
     pub async fn run_cycle(&mut self) -> CycleReport {
+        self.run_cycle_with(&mut |_| {}).await
+    }
+
+    /// [`Discoverer::run_cycle`], calling `progress` when services changed
+    /// during the cycle (see [`Discoverer::refresh_services`]).
+    pub async fn run_cycle_with(&mut self, progress: Progress<'_>) -> CycleReport {
         self.cycle += 1;
         let started = SystemTime::now();
         let clock = Instant::now();
@@ -222,7 +265,7 @@ impl Discoverer {
         if let (Some(names), Some(index)) = (&self.names, &self.index) {
             self.resolve_namespaces(names.clone(), index.clone());
             self.list_services(&mut errors).await;
-            self.refresh_services(&mut errors).await;
+            self.refresh_services(&mut errors, progress).await;
         }
 
         log_failures(self.cycle, &other_errors, &errors);
@@ -359,15 +402,18 @@ impl Discoverer {
     /// Refreshes tags and instances of every known service, `concurrency` at a time.
     /// Once discovery is complete, the services' turns are spread over
     /// [`SPREAD_FRACTION`] of the refresh interval instead of bursting at its
-    /// start; until then they go as fast as the pacer allows.
-    async fn refresh_services(&mut self, errors: &mut Vec<AwsCallError>) {
+    /// start; until then they go as fast as the pacer allows. Each answer is kept
+    /// as it arrives; `progress` is called after a service changed, at most once
+    /// per [`PROGRESS_SPACING`] (more when building takes long), once discovery is
+    /// complete, so that a registration is published within about a second of
+    /// its service's turn instead of at the end of the cycle.
+    async fn refresh_services(&mut self, errors: &mut Vec<AwsCallError>, progress: Progress<'_>) {
         let spread = self.is_complete() && !self.opts.interval.is_zero();
+        // Copies: what is known stays in place, complete, while the turns run.
         let mut work = Vec::new();
-        for (ns_name, state) in &mut self.namespaces {
-            if let Some(services) = state.services.as_mut() {
-                for (id, svc) in std::mem::take(services) {
-                    work.push((ns_name.clone(), id, svc));
-                }
+        for (ns_name, state) in &self.namespaces {
+            for (id, svc) in state.services.iter().flatten() {
+                work.push((ns_name.clone(), id.clone(), svc.clone()));
             }
         }
         let step = if spread && !work.is_empty() {
@@ -376,35 +422,46 @@ impl Discoverer {
             Duration::ZERO
         };
         let start = tokio::time::Instant::now();
-        let (cm, pacer) = (&self.aws.cloudmap, &*self.aws.pacer);
-        let strings = &*self.strings;
+        let (cm, pacer) = (self.aws.cloudmap.clone(), self.aws.pacer.clone());
+        let strings = self.strings.clone();
+        let (cm, pacer, strings) = (&cm, &*pacer, &*strings);
         let health = self.opts.health;
         let cycle = self.cycle;
-        let results: Vec<_> = stream::iter(work.into_iter().enumerate())
+        let mut answers = stream::iter(work.into_iter().enumerate())
             .map(|(i, (ns_name, id, svc))| async move {
                 tokio::time::sleep_until(start + step * i as u32).await;
                 let (svc, errs) =
                     refresh_service(cm, pacer, strings, health, &ns_name, svc, cycle).await;
                 (ns_name, id, svc, errs)
             })
-            .buffer_unordered(self.opts.concurrency.max(1))
-            .collect()
-            .await;
-        lock(&self.strings).prune();
-        for (ns_name, id, svc, errs) in results {
+            .buffer_unordered(self.opts.concurrency.max(1));
+        let mut last_progress: Option<(tokio::time::Instant, Duration)> = None;
+        while let Some((ns_name, id, mut svc, errs)) = answers.next().await {
             // A service read at last, or read again with something new.
-            if svc.built.is_none() && svc.is_read() {
-                self.changed = true;
-            }
+            let changed = svc.built.is_none() && svc.is_read();
+            self.changed |= changed;
             if let Some(state) = self.namespaces.get_mut(&ns_name) {
                 state.stale |= !errs.is_empty();
-                state
-                    .services
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(id, svc);
+                let services = state.services.get_or_insert_with(BTreeMap::new);
+                // Unchanged: where its targets stand now, which a build during
+                // the cycle may have moved, not where they stood at its start.
+                if let (false, Some(known)) = (changed, services.get_mut(&id)) {
+                    svc.built = known.built.take();
+                }
+                services.insert(id, svc);
             }
             errors.extend(errs);
+            let due = last_progress.is_none_or(|(at, took)| {
+                at.elapsed() >= PROGRESS_SPACING.max(took * PROGRESS_COST_FACTOR)
+            });
+            if changed && due && self.is_complete() {
+                let started = tokio::time::Instant::now();
+                progress(self);
+                last_progress = Some((started, started.elapsed()));
+            }
         }
+        drop(answers);
+        lock(&self.strings).prune();
     }
 
     fn is_complete(&self) -> bool {

@@ -1,5 +1,5 @@
-//! `FILE_BASED` mode: the published list written to `ecs-services.json` for
-//! Prometheus `file_sd_configs`. Writes go to a temporary file in the same
+//! `FILE_BASED` mode: what this replica serves, written to `ecs-services.json`
+//! for Prometheus `file_sd_configs`, with the same held-slot check as HTTP. Writes go to a temporary file in the same
 //! directory and are renamed over the target, so a reader never sees half a file.
 
 use std::io::Write;
@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::Published;
+use crate::state::{Serving, Shared};
+use crate::targets::Body;
 
 /// Delay before retrying a failed write.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -41,18 +41,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// Writes every new published list to `path` until shutdown.
-pub async fn run(
-    path: PathBuf,
-    mut rx: watch::Receiver<Option<Arc<Published>>>,
-    shutdown: CancellationToken,
-) {
+/// Writes what this replica serves (see [`Shared::serving`]: in sharded mode
+/// its own shard, `[]` once the slot is someone else's) to `path` on every
+/// change, until shutdown.
+pub async fn run(path: PathBuf, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut lists = shared.subscribe();
+    let mut view = shared.coordination_receiver();
+    // The ETag of the JSON written.
     let mut written: Option<String> = None;
+    let mut view_open = true;
     loop {
-        let current = rx.borrow_and_update().clone();
-        if let Some(published) = current.filter(|p| written.as_deref() != Some(p.body.etag())) {
+        let body = match shared.serving() {
+            Some(Serving::List(published)) => Some(published.body.clone()),
+            Some(Serving::SomeoneElses) => Some(Body::empty()),
+            None => None,
+        };
+        if let Some(body) = body.filter(|b| written.as_deref() != Some(b.etag())) {
             let target = path.clone();
-            let body = published.body.clone();
+            let etag = body.etag().to_owned();
+            let targets = body.targets();
             let result = tokio::task::spawn_blocking(move || {
                 // Our own output: inflating it cannot fail short of a defect.
                 let json = body.json().map_err(std::io::Error::other)?;
@@ -61,8 +68,8 @@ pub async fn run(
             .await;
             match result {
                 Ok(Ok(())) => {
-                    tracing::info!(path = %path.display(), targets = published.body.targets(), "wrote file_sd targets");
-                    written = Some(published.body.etag().to_owned());
+                    tracing::info!(path = %path.display(), targets, "wrote file_sd targets");
+                    written = Some(etag);
                 }
                 Ok(Err(err)) => {
                     tracing::error!(
@@ -80,7 +87,10 @@ pub async fn run(
             }
         }
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() { return },
+            changed = lists.changed() => if changed.is_err() { return },
+            // The slot may have become someone else's (deadlines included). A
+            // single replica's view never changes (its sender is gone).
+            changed = view.changed(), if view_open => view_open = changed.is_ok(),
             _ = shutdown.cancelled() => return,
         }
     }

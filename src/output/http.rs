@@ -1,42 +1,22 @@
-//! The HTTP routes, in two routers with their own policies. The public one, for
-//! collectors and operators: `GET /prometheus-targets` (Prometheus `http_sd`),
-//! `/healthz`, `/readyz`, `/v1/status`, `/metrics`. The peer one, for replicas only
-//! (its own listener, `PEER_LISTEN_ADDR`, behind `PEER_TOKEN`): `/v1/shards/{slot}`,
-//! `/v1/snapshot`, `/v1/assignment`. Handlers are thin: they copy what the
-//! discovery loop or the leader published.
+//! The public HTTP routes, for collectors and operators: `GET /prometheus-targets`
+//! (Prometheus `http_sd`), `/healthz`, `/readyz`, `/v1/status`, `/metrics`.
+//! Handlers are thin: they copy what the discovery loop or the cluster layer
+//! published. The peer routes are [`crate::cluster::routes`], on their own
+//! listener.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
-use crate::assignment::{AssignedSlot, AssignmentDoc, SNAPSHOT_CONTENT_TYPE};
-use crate::follower::{GENERATION_HEADER, TERM_HEADER};
-use crate::leader::{self, LeaderHandle};
-use crate::state::Shared;
+use crate::state::{Serving, Shared};
 use crate::telemetry::CodeLabels;
 
 pub const TARGETS_PATH: &str = "/prometheus-targets";
-
-/// Longest long-poll a follower may ask for.
-const MAX_WAIT: Duration = Duration::from_secs(60);
-
-/// State of the peer routes.
-#[derive(Clone)]
-struct PeerState {
-    shared: Arc<Shared>,
-    /// Cancelled when the replica stops: long-polls end at once instead of holding
-    /// the process past its stop timeout.
-    stopping: CancellationToken,
-}
 
 /// The public routes: what collectors, load balancers and operators read.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -47,298 +27,6 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(shared)
-}
-
-/// The peer routes, for other replicas only, behind one authentication layer.
-pub fn peer_router(
-    shared: Arc<Shared>,
-    peer_token: Option<String>,
-    stopping: CancellationToken,
-) -> Router {
-    let token: Option<Arc<str>> = peer_token.map(Arc::from);
-    Router::new()
-        .route("/v1/shards/{slot}", get(shard))
-        .route("/v1/assignment", get(assignment))
-        .route("/v1/snapshot", get(snapshot))
-        .with_state(PeerState { shared, stopping })
-        .layer(middleware::from_fn_with_state(token, require_token))
-}
-
-/// 401 unless the request carries `PEER_TOKEN` (when one is set).
-async fn require_token(
-    State(token): State<Option<Arc<str>>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if authorized(token.as_deref(), request.headers()) {
-        next.run(request).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            "PEER_TOKEN required: send Authorization: Bearer <token>\n",
-        )
-            .into_response()
-    }
-}
-
-/// Compares the bearer token in constant time.
-fn authorized(token: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(expected) = token else {
-        return true;
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The answer of a peer route on a replica that is not the leader.
-struct NotLeader;
-
-impl IntoResponse for NotLeader {
-    fn into_response(self) -> Response {
-        (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response()
-    }
-}
-
-/// The leader's assignment, or 503 on a replica that does not lead now: fenced by
-/// the term, so an assignment of a term that ended (the lease lapsed, or was
-/// re-taken as a new term) is never served.
-fn leader_of(state: &PeerState) -> Result<Arc<LeaderHandle>, NotLeader> {
-    let leading = leader::leading_term(&state.shared.coordination());
-    state
-        .shared
-        .leader()
-        .filter(|h| !h.has_ended() && leading == Some(h.term()))
-        .ok_or(NotLeader)
-}
-
-fn term_ended() -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, "no longer the leader\n").into_response()
-}
-
-fn stopping() -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-}
-
-#[derive(Deserialize)]
-struct ShardQuery {
-    #[serde(default)]
-    after_term: u64,
-    #[serde(default)]
-    after: u64,
-    #[serde(default)]
-    wait_ms: u64,
-    /// The asking replica; its confirmation counts only if it holds the slot.
-    #[serde(default)]
-    holder: Option<String>,
-}
-
-impl ShardQuery {
-    /// Whether the asker should get the copy of (`term`, `generation`) at once,
-    /// `latest` being the generation published last: it holds an older one, or
-    /// one of this term never published here, which no answer would ever follow.
-    fn lags(&self, term: u64, generation: u64, latest: u64) -> bool {
-        (term, generation) > (self.after_term, self.after)
-            || (self.after_term == term && self.after > latest)
-    }
-}
-
-/// A slot's shard for its holder: immediately if newer than (`after_term`,
-/// `after`), else when it changes or after `wait_ms` (304). Asking with the
-/// leader's term confirms that generation (ending handoffs to this slot), when
-/// the asker names itself as `holder` and the leader sees it holding the slot.
-async fn shard(
-    State(state): State<PeerState>,
-    Path(slot): Path<u32>,
-    Query(q): Query<ShardQuery>,
-    headers: HeaderMap,
-) -> Response {
-    let leader = match leader_of(&state) {
-        Ok(leader) => leader,
-        Err(refused) => return refused.into_response(),
-    };
-    // The leader may see a new holder a heartbeat after the holder sees itself:
-    // until then the confirmation waits, re-checked on every coordination change.
-    let mut view = state.shared.coordination_receiver();
-    let mut unconfirmed = q.holder.as_deref();
-    let confirm = |unconfirmed: &mut Option<&str>| {
-        let Some(holder) = *unconfirmed else {
-            return;
-        };
-        let view = state.shared.coordination();
-        if leader::leading_term(&view) != Some(leader.term()) {
-            return; // the term of this assignment is over: nothing to confirm in it
-        }
-        let live = view.live_slots.unwrap_or_default();
-        if live.iter().any(|l| l.slot == slot && l.holder == holder) {
-            leader.confirm(slot, holder, q.after_term, q.after);
-            *unconfirmed = None;
-        }
-    };
-    confirm(&mut unconfirmed);
-    let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
-    let mut updates = leader.subscribe();
-    loop {
-        let snapshot = updates.borrow_and_update().clone();
-        if let Some(snap) = &snapshot {
-            if let Some(shard) = snap.shards.get(&slot) {
-                if q.lags(snap.term, shard.generation, snap.generation) {
-                    let stamp = [
-                        (
-                            header::CONTENT_TYPE,
-                            HeaderValue::from_static("application/json"),
-                        ),
-                        (TERM_HEADER, HeaderValue::from(snap.term)),
-                        (GENERATION_HEADER, HeaderValue::from(shard.generation)),
-                    ];
-                    // As compressed once for every reader: the holder serves these
-                    // very bytes. A holder of an earlier release gets the JSON.
-                    if !accepts_gzip(&headers) {
-                        return match shard.body.json() {
-                            Ok(json) => (stamp, json).into_response(),
-                            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-                        };
-                    }
-                    let mut response = (stamp, shard.body.gzip().clone()).into_response();
-                    response
-                        .headers_mut()
-                        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                    return response;
-                }
-            }
-        }
-        if unconfirmed.is_some() {
-            tokio::select! {
-                changed = view.changed() => {
-                    if changed.is_ok() {
-                        confirm(&mut unconfirmed);
-                    } else {
-                        unconfirmed = None;
-                    }
-                    continue;
-                }
-                _ = updates.changed() => continue,
-                _ = tokio::time::sleep_until(deadline.into()) => {}
-                _ = state.stopping.cancelled() => return stopping(),
-                _ = leader.ended() => return term_ended(),
-            }
-        }
-        let wait = tokio::select! {
-            wait = tokio::time::timeout_at(deadline.into(), updates.changed()) => wait,
-            _ = state.stopping.cancelled() => return stopping(),
-            _ = leader.ended() => return term_ended(),
-        };
-        match wait {
-            Ok(Ok(())) => continue,
-            // Leadership ended (the sender is gone) or the wait is over.
-            Ok(Err(_)) => return term_ended(),
-            Err(_) if snapshot.is_none() => {
-                return (StatusCode::SERVICE_UNAVAILABLE, "no assignment yet\n").into_response()
-            }
-            Err(_) => return StatusCode::NOT_MODIFIED.into_response(),
-        }
-    }
-}
-
-/// The whole assignment for mirroring: immediately if newer than (`after_term`,
-/// `after`), else when it changes or after `wait_ms` (304).
-async fn snapshot(
-    State(state): State<PeerState>,
-    Query(q): Query<ShardQuery>,
-    headers: HeaderMap,
-) -> Response {
-    // Replicas of earlier releases ask for no type: they get the JSON document.
-    let encoded = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains(SNAPSHOT_CONTENT_TYPE));
-    let leader = match leader_of(&state) {
-        Ok(leader) => leader,
-        Err(refused) => return refused.into_response(),
-    };
-    let deadline = Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
-    let mut updates = leader.subscribe();
-    loop {
-        if let Some(snap) = updates.borrow_and_update().clone() {
-            if q.lags(snap.term, snap.generation, snap.generation) {
-                if !encoded {
-                    let Ok(json) = snap.legacy_json() else {
-                        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-                    };
-                    return (
-                        [(
-                            header::CONTENT_TYPE,
-                            HeaderValue::from_static("application/json"),
-                        )],
-                        json,
-                    )
-                        .into_response();
-                }
-                let chunks = futures::stream::iter(
-                    snap.encode()
-                        .into_iter()
-                        .map(Ok::<_, std::convert::Infallible>),
-                );
-                return (
-                    [(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static(SNAPSHOT_CONTENT_TYPE),
-                    )],
-                    axum::body::Body::from_stream(chunks),
-                )
-                    .into_response();
-            }
-        }
-        let wait = tokio::select! {
-            wait = tokio::time::timeout_at(deadline.into(), updates.changed()) => wait,
-            _ = state.stopping.cancelled() => return stopping(),
-            _ = leader.ended() => return term_ended(),
-        };
-        match wait {
-            Ok(Ok(())) => continue,
-            Ok(Err(_)) => return term_ended(),
-            Err(_) => return StatusCode::NOT_MODIFIED.into_response(),
-        }
-    }
-}
-
-/// The leader's assignment: per slot its holder, target count and generation.
-async fn assignment(State(state): State<PeerState>) -> Response {
-    let leader = match leader_of(&state) {
-        Ok(leader) => leader,
-        Err(refused) => return refused.into_response(),
-    };
-    let view = state.shared.coordination();
-    let live = view.live_slots.unwrap_or_default();
-    let snap = leader.snapshot();
-    let slots = leader
-        .summary()
-        .into_iter()
-        .map(|s| {
-            let holder = live.iter().find(|l| l.slot == s.slot);
-            AssignedSlot {
-                slot: s.slot,
-                holder: holder.map(|h| h.holder.clone()),
-                addr: holder.map(|h| h.addr.clone()),
-                targets: s.targets,
-                draining: s.draining,
-                generation: s.generation,
-                confirmed_generation: s.confirmed_generation,
-                confirmed_holder: s.confirmed_holder,
-            }
-        })
-        .collect();
-    Json(AssignmentDoc {
-        term: snap.as_ref().map(|s| s.term),
-        generation: snap.as_ref().map(|s| s.generation),
-        slots,
-    })
-    .into_response()
 }
 
 /// The current targets, or 503 before the first complete discovery (Prometheus
@@ -353,20 +41,9 @@ async fn targets(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
 }
 
 async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
-    let Some(published) = shared.targets() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "5")],
-            "no complete discovery yet; see /v1/status\n",
-        )
-            .into_response();
-    };
-    // A shard of a slot this replica no longer serves is someone else's now (checked
-    // at request time, so a replica resuming from a pause never serves it again).
-    // A slot whose lease lapsed while nobody else took it is still served (stale).
-    if let Some(stamp) = published.shard {
-        let serving = shared.coordination().serving_slot();
-        if stamp.slot.is_some() && stamp.slot != serving && !shared.is_draining() {
+    let published = match shared.serving() {
+        Some(Serving::List(published)) => published,
+        Some(Serving::SomeoneElses) => {
             return (
                 [(
                     header::CONTENT_TYPE,
@@ -374,9 +51,17 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
                 )],
                 "[]",
             )
-                .into_response();
+                .into_response()
         }
-    }
+        None => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                "no complete discovery yet; see /v1/status\n",
+            )
+                .into_response()
+        }
+    };
     let gzip = accepts_gzip(headers);
     let tag = match gzip {
         true => published.body.gzip_etag(),
@@ -434,7 +119,7 @@ async fn serve_targets(shared: &Shared, headers: &HeaderMap) -> Response {
 }
 
 /// Whether the client accepts a gzip body (`Accept-Encoding: gzip`, not `gzip;q=0`).
-fn accepts_gzip(headers: &HeaderMap) -> bool {
+pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()
@@ -551,32 +236,6 @@ mod tests {
         assert!(with("*"));
         assert!(!with("gzip;q=0"));
         assert!(!with("br, deflate"));
-    }
-
-    #[test]
-    fn an_asker_is_answered_when_behind_or_ahead_of_what_was_published() {
-        let q = |after_term, after| ShardQuery {
-            after_term,
-            after,
-            wait_ms: 0,
-            holder: None,
-        };
-        // The shard of slot k last changed at generation 4; the assignment is at 6.
-        assert!(q(2, 3).lags(2, 4, 6), "an older generation");
-        assert!(q(1, 9).lags(2, 4, 6), "an older term");
-        assert!(!q(2, 4).lags(2, 4, 6), "up to date: wait");
-        assert!(
-            !q(2, 6).lags(2, 4, 6),
-            "a later generation of the same shard"
-        );
-        assert!(
-            q(2, 7).lags(2, 4, 6),
-            "a generation never published in this term"
-        );
-        assert!(
-            !q(3, 1).lags(2, 4, 6),
-            "a later term: not this leader's to answer"
-        );
     }
 
     #[test]

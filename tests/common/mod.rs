@@ -200,7 +200,7 @@ pub struct ShardSd {
     pub proc: Proc,
     /// The public listener (`/prometheus-targets`, health, status, metrics).
     pub addr: String,
-    /// The peer listener (`/v1/shards`, `/v1/snapshot`, `/v1/assignment`), also
+    /// The peer listener (`/v1/changes`, `/v1/shards`, `/v1/assignment`), also
     /// its `ADVERTISE_ADDR` in sharded mode.
     pub peer_addr: String,
 }

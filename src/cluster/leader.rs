@@ -15,10 +15,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::{Assigner, Change, SlotSummary, Snapshot};
+use super::assignment::{Assigner, Change, SlotSummary, Snapshot};
+use super::mirror::Mirror;
+use crate::aws::AwsClients;
 use crate::coordination::{CoordinationView, LiveSlot, Role};
+use crate::discovery::guard::DropGuard;
+use crate::discovery::publish::{discovery_loop, Publisher, Sink};
+use crate::discovery::{Discoverer, DiscoveryOptions};
 use crate::sharding::{Params, ShardBy, Slot};
-use crate::state::{Mirror, Shared};
+use crate::state::Shared;
 use crate::targets::{Body, Target};
 
 #[derive(Clone, Debug)]
@@ -39,10 +44,27 @@ pub struct LeaderConfig {
 pub struct LeaderHandle {
     /// The term of this assignment, readable without waiting for the assigner.
     term: u64,
+    /// Held by the leader's work only: peer routes read `snapshot` and `summary`,
+    /// and queue confirmations, so none of them waits for a recomputation.
     assigner: Mutex<Assigner>,
     snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    summary: std::sync::RwLock<Arc<Vec<SlotSummary>>>,
+    confirmations: Mutex<Vec<Confirmation>>,
+    confirmed: tokio::sync::Notify,
     ended: CancellationToken,
 }
+
+/// A holder's confirmation, queued for the leader's work.
+#[derive(Debug)]
+struct Confirmation {
+    slot: u32,
+    holder: String,
+    generation: u64,
+}
+
+/// Most confirmations queued between two rounds of the leader's work (a holder
+/// confirms about once per change; more is somebody with the token flooding).
+const MAX_QUEUED_CONFIRMATIONS: usize = 4096;
 
 impl std::fmt::Debug for LeaderHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,6 +85,9 @@ impl LeaderHandle {
                 term,
             )),
             snapshot: watch::Sender::new(None),
+            summary: Default::default(),
+            confirmations: Mutex::new(Vec::new()),
+            confirmed: tokio::sync::Notify::new(),
             ended: CancellationToken::new(),
         }
     }
@@ -89,8 +114,12 @@ impl LeaderHandle {
         self.term
     }
 
-    pub fn summary(&self) -> Vec<SlotSummary> {
-        self.lock().summary()
+    /// Per slot, its shard and what its holder confirmed, as of the last change.
+    pub fn summary(&self) -> Arc<Vec<SlotSummary>> {
+        self.summary
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Assigner> {
@@ -107,6 +136,7 @@ impl LeaderHandle {
         let mut assigner = self.lock();
         let before = assigner.generation();
         let change = f(&mut assigner);
+        *self.summary.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(assigner.summary());
         if assigner.generation() != before || self.snapshot.borrow().is_none() {
             if let Some(snap) = assigner.snapshot() {
                 tracing::debug!(target: "leader_action", term = snap.term, generation = snap.generation, "leader acting");
@@ -119,11 +149,31 @@ impl LeaderHandle {
         change
     }
 
-    /// `holder`, which the caller checked holds `slot`, has received `generation` of `term`.
+    /// `holder`, which the caller checked holds `slot`, has received `generation`
+    /// of `term`: queued for the leader's work, which applies it at once.
     pub fn confirm(&self, slot: u32, holder: &str, term: u64, generation: u64) {
-        if term == self.term() {
-            tracing::debug!(target: "handoff", slot, holder, term, generation, "confirmed");
-            self.apply(|a| a.confirm(slot, holder, generation, Instant::now()));
+        if term != self.term() {
+            return;
+        }
+        tracing::debug!(target: "handoff", slot, holder, term, generation, "confirmed");
+        let mut queued = self.confirmations.lock().unwrap_or_else(|e| e.into_inner());
+        if queued.len() < MAX_QUEUED_CONFIRMATIONS {
+            queued.push(Confirmation {
+                slot,
+                holder: holder.to_owned(),
+                generation,
+            });
+        }
+        drop(queued);
+        self.confirmed.notify_one();
+    }
+
+    /// Applies the confirmations queued since the last call.
+    fn apply_confirmations(&self) {
+        let queued =
+            std::mem::take(&mut *self.confirmations.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in queued {
+            self.apply(|a| a.confirm(c.slot, &c.holder, c.generation, Instant::now()));
         }
     }
 
@@ -131,17 +181,17 @@ impl LeaderHandle {
     fn inherited(&self) -> Option<Mirror> {
         let assigner = self.lock();
         let inherited = assigner.inherited()?;
-        let shards = assigner
+        let heads = assigner
             .snapshot()?
-            .shards
-            .iter()
-            .map(|(slot, shard)| (*slot, shard.body.clone()))
+            .heads()
+            .into_iter()
+            .map(|h| (h.slot, h))
             .collect();
         Some(Mirror::own(
             assigner.term(),
             assigner.generation(),
             inherited,
-            shards,
+            heads,
         ))
     }
 
@@ -271,13 +321,18 @@ pub async fn run(
     let handle = Arc::new(LeaderHandle::new(&cfg, term));
     shared.set_leader(Some(handle.clone()));
     tracing::info!(term, "leading: discovering and assigning");
-    let mut membership = Membership {
-        grace: cfg.membership_grace,
-        seen: BTreeMap::new(),
+    let mut work = TermWork {
+        term,
+        handle: handle.clone(),
+        shared: shared.clone(),
+        membership: Membership {
+            grace: cfg.membership_grace,
+            seen: BTreeMap::new(),
+        },
+        seed,
     };
-    let mut seed = seed;
-    if let Some(mirror) = &seed {
-        membership.seed(&mirror.slots, Instant::now());
+    if let Some(mirror) = &work.seed {
+        work.membership.seed(&mirror.slots, Instant::now());
     }
     // A result may already be waiting.
     let mut targets_pending = true;
@@ -285,6 +340,9 @@ pub async fn run(
     // When the lease of this term was last seen valid: what it leaves behind is
     // known current as of then, not as of when the work ends.
     let mut last_valid = Instant::now();
+    // A confirmation from a peer route may change the assignment: the own slot's
+    // shard follows it.
+    let mut published = handle.subscribe();
     loop {
         // Fenced: act only while the lease of this very term is valid.
         let current = match term_lease(&view, term) {
@@ -305,45 +363,11 @@ pub async fn run(
                 continue;
             }
         };
-        let now = Instant::now();
-        let live = current.live_slots.clone().unwrap_or_default();
-        let slots = membership.update(&live, now);
-        let change = handle.apply(|a| a.set_slots(&slots));
-        log_change("slots changed", &change, &handle, &shared);
-        let seed_contents = seed
-            .take()
-            .filter(|_| targets.borrow().is_none())
-            .and_then(|mirror| {
-                let contents = crate::cpu_bound(|| mirror.contents().cloned())?;
-                Some((mirror.term, mirror.generation, contents))
-            });
-        if let Some((previous_term, previous_generation, contents)) = seed_contents {
-            tracing::info!(
-                term,
-                previous_term,
-                previous_generation,
-                targets = contents.targets.len(),
-                slots = slots.len(),
-                "starting from the previous leader's assignment"
-            );
-            let change = handle.apply(|a| a.seed(contents.targets.clone(), &contents.owners));
-            log_change("mirrored targets", &change, &handle, &shared);
-        }
-        if std::mem::take(&mut targets_pending) {
-            if let Some(list) = targets.borrow_and_update().clone() {
-                let change = handle.apply(|a| a.set_targets(list));
-                log_change("targets changed", &change, &handle, &shared);
-            }
-        }
-        handle.apply(|a| a.tick(now));
-        serve_own_slot(&handle, &current, &shared);
-
-        let wake = [membership.next_expiry(&live), handle.next_deadline()]
-            .into_iter()
-            .flatten()
-            .chain([now + Duration::from_millis(500)])
-            .min()
-            .unwrap_or(now);
+        let wake = work.round(&current, &mut targets, std::mem::take(&mut targets_pending));
+        // Besides the timer, the coordinator's view wakes the work (its deadlines
+        // included), and so does a discovery result, a new assignment or a
+        // confirmation.
+        published.borrow_and_update();
         tokio::select! {
             changed = view.changed() => {
                 if changed.is_err() {
@@ -355,18 +379,161 @@ pub async fn run(
                 // The discovery loop ended: keep the last result, stop listening.
                 targets_open = changed.is_ok();
             }
-            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = crate::clock::sleep_until(wake) => {}
+            _ = published.changed() => {}
+            _ = handle.confirmed.notified() => {}
             _ = cancel.cancelled() => break,
         }
     }
     // What this term leaves behind is where the next one starts, if it follows at once.
     if let Some(own) = handle.inherited() {
         own.set_current_at(last_valid);
-        shared.set_mirror(own);
+        shared.set_mirror(Some(own));
     }
     handle.ended.cancel();
     shared.set_leader(None);
     tracing::info!(term, "no longer leading");
+}
+
+/// What one term's work carries from round to round.
+struct TermWork {
+    term: u64,
+    handle: Arc<LeaderHandle>,
+    shared: Arc<Shared>,
+    membership: Membership,
+    /// The inherited assignment, until it is started from (or a discovery result
+    /// came first).
+    seed: Option<Arc<Mirror>>,
+}
+
+impl TermWork {
+    /// One round, while the lease of the term is valid: membership, the inherited
+    /// assignment (once), a new discovery result, queued confirmations, drains
+    /// that ended, the own slot. Returns when the next timed change is due.
+    fn round(
+        &mut self,
+        current: &CoordinationView,
+        targets: &mut watch::Receiver<Option<Arc<Vec<Target>>>>,
+        targets_pending: bool,
+    ) -> Option<Instant> {
+        let now = Instant::now();
+        let live = current.live_slots.clone().unwrap_or_default();
+        let slots = self.membership.update(&live, now);
+        let change = self.handle.apply(|a| a.set_slots(&slots));
+        log_change("slots changed", &change, &self.handle, &self.shared);
+        if targets.borrow().is_none() {
+            self.start_from_seed(slots.len());
+        }
+        self.seed = None;
+        let (handle, shared) = (&self.handle, &self.shared);
+        if targets_pending {
+            if let Some(list) = targets.borrow_and_update().clone() {
+                let change = handle.apply(|a| a.set_targets(list));
+                log_change("targets changed", &change, handle, shared);
+            }
+        }
+        handle.apply_confirmations();
+        handle.apply(|a| a.tick(now));
+        serve_own_slot(handle, current, shared);
+        [self.membership.next_expiry(&live), handle.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Starts from the inherited assignment, if there is one to start from.
+    fn start_from_seed(&mut self, slots: usize) {
+        let Some(mirror) = self.seed.take() else {
+            return;
+        };
+        let Some(contents) = crate::cpu_bound(|| mirror.contents().cloned()) else {
+            return;
+        };
+        tracing::info!(
+            term = self.term,
+            previous_term = mirror.term,
+            previous_generation = mirror.generation,
+            targets = contents.targets.len(),
+            slots,
+            "starting from the previous leader's assignment"
+        );
+        let change = self
+            .handle
+            .apply(|a| a.seed(contents.targets.clone(), &contents.owners));
+        log_change("mirrored targets", &change, &self.handle, &self.shared);
+    }
+}
+
+/// Whenever this replica becomes leader: runs discovery (fresh caches) and the
+/// leader's assignment work for that one term, until the term ends. A re-taken
+/// lease is a new term: the work restarts from the assignment the last one left.
+/// Each term is worked once: a term is never started again, nor one older than
+/// a term already worked.
+pub async fn lead_when_elected(
+    cfg: LeaderConfig,
+    aws: AwsClients,
+    discovery: DiscoveryOptions,
+    interval: Duration,
+    guard: DropGuard,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut view = shared.coordination_receiver();
+    let mut last_term = 0;
+    loop {
+        let term = loop {
+            if let Some(term) = leading_term(&shared.coordination()) {
+                if term > last_term {
+                    break term;
+                }
+            }
+            tokio::select! {
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        return; // the coordinator is gone
+                    }
+                }
+                _ = shutdown.cancelled() => return,
+            }
+        };
+        last_term = term;
+        // Taken, not kept: while leading, this replica holds its own assignment only.
+        let mirror = shared.take_mirror();
+        let seed = seed_for(term, mirror.clone(), cfg.seed_max_age);
+        let leading = shutdown.child_token();
+        let (targets_tx, targets_rx) = watch::channel(None);
+        // The guard's baseline until the first publication: what followers serve,
+        // the inherited assignment, or, without one, the last mirrored copy.
+        let inherited = crate::cpu_bound(|| {
+            mirror
+                .as_ref()
+                .and_then(|m| m.contents())
+                .map(|c| c.targets.clone())
+        });
+        drop(mirror);
+        let discovering = tokio::spawn(discovery_loop(
+            Discoverer::new(aws.clone(), discovery.clone()),
+            shared.clone(),
+            interval,
+            leading.clone(),
+            Publisher::new(Sink::Leader(targets_tx), guard.clone(), inherited),
+        ));
+        run(
+            cfg.clone(),
+            term,
+            shared.clone(),
+            view.clone(),
+            targets_rx,
+            seed,
+            leading.clone(),
+        )
+        .await;
+        leading.cancel();
+        let _ = discovering.await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
 }
 
 fn log_change(what: &str, change: &Change, handle: &LeaderHandle, shared: &Shared) {
@@ -391,8 +558,13 @@ fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Share
     match (view.slot, view.stale_slot) {
         (Some(slot), _) => {
             if let Some(shard) = snap.shards.get(&slot) {
-                shared.publish_shard(Some(slot), snap.term, shard.generation, shard.body.clone());
-                handle.confirm(slot, &shared.replica_id, snap.term, shard.generation);
+                // Rendered once per change of the shard, on the first call after it.
+                let body = crate::cpu_bound(|| shard.body().clone());
+                shared.publish_shard(Some(slot), snap.term, shard.generation, body);
+                // The leader's own work: applied at once, not queued.
+                handle.apply(|a| {
+                    a.confirm(slot, &shared.replica_id, shard.generation, Instant::now())
+                });
             }
         }
         // Its slot lease lapsed: keep serving that slot's last shard.
@@ -408,12 +580,15 @@ mod tests {
     use super::*;
 
     fn mirror(term: u64) -> Arc<Mirror> {
-        Arc::new(Mirror::mirrored(crate::assignment::SnapshotDoc {
+        let head = super::super::protocol::ChangesHead {
             term,
             generation: 9,
+            whole: true,
             slots: Vec::new(),
-            shards: Default::default(),
-        }))
+            shards: Vec::new(),
+            frames: Vec::new(),
+        };
+        Arc::new(Mirror::followed(None, head, Vec::new()).expect("a whole copy"))
     }
 
     #[test]
