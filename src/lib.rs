@@ -71,6 +71,19 @@ pub(crate) fn release_free_memory() {
     }
 }
 
+/// Has the allocator map every block of 256 KiB or more on its own and hand it
+/// back when freed. Without it glibc raises that threshold to the largest block
+/// freed so far (up to 32 MiB), after which the transient lists, frames and
+/// JSON of each change stay on the heap and resident size follows the largest
+/// change rather than what is held. Called once, at start-up, by the binary.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
 /// See [`release_free_memory`].
 pub const TRIM_SPACING: std::time::Duration = std::time::Duration::from_secs(5);
 

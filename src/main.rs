@@ -11,6 +11,7 @@ use shard_sd::{plan, probe, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    shard_sd::tune_allocator();
     // clap prints the error, naming the variable and accepted values, and exits 2.
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -172,6 +172,10 @@ pub fn key_into(out: &mut Vec<u8>, target: &Target, by: ShardBy) {
         ShardBy::Service => [&target.namespace, &target.service, ""],
         ShardBy::Namespace => [&target.namespace, "", ""],
     };
+    key_parts_into(out, by, parts);
+}
+
+fn key_parts_into(out: &mut Vec<u8>, by: ShardBy, parts: [&str; 3]) {
     out.clear();
     out.extend_from_slice(match by {
         ShardBy::Target => b"t\0",
@@ -233,6 +237,13 @@ pub fn target_id(target: &Target) -> TargetId {
         target,
         ShardBy::Target,
     )))
+}
+
+/// [`target_id`] from the parts it is made of, without a target.
+pub fn target_id_of(scheme: &str, address: &str, metrics_path: &str) -> TargetId {
+    let mut out = Vec::with_capacity(4 + scheme.len() + address.len() + metrics_path.len() + 3);
+    key_parts_into(&mut out, ShardBy::Target, [scheme, address, metrics_path]);
+    TargetId(xxhash_rust::xxh3::xxh3_128(&out))
 }
 
 /// [`target_id`] of every target, through one buffer.

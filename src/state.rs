@@ -250,6 +250,11 @@ impl Shared {
         *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = mirror.map(Arc::new);
     }
 
+    /// Puts back a mirror taken (see [`Shared::take_mirror`]) and not used.
+    pub fn restore_mirror(&self, mirror: Arc<Mirror>) {
+        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = Some(mirror);
+    }
+
     /// The mirror, no longer kept here: a new leader starts from it once and then
     /// holds only its own assignment.
     pub fn take_mirror(&self) -> Option<Arc<Mirror>> {
@@ -319,6 +324,41 @@ mod tests {
             watch::channel(CoordinationView::single()).1,
             Arc::new(Metrics::new(&registry)),
         )
+    }
+
+    #[test]
+    fn a_shard_of_a_slot_served_no_more_is_someone_elses() {
+        let (tx, rx) = watch::channel(CoordinationView {
+            role: Role::Follower,
+            slot: Some(1),
+            slot_until: Some(std::time::Instant::now() + std::time::Duration::from_secs(60)),
+            ..CoordinationView::single()
+        });
+        let registry = crate::aws::RequestStats::default();
+        let s = Shared::new(
+            "r".into(),
+            "127.0.0.1:9002".into(),
+            rx,
+            Arc::new(Metrics::new(&registry)),
+        );
+        assert!(s.serving().is_none(), "nothing published yet");
+        s.publish_shard(Some(1), 3, 7, Body::from_json(b"[1]", 1));
+        assert!(matches!(s.serving(), Some(Serving::List(_))));
+        // Another replica holds slot 1 now; this one holds slot 2.
+        tx.send_modify(|v| v.slot = Some(2));
+        assert!(matches!(s.serving(), Some(Serving::SomeoneElses)));
+        // Its lease lapsed with nobody else seen holding it: still served (stale).
+        tx.send_modify(|v| {
+            v.slot = None;
+            v.slot_until = None;
+            v.stale_slot = Some(1);
+        });
+        assert!(matches!(s.serving(), Some(Serving::List(_))));
+        // Stopping: the last shard is served until it is handed over.
+        tx.send_modify(|v| v.stale_slot = None);
+        assert!(matches!(s.serving(), Some(Serving::SomeoneElses)));
+        s.set_draining();
+        assert!(matches!(s.serving(), Some(Serving::List(_))));
     }
 
     #[test]

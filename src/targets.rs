@@ -418,6 +418,59 @@ impl Target {
         ))
     }
 
+    /// A discovered target as a peer sent it: its fields, its instance and its
+    /// source's path and scheme (`http` or `https`, else `None`), strings shared
+    /// through `strings`. It renders to the very bytes, and has the content hash,
+    /// of the one sent, and holds its instance's attributes rather than every
+    /// label.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_instance(
+        strings: &mut Interner,
+        namespace: &str,
+        service: &str,
+        source: MetricsSource,
+        address: &str,
+        instance: Instance,
+        path: &str,
+        scheme: Option<&str>,
+    ) -> Option<Target> {
+        let scheme = match scheme {
+            None => None,
+            Some("http") => Some("http"),
+            Some("https") => Some("https"),
+            Some(_) => return None,
+        };
+        Some(
+            Target {
+                namespace: strings.get(namespace),
+                service: strings.get(service),
+                instance_id: instance.id.clone(),
+                source,
+                address: strings.get(address),
+                labels: Labels::Derived {
+                    instance: Arc::new(instance),
+                    path: strings.get(path),
+                    scheme,
+                },
+                content: 0,
+            }
+            .with_content(),
+        )
+    }
+
+    /// A discovered target's instance, path and scheme; `None` for one with
+    /// labels given (read back from http_sd or sent so).
+    pub fn derived_from(&self) -> Option<(&Instance, &str, Option<&'static str>)> {
+        match &self.labels {
+            Labels::Derived {
+                instance,
+                path,
+                scheme,
+            } => Some((instance, path, *scheme)),
+            Labels::Given(_) => None,
+        }
+    }
+
     /// The same target with one more label (or one replaced): a relabelled copy.
     pub fn with_label(&self, name: &str, value: &str) -> Target {
         let mut labels = self.label_map();

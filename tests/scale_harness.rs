@@ -78,6 +78,23 @@ fn the_harness_reports_every_figure_at_about_2000_targets() {
     // The follower received something for the registrations, far less than the list.
     let received = report["peer_bytes_per_change"][0].as_f64().unwrap_or(0.0);
     assert!(received > 0.0, "{report}");
+    // Changes, not the assignment: a registration costs a follower a few KiB at
+    // most, and a burst of changes about what those targets weigh in a copy.
+    assert!(received <= 4096.0, "{report}");
+    let full = report["peer_full_copy_bytes"].as_f64().unwrap_or(0.0);
+    assert!(full > 20.0 * received, "{report}");
+    // At this size each answer's head line (membership, per slot its count and
+    // fingerprint) weighs as much as the few targets changed: allowed on top.
+    let churn = report["churn_bytes_per_follower"][0]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let changed = report["churn_targets_changed"].as_f64().unwrap_or(0.0);
+    let encoded = changed * full / targets as f64;
+    assert!(churn > 0.0 && churn <= 2.0 * encoded + 4096.0, "{report}");
+    // A new leader publishes after the leader's SIGKILL, moving nothing served.
+    let publish = report["new_leader_publish_s"].as_f64().unwrap_or(f64::NAN);
+    assert!(publish > 0.0 && publish < 60.0, "{report}");
+    assert_eq!(report["new_leader_survivors_changed"], 0, "{report}");
     assert!(report["largest_shard_targets"].as_u64() >= Some(targets / 2));
     assert!(report["http_sd_gzip_bytes"].as_u64() > Some(1000));
     // Clients without gzip (as Prometheus asks) get the JSON, several times larger.

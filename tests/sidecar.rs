@@ -485,3 +485,93 @@ async fn a_mass_disappearance_is_held_until_confirmed() {
     assert_eq!(warned, 1, "one WARN line for the hold");
     println!("MEASURE a drop of every target was published {held_for:?} after the edit");
 }
+
+/// A cycle spreads its services' turns over the refresh interval and publishes
+/// what changed as it reads it (within about a second), not at the cycle's end:
+/// a registration waits for its service's turn, not for every other service's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cycle_publishes_each_changed_service_as_it_reads_it() {
+    let moto = Moto::start().await;
+    let cm = CloudMap::new(&moto.sdk_config().await);
+    let ns = cm.dns_namespace("ecs-services").await;
+    let mut services = Vec::new();
+    for (i, name) in ["svc-a", "svc-b", "svc-c", "svc-d"].iter().enumerate() {
+        let svc = cm.service(&ns, name, POST_TAGS).await;
+        cm.register_task(&svc.id, &format!("old-{i}"), &format!("10.0.8.{i}"))
+            .await;
+        services.push(svc);
+    }
+    let sd = ShardSd::start(
+        "midcycle",
+        &env_with(
+            &moto.endpoint,
+            &[
+                // Four turns 1.6 s apart in each 8 s cycle.
+                ("CONFIG_RELOAD_FREQUENCY", "8s"),
+                ("DISCOVERY_NAMESPACES", "ecs-services"),
+            ],
+        ),
+    )
+    .await;
+    let served = || async {
+        sd.targets()
+            .await
+            .map(|t| addresses(&t))
+            .unwrap_or_default()
+    };
+    common::wait_for("the first publication", Duration::from_secs(20), || async {
+        let s = served().await;
+        (0..4)
+            .all(|i| s.iter().any(|a| a.starts_with(&format!("10.0.8.{i}:"))))
+            .then_some(())
+    })
+    .await;
+    // Right after a cycle ended, a task registers in every service.
+    let cycle_time = || async { sd.status().await["last_discovery"]["time"].clone() };
+    let ended = cycle_time().await;
+    common::wait_for("a cycle to end", Duration::from_secs(20), || async {
+        (cycle_time().await != ended).then_some(())
+    })
+    .await;
+    let last_cycle = cycle_time().await;
+    for (i, svc) in services.iter().enumerate() {
+        cm.register_task(&svc.id, &format!("new-{i}"), &format!("10.0.9.{i}"))
+            .await;
+    }
+    let started = Instant::now();
+    let mut first_seen: Vec<Option<Duration>> = vec![None; 4];
+    let mut first_before_cycle_end = None;
+    while first_seen.iter().any(Option::is_none) && started.elapsed() < Duration::from_secs(30) {
+        let s = served().await;
+        for (i, seen) in first_seen.iter_mut().enumerate() {
+            if seen.is_none() && s.iter().any(|a| a.starts_with(&format!("10.0.9.{i}:"))) {
+                *seen = Some(started.elapsed());
+                if first_before_cycle_end.is_none() {
+                    first_before_cycle_end = Some(cycle_time().await == last_cycle);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen: Vec<Duration> = first_seen.iter().flatten().copied().collect();
+    println!("MEASURE new targets first served after {seen:?}");
+    assert_eq!(
+        seen.len(),
+        4,
+        "not every registration was served: {first_seen:?}"
+    );
+    assert_eq!(
+        first_before_cycle_end,
+        Some(true),
+        "the first registration was served only once its cycle had ended"
+    );
+    let spread = seen
+        .iter()
+        .max()
+        .unwrap()
+        .saturating_sub(*seen.iter().min().unwrap());
+    assert!(
+        spread >= Duration::from_millis(2500),
+        "served all at once ({seen:?}), not as each service was read"
+    );
+}

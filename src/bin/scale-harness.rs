@@ -726,6 +726,7 @@ async fn run(args: Args) -> Result<Value> {
     // Resident sizes again, now that every replica serves its JSON to clients
     // without gzip: the larger of the two is reported.
     let (leader_after, followers_after) = resident();
+    let (leader_before_load, followers_before_load) = (leader_rss, follower_rss);
     let leader_rss = leader_rss.max(leader_after);
     let follower_rss = follower_rss.max(followers_after);
 
@@ -761,7 +762,8 @@ async fn run(args: Args) -> Result<Value> {
         false => Some(h.kill_leader(leader).await?),
     };
 
-    Ok(json!({
+    // In two parts: one `json!` of every figure exceeds the macro's recursion limit.
+    let mut report = json!({
         "targets": targets,
         "services": services,
         "replicas": h.replicas.len(),
@@ -776,9 +778,14 @@ async fn run(args: Args) -> Result<Value> {
         "requests_per_s": requests_per_s,
         "throttled_requests": throttled,
         "leader_rss_mib": mib(leader_rss),
+        "leader_rss_before_http_sd_load_mib": mib(leader_before_load),
+        "follower_rss_before_http_sd_load_mib": followers_before_load.map(mib),
+        "largest_shard_on_leader": largest.0 == leader,
         "leader_cpu_pct": round(leader_cpu_pct, 2),
         "follower_rss_mib": follower_rss.map(mib),
         "registration_to_shard_s": {"p50": round(p50, 2), "max": round(max, 2), "n": times.len()},
+    });
+    let peers_and_serving = json!({
         "peer_bytes_per_change": peer_bytes.iter().map(|b| b.round()).collect::<Vec<_>>(),
         "peer_full_copy_bytes": full_copy,
         "churn_burst": burst,
@@ -801,7 +808,12 @@ async fn run(args: Args) -> Result<Value> {
         "http_sd_gzip_p99_ms": round(gz_p99, 2),
         "http_sd_gzip_requests": gz_requests,
         "http_sd_gzip_bytes": gzip_bytes,
-    }))
+
+    });
+    if let (Some(all), Value::Object(more)) = (report.as_object_mut(), peers_and_serving) {
+        all.extend(more);
+    }
+    Ok(report)
 }
 
 fn main() -> Result<()> {

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::mirror::{Mirror, OwnShard};
 use super::protocol::{
-    ChangesAnswer, ChangesQuery, PeerClient, ProtocolError, ShardAnswer, LONG_POLL,
+    self, ChangesAnswer, ChangesHead, ChangesQuery, Frame, PeerClient, ProtocolError, ShardAnswer,
+    ShardHead, LONG_POLL,
 };
 use crate::coordination::{CoordinationView, Role};
 use crate::state::Shared;
@@ -66,6 +67,9 @@ struct Follower {
     table_term: u64,
     /// The typed shard of the slot served, as of the mirror's generation.
     own: Option<OwnShard>,
+    /// The (slot, term, generation) of the mirror that the served shard is
+    /// rendered from: the most a confirmation may claim.
+    served: Option<(u32, u64, u64)>,
     /// A leader of an earlier release, without the replication stream.
     legacy: Option<LegacyLeader>,
     last_error: Option<String>,
@@ -98,6 +102,7 @@ pub async fn run(
         highest_term: 0,
         table_term: 0,
         own: None,
+        served: None,
         legacy: None,
         last_error: None,
     };
@@ -125,6 +130,7 @@ pub async fn run(
             // The leader task serves the leader's own slot and holds the assignment.
             (Role::Leader, _) => {
                 f.own = None;
+                f.served = None;
                 None
             }
             (_, Some(slot)) => Some(slot),
@@ -132,6 +138,7 @@ pub async fn run(
             (_, None) if current.stale_slot.is_some() => None,
             (_, None) => {
                 f.own = None;
+                f.served = None;
                 f.shared
                     .publish_shard(None, f.highest_term, 0, Body::empty());
                 None
@@ -168,61 +175,86 @@ pub async fn run(
 }
 
 impl Follower {
-    /// Makes sure the typed shard of `slot`, just taken or held, is there. A slot
-    /// just taken (or held since this replica led) keeps what is served for it;
-    /// else it is served from the mirror until the leader answers (it may be the
-    /// one that is down), else `[]`.
+    /// Makes sure the typed shard of `slot`, just taken or held, is there and
+    /// served. A slot just taken (or held since this replica led) is served from
+    /// the mirror until the leader answers (it may be the one that is down),
+    /// unless what is served for it is newer; without a mirror, what is served
+    /// for it stays, else `[]`. A slot regained after its lease lapsed is served
+    /// as its shard was kept meanwhile.
     fn start_slot(&mut self, slot: u32) {
+        let mirror = self.shared.mirror();
+        let head = mirror.as_ref().and_then(|m| m.shards.get(&slot));
         if self.own.as_ref().is_some_and(|o| o.slot == slot) {
+            if let (Some(m), Some(head)) = (&mirror, head) {
+                if self.served != Some((slot, m.term, m.generation)) {
+                    self.serve_own(m.term, m.generation, head);
+                }
+            }
             return;
         }
-        let shared = &self.shared;
         // What is served for the slot already, as (term, generation).
-        let served = shared
+        let stamp = self
+            .shared
             .targets()
             .and_then(|p| p.shard)
             .filter(|stamp| stamp.slot == Some(slot) && stamp.term > 0)
             .map(|stamp| (stamp.term, stamp.generation));
-        let mirror = shared.mirror();
-        let from_mirror = mirror.as_ref().and_then(|m| {
-            let head = m.shards.get(&slot)?;
-            let built = crate::cpu_bound(|| {
-                let own = OwnShard::from_mirror(slot, m)?;
-                let body = own.body(head)?;
-                Ok::<_, ProtocolError>((own, body))
-            });
-            match built {
-                Ok(built) => Some((m, head.generation, built)),
-                Err(err) => {
-                    tracing::warn!(slot, "the mirrored shard of the slot is unusable: {err}");
-                    shared.set_mirror(None);
-                    None
-                }
+        let Some(m) = mirror.as_ref() else {
+            if stamp.is_none() {
+                self.shared.publish_shard(Some(slot), 0, 0, Body::empty());
             }
-        });
-        match from_mirror {
-            Some((mirror, generation, (own, body))) => {
+            self.own = Some(OwnShard::empty(slot));
+            return;
+        };
+        match crate::cpu_bound(|| OwnShard::from_mirror(slot, m)) {
+            Ok(own) => {
+                self.own = Some(own);
                 // The copy is never older than what is served, unless that came
                 // from a leader of an earlier release.
-                if served.is_none_or(|s| s <= (mirror.term, mirror.generation)) {
-                    tracing::info!(
-                        slot,
-                        term = mirror.term,
-                        generation = mirror.generation,
-                        targets = body.targets(),
-                        "serving the new slot from the mirrored assignment until the leader answers"
-                    );
-                    shared.publish_shard(Some(slot), mirror.term, generation, body);
+                match head {
+                    Some(head) if stamp.is_none_or(|s| s <= (m.term, m.generation)) => {
+                        tracing::info!(
+                            slot,
+                            term = m.term,
+                            generation = m.generation,
+                            targets = head.targets,
+                            "serving the new slot from the mirrored assignment until the leader answers"
+                        );
+                        self.serve_own(m.term, m.generation, head);
+                    }
+                    // Not in the copy's membership: nothing of it to serve yet.
+                    None if stamp.is_none() => {
+                        self.shared.publish_shard(Some(slot), 0, 0, Body::empty());
+                    }
+                    _ => {}
                 }
-                self.own = Some(own);
             }
-            None => {
-                if served.is_none() {
-                    shared.publish_shard(Some(slot), 0, 0, Body::empty());
-                }
-                // Nothing to follow from: the next answer is a whole copy.
-                shared.set_mirror(None);
+            Err(err) => {
+                tracing::warn!(slot, "the mirrored assignment is unusable: {err}");
+                self.shared.set_mirror(None);
                 self.own = Some(OwnShard::empty(slot));
+            }
+        }
+    }
+
+    /// Serves the own shard as of (`term`, `generation`) of the mirror, if it is
+    /// the shard `head` describes, and records it as what a confirmation may
+    /// claim. Returns whether it is served.
+    fn serve_own(&mut self, term: u64, generation: u64, head: &ShardHead) -> bool {
+        let Some(own) = self.own.as_ref() else {
+            return false;
+        };
+        match crate::cpu_bound(|| own.body(head)) {
+            Ok(body) => {
+                self.shared
+                    .publish_shard(Some(own.slot), term, head.generation, body);
+                self.served = Some((own.slot, term, generation));
+                true
+            }
+            Err(err) => {
+                tracing::warn!(slot = own.slot, "the kept shard is not the leader's: {err}");
+                self.served = None;
+                false
             }
         }
     }
@@ -247,9 +279,10 @@ impl Follower {
             .as_ref()
             .filter(|m| !m.wants_whole())
             .map_or((0, 0), |m| (m.term, m.generation));
-        // A holder confirms the generation of the copy it serves its slot from.
-        let confirms =
-            after != (0, 0) && serving.is_some() && self.own.as_ref().map(|o| o.slot) == serving;
+        // A holder confirms only the generation of the copy its served shard
+        // is of: never more than it serves.
+        let confirms = after != (0, 0)
+            && serving.is_some_and(|slot| self.served == Some((slot, after.0, after.1)));
         let query = ChangesQuery {
             after_term: after.0,
             after: after.1,
@@ -289,6 +322,7 @@ impl Follower {
                         if let Some(own) = &mut self.own {
                             *own = OwnShard::empty(own.slot);
                         }
+                        self.served = None;
                         self.failed(format!("the changes from {addr} do not apply: {err}"))
                     }
                 }
@@ -319,9 +353,13 @@ impl Follower {
         &mut self,
         held: Option<&Mirror>,
         serving: Option<u32>,
-        head: super::protocol::ChangesHead,
-        frames: Vec<super::protocol::Frame>,
+        head: ChangesHead,
+        frames: Vec<Frame>,
     ) -> Result<(), ProtocolError> {
+        // Elected meanwhile: the leader's work holds the assignment now.
+        if self.shared.coordination().role == Role::Leader {
+            return Ok(());
+        }
         let whole = head.whole;
         let next = Mirror::followed(held, head, frames.clone())?;
         // Kept in step with the mirror even while its slot is not served (its
@@ -329,20 +367,26 @@ impl Follower {
         if let Some(own) = self.own.as_mut() {
             own.apply(whole, &frames)?;
         }
-        if let Some(own) = self.own.as_ref().filter(|o| Some(o.slot) == serving) {
-            let slot = own.slot;
-            let empty = super::protocol::ShardHead {
+        let own_slot = self.own.as_ref().map(|o| o.slot);
+        if let Some(slot) = serving.filter(|s| own_slot == Some(*s)) {
+            // A slot outside the leader's membership has nothing (yet).
+            let empty = ShardHead {
                 slot,
                 generation: next.generation,
                 targets: 0,
                 draining: 0,
-                content: super::protocol::content_of([]),
+                content: protocol::content_of([]),
             };
-            // A slot outside the leader's membership has nothing (yet).
-            let head = next.shards.get(&slot).unwrap_or(&empty);
-            let body = own.body(head)?;
-            self.shared
-                .publish_shard(Some(slot), next.term, head.generation, body);
+            let head = next.shards.get(&slot).unwrap_or(&empty).clone();
+            if !self.serve_own(next.term, next.generation, &head) {
+                return Err(ProtocolError::Diverged {
+                    slot,
+                    targets: self.own.as_ref().map_or(0, OwnShard::len),
+                    content: 0,
+                    leader_targets: head.targets,
+                    leader_content: head.content,
+                });
+            }
         }
         self.shared.set_mirror(Some(next));
         Ok(())

@@ -303,7 +303,7 @@ pub fn seed_for(term: u64, mirror: Option<Arc<Mirror>>, max_age: Duration) -> Op
 /// renewal it made or the end of the term, so one term is one run of this work
 /// and its generations only grow. `targets` carries each complete discovery
 /// result from the discovery loop; `seed`, the inherited assignment, is served
-/// until the first one arrives.
+/// until the first one arrives. Returns `seed` if it was never started from.
 pub async fn run(
     cfg: LeaderConfig,
     term: u64,
@@ -312,11 +312,11 @@ pub async fn run(
     mut targets: watch::Receiver<Option<Arc<Vec<Target>>>>,
     seed: Option<Arc<Mirror>>,
     cancel: CancellationToken,
-) {
+) -> Option<Arc<Mirror>> {
     // Only a term already over is left at once: a fenced one may be renewed yet
     // (a slow step publishes late), and the caller never starts a term twice.
     if matches!(term_lease(&view, term), TermLease::Over) {
-        return;
+        return seed;
     }
     let handle = Arc::new(LeaderHandle::new(&cfg, term));
     shared.set_leader(Some(handle.clone()));
@@ -393,6 +393,7 @@ pub async fn run(
     handle.ended.cancel();
     shared.set_leader(None);
     tracing::info!(term, "no longer leading");
+    work.seed
 }
 
 /// What one term's work carries from round to round.
@@ -518,7 +519,7 @@ pub async fn lead_when_elected(
             leading.clone(),
             Publisher::new(Sink::Leader(targets_tx), guard.clone(), inherited),
         ));
-        run(
+        let unused = run(
             cfg.clone(),
             term,
             shared.clone(),
@@ -528,6 +529,11 @@ pub async fn lead_when_elected(
             leading.clone(),
         )
         .await;
+        // A term that left no assignment of its own (over before it worked)
+        // gives back the copy it was to start from.
+        if let (None, Some(copy)) = (shared.mirror(), unused) {
+            shared.restore_mirror(copy);
+        }
         leading.cancel();
         let _ = discovering.await;
         if shutdown.is_cancelled() {
@@ -588,7 +594,11 @@ mod tests {
             shards: Vec::new(),
             frames: Vec::new(),
         };
-        Arc::new(Mirror::followed(None, head, Vec::new()).expect("a whole copy"))
+        let whole = super::super::protocol::Frame {
+            generation: 9,
+            bytes: super::super::protocol::encode_frame([]),
+        };
+        Arc::new(Mirror::followed(None, head, vec![whole]).expect("a whole copy"))
     }
 
     #[test]

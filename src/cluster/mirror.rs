@@ -71,6 +71,19 @@ impl Mirror {
                 })
             }
         };
+        // Consecutive generations, ending at the answer's: a whole copy is one
+        // frame of that generation; changes run on from the copy held.
+        let consecutive = frames
+            .windows(2)
+            .all(|w| w[1].generation == w[0].generation + 1);
+        let ends = frames
+            .last()
+            .map_or(held.is_some_and(|h| h.generation == head.generation), |f| {
+                f.generation == head.generation
+            });
+        if !consecutive || !ends || (head.whole && frames.len() != 1) {
+            return Err(ProtocolError::Discontinuous(head.generation));
+        }
         if !head.whole {
             change_bytes += frames.iter().map(|f| f.bytes.len()).sum::<usize>();
         }
@@ -293,9 +306,8 @@ impl OwnShard {
                     let target = t.target(&mut self.strings)?;
                     self.targets.insert(sharding::target_id(&target), target);
                 } else {
-                    // A target of this slot may have been changed and moved at once.
-                    let target = t.target(&mut self.strings)?;
-                    self.targets.remove(&sharding::target_id(&target));
+                    // Another slot's, or one of this slot's changed and moved at once.
+                    self.targets.remove(&t.target_id());
                 }
             }
             Record::Move { id, slots } => {
@@ -461,6 +473,11 @@ mod tests {
         assert!(matches!(
             wrong.body(&mirror.shards[&0]),
             Err(ProtocolError::Diverged { .. })
+        ));
+        // Frames that stop short of the answer's generation are refused.
+        assert!(matches!(
+            Mirror::followed(Some(&mirror), head.clone(), frames[..1].to_vec()),
+            Err(ProtocolError::Discontinuous(_))
         ));
         // A different term is never taken as changes.
         let other = ChangesHead { term: 9, ..head };

@@ -117,7 +117,10 @@ pub struct Frame {
     pub bytes: Bytes,
 }
 
-/// A target on the wire: its identity fields and its labels as rendered.
+/// A target on the wire: its identity fields and, for a discovered target, its
+/// instance's attributes and its source's path and scheme, from which the
+/// receiver derives the very labels the leader renders; for any other target
+/// (one read back from a copy), its labels as rendered.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct WireTarget {
     pub ns: String,
@@ -125,13 +128,40 @@ pub struct WireTarget {
     pub id: String,
     pub src: MetricsSource,
     pub addr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<Derived>,
+}
+
+/// What a discovered target's labels are derived from.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Derived {
+    pub attrs: Vec<(String, String)>,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
 }
 
 impl WireTarget {
     pub fn of(t: &Target) -> WireTarget {
-        let mut labels = Vec::with_capacity(16);
-        t.for_each_label(|name, value| labels.push((name.to_string(), value.to_owned())));
+        let mut labels = Vec::new();
+        let derived = match t.derived_from() {
+            Some((instance, path, scheme)) => Some(Derived {
+                attrs: instance
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+                path: path.to_owned(),
+                scheme: scheme.map(str::to_owned),
+            }),
+            None => {
+                labels.reserve(16);
+                t.for_each_label(|name, value| labels.push((name.to_string(), value.to_owned())));
+                None
+            }
+        };
         WireTarget {
             ns: t.namespace.to_string(),
             svc: t.service.to_string(),
@@ -139,20 +169,58 @@ impl WireTarget {
             src: t.source,
             addr: t.address.to_string(),
             labels,
+            derived,
         }
     }
 
+    /// The identity of the target this describes (see [`crate::sharding::target_id`]),
+    /// without making it.
+    pub fn target_id(&self) -> TargetId {
+        let label = |name: &str| {
+            self.labels
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let (scheme, path) = match &self.derived {
+            Some(d) => (d.scheme.as_deref().unwrap_or("http"), d.path.as_str()),
+            None => (
+                label("__scheme__").unwrap_or("http"),
+                label("__metrics_path__").unwrap_or("/metrics"),
+            ),
+        };
+        crate::sharding::target_id_of(scheme, &self.addr, path)
+    }
+
     pub fn target(&self, strings: &mut Interner) -> Result<Target, ProtocolError> {
-        Target::from_parts(
-            strings,
-            &self.ns,
-            &self.svc,
-            &self.id,
-            self.src,
-            &self.addr,
-            &self.labels,
-        )
-        .ok_or_else(|| ProtocolError::Labels(self.addr.clone()))
+        let made = match &self.derived {
+            Some(d) => {
+                let instance = strings.instance(
+                    &self.id,
+                    d.attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+                Target::from_instance(
+                    strings,
+                    &self.ns,
+                    &self.svc,
+                    self.src,
+                    &self.addr,
+                    instance,
+                    &d.path,
+                    d.scheme.as_deref(),
+                )
+            }
+            None => Target::from_parts(
+                strings,
+                &self.ns,
+                &self.svc,
+                &self.id,
+                self.src,
+                &self.addr,
+                &self.labels,
+            ),
+        };
+        made.ok_or_else(|| ProtocolError::Labels(self.addr.clone()))
     }
 }
 
@@ -204,9 +272,13 @@ pub enum ProtocolError {
     Gzip(std::io::Error),
     #[error("a frame holds a bad record: {0}")]
     Record(serde_json::Error),
+    #[error("a frame holds a record longer than {} bytes", MAX_RECORD_BYTES)]
+    RecordTooLong,
+    #[error("the frames of an answer do not run from the copy held to generation {0}")]
+    Discontinuous(u64),
     #[error("a change names target {0:032x}, which the copy does not hold")]
     Unknown(u128),
-    #[error("the labels of target {0} are not sorted by name")]
+    #[error("target {0} has labels not sorted by name, or an unknown scheme")]
     Labels(String),
     #[error("changes after generation {after} of term {term} do not follow the copy held")]
     Gap { term: u64, after: u64 },
@@ -248,6 +320,10 @@ pub fn encode_frame(records: impl IntoIterator<Item = Record>) -> Bytes {
     Bytes::from(gz.finish().unwrap_or_default())
 }
 
+/// The longest record a frame may hold: far above any target's (a few hundred
+/// bytes), so a frame without line ends cannot make a replica hold it whole.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
 /// Visits the records of a frame in order.
 pub fn decode_frame(
     frame: &[u8],
@@ -259,11 +335,14 @@ pub fn decode_frame(
     let mut line = Vec::with_capacity(1024);
     loop {
         line.clear();
-        let n = reader
+        let n = std::io::Read::take(&mut reader, MAX_RECORD_BYTES as u64 + 1)
             .read_until(b'\n', &mut line)
             .map_err(ProtocolError::Gzip)?;
         if n == 0 {
             return Ok(());
+        }
+        if n > MAX_RECORD_BYTES {
+            return Err(ProtocolError::RecordTooLong);
         }
         let record = serde_json::from_slice(&line).map_err(ProtocolError::Record)?;
         visit(record)?;
@@ -533,6 +612,7 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, String> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     fn target(i: usize) -> Target {
         let labels: BTreeMap<String, String> = [
@@ -576,6 +656,7 @@ mod tests {
         let Record::Put { t: wire, slots } = &seen[0] else {
             panic!("{:?}", seen[0]);
         };
+        assert_eq!(wire.target_id(), id);
         let back = wire.target(&mut strings).expect("target");
         assert_eq!(back, t);
         assert_eq!(back.content_hash(), t.content_hash());
@@ -625,6 +706,64 @@ mod tests {
             Err(ProtocolError::Garbled(5))
         ));
         assert!(decode_answer(&Bytes::from_static(b"no head")).is_err());
+    }
+
+    #[test]
+    fn a_record_without_end_is_refused_once_past_the_limit() {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![b' '; MAX_RECORD_BYTES + 10]).unwrap();
+        let frame = gz.finish().unwrap();
+        assert!(matches!(
+            decode_frame(&frame, |_| Ok(())),
+            Err(ProtocolError::RecordTooLong)
+        ));
+    }
+
+    #[test]
+    fn a_discovered_target_travels_as_its_instance_and_reads_back_the_same() {
+        let tags: BTreeMap<String, String> = [
+            ("METRICS_PATH".to_owned(), "/m".to_owned()),
+            ("METRICS_PORT".to_owned(), "9100".to_owned()),
+            ("METRICS_SCHEME".to_owned(), "https".to_owned()),
+            ("ECS_METRICS_PATH".to_owned(), "/ecs".to_owned()),
+            ("ECS_METRICS_PORT".to_owned(), "9779".to_owned()),
+        ]
+        .into();
+        let mut strings = Interner::default();
+        let instance = Arc::new(strings.instance(
+            "task-1",
+            [
+                ("AWS_INSTANCE_IPV4", "10.1.2.3"),
+                ("ECS_CLUSTER_NAME", "prod"),
+                ("ECS_SERVICE_NAME", "web"),
+                ("bad name!", "x"),
+            ],
+        ));
+        let built = crate::targets::build_all([crate::targets::ServiceData {
+            namespace: "ns",
+            service: "web",
+            tags: &tags,
+            instances: std::slice::from_ref(&instance),
+        }]);
+        assert_eq!(built.targets.len(), 2, "{:?}", built.problems);
+        for t in built.targets.iter() {
+            let wire = WireTarget::of(t);
+            assert!(wire.derived.is_some() && wire.labels.is_empty());
+            let line = serde_json::to_vec(&wire).unwrap();
+            let back: WireTarget = serde_json::from_slice(&line).unwrap();
+            assert_eq!(back.target_id(), crate::sharding::target_id(t));
+            let back = back.target(&mut Interner::default()).expect("target");
+            assert_eq!(back, *t);
+            assert_eq!(back.content_hash(), t.content_hash());
+            assert_eq!(crate::targets::render([&back]), crate::targets::render([t]));
+        }
+        // A scheme nobody renders is refused, not guessed.
+        let mut wire = WireTarget::of(&built.targets[0]);
+        if let Some(d) = wire.derived.as_mut() {
+            d.scheme = Some("gopher".into());
+        }
+        assert!(wire.target(&mut Interner::default()).is_err());
     }
 
     #[test]

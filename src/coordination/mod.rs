@@ -179,14 +179,16 @@ impl CoordinationView {
 /// published late reads as one, not as the end of a term.
 async fn notify_deadlines(view: Arc<watch::Sender<CoordinationView>>, shutdown: CancellationToken) {
     let mut published = view.subscribe();
+    // The latest deadline readers were woken for: one that passed before this
+    // task looked is notified at once, none twice.
+    let mut notified: Option<Instant> = None;
     loop {
         let next = {
             let current = published.borrow_and_update();
-            let now = Instant::now();
             [current.leader_until, current.slot_until]
                 .into_iter()
                 .flatten()
-                .filter(|deadline| *deadline > now)
+                .filter(|deadline| notified.is_none_or(|n| *deadline > n))
                 .min()
         };
         tokio::select! {
@@ -195,7 +197,10 @@ async fn notify_deadlines(view: Arc<watch::Sender<CoordinationView>>, shutdown: 
                     return;
                 }
             }
-            _ = crate::clock::sleep_until(next) => view.send_modify(|_| {}),
+            _ = crate::clock::sleep_until(next) => {
+                notified = next;
+                view.send_modify(|_| {});
+            }
             _ = shutdown.cancelled() => return,
         }
     }
@@ -780,6 +785,39 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn readers_are_woken_when_a_lease_deadline_passes_without_a_publication() {
+        let view = Arc::new(watch::Sender::new(CoordinationView::starting()));
+        let stop = CancellationToken::new();
+        tokio::spawn(notify_deadlines(view.clone(), stop.clone()));
+        let mut reader = view.subscribe();
+        let until = Instant::now() + Duration::from_millis(150);
+        view.send_replace(CoordinationView {
+            slot: Some(2),
+            slot_until: Some(until),
+            ..CoordinationView::starting()
+        });
+        reader.borrow_and_update();
+        assert_eq!(reader.borrow().at(Instant::now()).slot, Some(2));
+        // Nothing is published again: the deadline alone wakes the reader.
+        tokio::time::timeout(Duration::from_secs(2), reader.changed())
+            .await
+            .expect("woken at the deadline")
+            .expect("open");
+        assert!(Instant::now() >= until);
+        let now = reader.borrow().at(Instant::now());
+        assert_eq!((now.slot, now.stale_slot), (None, Some(2)));
+        // The view itself is left as published: a late renewal reads as one.
+        assert_eq!(reader.borrow().slot_until, Some(until));
+        // Once passed, a deadline wakes nobody again.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), reader.changed())
+                .await
+                .is_err()
+        );
+        stop.cancel();
+    }
 
     fn item(pk: &str, holder: &str, rvn: &str) -> LeaseItem {
         LeaseItem {

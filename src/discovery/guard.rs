@@ -31,6 +31,11 @@ pub struct DropHold {
     pub published: usize,
 }
 
+/// Whether `next` keeps every target of `published` (by identity).
+pub fn keeps_all(published: &[Target], next: &[Target]) -> bool {
+    dropped(published, next).0 == 0
+}
+
 /// How many targets of `published` `next` drops, and the identities published.
 fn dropped(published: &[Target], next: &[Target]) -> (usize, HashSet<TargetId, IdBuild>) {
     let next_ids: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
@@ -91,16 +96,6 @@ impl DropGuard {
     /// The hold in force, if any.
     pub fn hold(&self) -> Option<&DropHold> {
         self.held.as_ref()
-    }
-
-    /// Whether `next` drops no more of `published` than a publication may,
-    /// counting nothing towards a hold.
-    pub fn allows(&self, published: &[Target], next: &[Target]) -> bool {
-        if !self.enabled() || published.is_empty() {
-            return true;
-        }
-        let (would_drop, published_ids) = dropped(published, next);
-        would_drop as f64 <= self.max_fraction * published_ids.len() as f64
     }
 
     /// Judges `next` against what is `published`. Targets are compared by identity

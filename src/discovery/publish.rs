@@ -32,6 +32,10 @@ pub struct Publisher {
     /// What is served before this loop's first publication (a new leader's
     /// inherited assignment): the guard's baseline until then.
     inherited: Option<Arc<Vec<Target>>>,
+    /// What was published when the current cycle started: the guard judges every
+    /// list of the cycle, those published as services are read included, against
+    /// it, so a drop spread over a cycle's turns counts as one.
+    cycle_start: Option<Arc<Vec<Target>>>,
     known_problems: BTreeSet<String>,
 }
 
@@ -42,6 +46,7 @@ impl Publisher {
             guard,
             published: None,
             inherited,
+            cycle_start: None,
             known_problems: BTreeSet::new(),
         }
     }
@@ -62,6 +67,7 @@ pub async fn discovery_loop(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
+        publisher.cycle_start = publisher.baseline().cloned();
         let mut progress = |d: &mut Discoverer| publisher.progress(d, &shared);
         let report = tokio::select! {
             report = discoverer.run_cycle_with(&mut progress) => report,
@@ -115,30 +121,32 @@ fn publish_cycle(
 }
 
 impl Publisher {
-    /// During a cycle: publishes what is known now if it changed, once a first
-    /// list was published and unless the change drops more than the guard allows
-    /// (such a drop waits for the end of the cycle, where the guard counts it).
+    /// During a cycle: publishes what is known now if it changed and drops
+    /// nothing, once a first list was published. A target gone waits for the
+    /// end of the cycle, where the guard judges the whole cycle's drop at once
+    /// (a drop spread over the cycle's turns is one drop), and meanwhile is
+    /// served a little longer: a duplicate, never a gap.
     fn progress(&mut self, discoverer: &mut Discoverer, shared: &Shared) {
-        let Some(baseline) = self.published.clone() else {
+        let Some(published) = self.published.clone() else {
             return;
         };
         if self.guard.hold().is_some() {
             return;
         }
         let built = crate::cpu_bound(|| discoverer.targets());
-        if Arc::ptr_eq(&baseline, &built.targets)
-            || !crate::cpu_bound(|| self.guard.allows(&baseline, &built.targets))
+        if Arc::ptr_eq(&published, &built.targets)
+            || !crate::cpu_bound(|| guard::keeps_all(&published, &built.targets))
         {
             return;
         }
-        let previous = baseline.len();
-        if self.publish(&built.targets, shared) {
+        if self.send(built.targets.clone(), shared) {
             tracing::info!(
                 targets = built.targets.len(),
-                previous,
+                previous = published.len(),
                 "targets changed during the cycle"
             );
         }
+        self.published = Some(built.targets.clone());
         crate::release_free_memory();
     }
 
@@ -164,7 +172,10 @@ impl Publisher {
     /// drop is held, the union of both (never less than was published). Returns
     /// whether what is published changed.
     fn publish(&mut self, targets: &Arc<Vec<Target>>, shared: &Shared) -> bool {
-        let baseline = self.baseline().cloned();
+        let baseline = self
+            .cycle_start
+            .clone()
+            .or_else(|| self.baseline().cloned());
         let verdict = match &baseline {
             Some(baseline) => self.guard.check(baseline, targets),
             None => Verdict::Publish,
@@ -175,7 +186,17 @@ impl Publisher {
             }
             _ => (targets.clone(), true),
         };
-        let changed = match &self.sink {
+        let changed = self.send(list.clone(), shared);
+        if confirmed {
+            self.published = Some(list);
+        }
+        changed
+    }
+
+    /// Serves `list` (single mode) or hands it to the assignment (leader).
+    /// Returns whether it differs from what was.
+    fn send(&self, list: Arc<Vec<Target>>, shared: &Shared) -> bool {
+        match &self.sink {
             Sink::Serve => shared.publish(crate::cpu_bound(|| Body::render(list.iter()))),
             Sink::Leader(tx) => tx.send_if_modified(|current| {
                 let differs = current
@@ -186,11 +207,7 @@ impl Publisher {
                 }
                 differs
             }),
-        };
-        if confirmed {
-            self.published = Some(list);
         }
-        changed
     }
 }
 
