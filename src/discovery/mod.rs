@@ -436,6 +436,8 @@ impl Discoverer {
             })
             .buffer_unordered(self.opts.concurrency.max(1));
         let mut last_progress: Option<(tokio::time::Instant, Duration)> = None;
+        // A change not published yet (it came before its turn was due).
+        let mut pending = false;
         while let Some((ns_name, id, mut svc, errs)) = answers.next().await {
             // A service read at last, or read again with something new.
             let changed = svc.built.is_none() && svc.is_read();
@@ -454,9 +456,11 @@ impl Discoverer {
             let due = last_progress.is_none_or(|(at, took)| {
                 at.elapsed() >= PROGRESS_SPACING.max(took * PROGRESS_COST_FACTOR)
             });
-            if changed && due && self.is_complete() {
+            pending |= changed;
+            if pending && due && self.is_complete() {
                 let started = tokio::time::Instant::now();
                 progress(self);
+                pending = false;
                 last_progress = Some((started, started.elapsed()));
             }
         }
