@@ -534,9 +534,16 @@ async fn a_cycle_publishes_each_changed_service_as_it_reads_it() {
     })
     .await;
     let last_cycle = cycle_time().await;
+    // A rolling deploy: each service's old task goes as new ones come. The old
+    // ones are served until the cycle's end; the new ones as read. (Two new
+    // tasks: moto's revision is the sum of its instances' own, which one in and
+    // one out would leave unchanged.)
     for (i, svc) in services.iter().enumerate() {
         cm.register_task(&svc.id, &format!("new-{i}"), &format!("10.0.9.{i}"))
             .await;
+        cm.register_task(&svc.id, &format!("new-{i}-b"), &format!("10.0.10.{i}"))
+            .await;
+        cm.deregister(&svc.id, &format!("old-{i}")).await;
     }
     let started = Instant::now();
     let mut first_seen: Vec<Option<Duration>> = vec![None; 4];
@@ -574,4 +581,10 @@ async fn a_cycle_publishes_each_changed_service_as_it_reads_it() {
         spread >= Duration::from_millis(2500),
         "served all at once ({seen:?}), not as each service was read"
     );
+    // The old tasks go at the cycle's end.
+    common::wait_for("the old tasks gone", Duration::from_secs(20), || async {
+        let s = served().await;
+        (!s.iter().any(|a| a.starts_with("10.0.8."))).then_some(())
+    })
+    .await;
 }

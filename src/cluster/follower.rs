@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mirror::{Mirror, OwnShard};
 use super::protocol::{
-    self, ChangesAnswer, ChangesHead, ChangesQuery, Frame, PeerClient, ProtocolError, ShardAnswer,
+    ChangesAnswer, ChangesHead, ChangesQuery, Frame, PeerClient, ProtocolError, ShardAnswer,
     ShardHead, LONG_POLL,
 };
 use crate::coordination::{CoordinationView, Role};
@@ -175,22 +175,33 @@ pub async fn run(
 }
 
 impl Follower {
-    /// Makes sure the typed shard of `slot`, just taken or held, is there and
-    /// served. A slot just taken (or held since this replica led) is served from
-    /// the mirror until the leader answers (it may be the one that is down),
-    /// unless what is served for it is newer; without a mirror, what is served
-    /// for it stays, else `[]`. A slot regained after its lease lapsed is served
-    /// as its shard was kept meanwhile.
+    /// Makes sure the typed shard of `slot` is there, in step with the mirror,
+    /// and served. A slot just taken (or held since this replica led, or regained
+    /// after its lease lapsed) is served from the mirror until the leader answers
+    /// (it may be the one that is down), unless what is served for it is newer
+    /// (from a leader of the earlier release); without a mirror, or while the
+    /// slot is not in its membership, what is served for it stays, else `[]`.
     fn start_slot(&mut self, slot: u32) {
         let mirror = self.shared.mirror();
-        let head = mirror.as_ref().and_then(|m| m.shards.get(&slot));
-        if self.own.as_ref().is_some_and(|o| o.slot == slot) {
-            if let (Some(m), Some(head)) = (&mirror, head) {
-                if self.served != Some((slot, m.term, m.generation)) {
-                    self.serve_own(m.term, m.generation, head);
-                }
-            }
+        let at = mirror.as_ref().map_or((0, 0), |m| (m.term, m.generation));
+        if self.served == Some((slot, at.0, at.1)) {
             return;
+        }
+        let in_step = self
+            .own
+            .as_ref()
+            .is_some_and(|o| o.slot == slot && o.at == at);
+        if !in_step {
+            self.served = None;
+            let built = match &mirror {
+                Some(m) => crate::cpu_bound(|| OwnShard::from_mirror(slot, m)),
+                None => Ok(OwnShard::empty(slot)),
+            };
+            self.own = Some(built.unwrap_or_else(|err| {
+                tracing::warn!(slot, "the mirrored assignment is unusable: {err}");
+                self.shared.set_mirror(None);
+                OwnShard::empty(slot)
+            }));
         }
         // What is served for the slot already, as (term, generation).
         let stamp = self
@@ -199,41 +210,24 @@ impl Follower {
             .and_then(|p| p.shard)
             .filter(|stamp| stamp.slot == Some(slot) && stamp.term > 0)
             .map(|stamp| (stamp.term, stamp.generation));
-        let Some(m) = mirror.as_ref() else {
-            if stamp.is_none() {
+        let head = mirror.as_ref().and_then(|m| m.shards.get(&slot));
+        match head {
+            Some(head) if at != (0, 0) && stamp.is_none_or(|s| s <= at) => {
+                if !in_step {
+                    tracing::info!(
+                        slot,
+                        term = at.0,
+                        generation = at.1,
+                        targets = head.targets,
+                        "serving the slot from the mirrored assignment until the leader answers"
+                    );
+                }
+                self.serve_own(at.0, at.1, head);
+            }
+            None if stamp.is_none() => {
                 self.shared.publish_shard(Some(slot), 0, 0, Body::empty());
             }
-            self.own = Some(OwnShard::empty(slot));
-            return;
-        };
-        match crate::cpu_bound(|| OwnShard::from_mirror(slot, m)) {
-            Ok(own) => {
-                self.own = Some(own);
-                // The copy is never older than what is served, unless that came
-                // from a leader of an earlier release.
-                match head {
-                    Some(head) if stamp.is_none_or(|s| s <= (m.term, m.generation)) => {
-                        tracing::info!(
-                            slot,
-                            term = m.term,
-                            generation = m.generation,
-                            targets = head.targets,
-                            "serving the new slot from the mirrored assignment until the leader answers"
-                        );
-                        self.serve_own(m.term, m.generation, head);
-                    }
-                    // Not in the copy's membership: nothing of it to serve yet.
-                    None if stamp.is_none() => {
-                        self.shared.publish_shard(Some(slot), 0, 0, Body::empty());
-                    }
-                    _ => {}
-                }
-            }
-            Err(err) => {
-                tracing::warn!(slot, "the mirrored assignment is unusable: {err}");
-                self.shared.set_mirror(None);
-                self.own = Some(OwnShard::empty(slot));
-            }
+            _ => {}
         }
     }
 
@@ -248,7 +242,10 @@ impl Follower {
             Ok(body) => {
                 self.shared
                     .publish_shard(Some(own.slot), term, head.generation, body);
-                self.served = Some((own.slot, term, generation));
+                // Stopping: nothing replaces what is served, so nothing more is claimed.
+                if !self.shared.is_draining() {
+                    self.served = Some((own.slot, term, generation));
+                }
                 true
             }
             Err(err) => {
@@ -366,18 +363,17 @@ impl Follower {
         // lease lapsed): it is served again as soon as the slot is.
         if let Some(own) = self.own.as_mut() {
             own.apply(whole, &frames)?;
+            own.at = (next.term, next.generation);
         }
         let own_slot = self.own.as_ref().map(|o| o.slot);
-        if let Some(slot) = serving.filter(|s| own_slot == Some(*s)) {
-            // A slot outside the leader's membership has nothing (yet).
-            let empty = ShardHead {
-                slot,
-                generation: next.generation,
-                targets: 0,
-                draining: 0,
-                content: protocol::content_of([]),
-            };
-            let head = next.shards.get(&slot).unwrap_or(&empty).clone();
+        // A slot outside the leader's membership has nothing assigned (yet): what
+        // is served for it stays.
+        let head = serving
+            .filter(|s| own_slot == Some(*s))
+            .and_then(|s| next.shards.get(&s))
+            .cloned();
+        if let Some(head) = head {
+            let slot = head.slot;
             if !self.serve_own(next.term, next.generation, &head) {
                 return Err(ProtocolError::Diverged {
                     slot,

@@ -256,6 +256,8 @@ fn check<'a>(
 #[derive(Debug)]
 pub struct OwnShard {
     pub slot: u32,
+    /// The (term, generation) of the mirror it is in step with.
+    pub at: (u64, u64),
     targets: IdMap<TargetId, Target>,
     strings: Interner,
 }
@@ -264,6 +266,7 @@ impl OwnShard {
     pub fn empty(slot: u32) -> OwnShard {
         OwnShard {
             slot,
+            at: (0, 0),
             targets: IdMap::default(),
             strings: Interner::default(),
         }
@@ -272,6 +275,7 @@ impl OwnShard {
     /// The slot's shard in `mirror`.
     pub fn from_mirror(slot: u32, mirror: &Mirror) -> Result<OwnShard, ProtocolError> {
         let mut own = OwnShard::empty(slot);
+        own.at = (mirror.term, mirror.generation);
         match mirror.contents.get() {
             // This replica's own assignment: typed already.
             Some(Some(contents)) => {

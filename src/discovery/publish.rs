@@ -121,11 +121,11 @@ fn publish_cycle(
 }
 
 impl Publisher {
-    /// During a cycle: publishes what is known now if it changed and drops
-    /// nothing, once a first list was published. A target gone waits for the
-    /// end of the cycle, where the guard judges the whole cycle's drop at once
-    /// (a drop spread over the cycle's turns is one drop), and meanwhile is
-    /// served a little longer: a duplicate, never a gap.
+    /// During a cycle: publishes what is known now if it changed, once a first
+    /// list was published, keeping the targets gone: those wait for the end of
+    /// the cycle, where the guard judges the whole cycle's drop at once (a drop
+    /// spread over the cycle's turns is one drop), and meanwhile are served a
+    /// little longer: a duplicate, never a gap.
     fn progress(&mut self, discoverer: &mut Discoverer, shared: &Shared) {
         let Some(published) = self.published.clone() else {
             return;
@@ -134,19 +134,21 @@ impl Publisher {
             return;
         }
         let built = crate::cpu_bound(|| discoverer.targets());
-        if Arc::ptr_eq(&published, &built.targets)
-            || !crate::cpu_bound(|| guard::keeps_all(&published, &built.targets))
-        {
+        if Arc::ptr_eq(&published, &built.targets) {
             return;
         }
-        if self.send(built.targets.clone(), shared) {
+        let list = crate::cpu_bound(|| match guard::keeps_all(&published, &built.targets) {
+            true => built.targets.clone(),
+            false => Arc::new(guard::union(&published, &built.targets)),
+        });
+        if self.send(list.clone(), shared) {
             tracing::info!(
-                targets = built.targets.len(),
+                targets = list.len(),
                 previous = published.len(),
                 "targets changed during the cycle"
             );
         }
-        self.published = Some(built.targets.clone());
+        self.published = Some(list);
         crate::release_free_memory();
     }
 
