@@ -73,6 +73,8 @@ struct TargetState {
     lost_slot: Option<u32>,
     dup_since: Option<Instant>,
     flagged: bool,
+    /// When it was last expected (registered, or its namespace added back).
+    expected_since: Option<Instant>,
 }
 
 /// Runs of time, by fault kind: the worst (longest) one and how many.
@@ -106,6 +108,8 @@ pub struct Checker {
     pub bounds: Bounds,
     start: Instant,
     collectors: BTreeMap<String, BTreeSet<String>>,
+    /// When each collector's list was last replaced (a 200).
+    received: BTreeMap<String, Instant>,
     targets: BTreeMap<String, TargetState>,
     /// Holder of each slot over time, as the lease table said (changes only).
     holders: Vec<(Instant, BTreeMap<u32, String>)>,
@@ -144,6 +148,7 @@ impl Checker {
             bounds,
             start,
             collectors: BTreeMap::new(),
+            received: BTreeMap::new(),
             targets: BTreeMap::new(),
             holders: Vec::new(),
             windows: Vec::new(),
@@ -183,6 +188,7 @@ impl Checker {
                 lost_slot: None,
                 dup_since: None,
                 flagged: false,
+                expected_since: None,
             });
         if !state.expected {
             *state = TargetState {
@@ -193,6 +199,7 @@ impl Checker {
                 lost_slot: None,
                 dup_since: state.dup_since,
                 flagged: false,
+                expected_since: Some(now),
             };
         }
     }
@@ -233,6 +240,7 @@ impl Checker {
 
     pub fn remove_collector(&mut self, id: &str) {
         self.collectors.remove(id);
+        self.received.remove(id);
     }
 
     pub fn open(
@@ -358,8 +366,23 @@ impl Checker {
         for (id, answer) in answers {
             if let (Some(list), Some(held)) = (answer, self.collectors.get_mut(&id)) {
                 *held = list;
+                self.received.insert(id, now);
             }
         }
+        // Per target, the newest list holding it: a target (re)registered after a
+        // collector's list was received is not served by that list (a paused
+        // replica's collector keeps what it had before the target went and came
+        // back), so it stays pending until a newer list holds it.
+        let mut newest: BTreeMap<&str, Instant> = BTreeMap::new();
+        for (id, list) in &self.collectors {
+            let at = self.received.get(id).copied().unwrap_or(self.start);
+            for t in list {
+                let e = newest.entry(t.as_str()).or_insert(at);
+                *e = (*e).max(at);
+            }
+        }
+        let newest: BTreeMap<String, Instant> =
+            newest.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         let mut holders: BTreeMap<&str, usize> = BTreeMap::new();
         for list in self.collectors.values() {
             for t in list {
@@ -415,6 +438,14 @@ impl Checker {
                 self.check_open_gap(&name, since, now);
             } else {
                 let state = self.targets.get_mut(&name).unwrap();
+                let fresh = newest
+                    .get(&name)
+                    .is_some_and(|at| state.expected_since.is_none_or(|e| *at >= e));
+                if !state.seen && !fresh {
+                    let since = *state.missing_since.get_or_insert(now);
+                    self.check_open_gap(&name, since, now);
+                    continue;
+                }
                 let pending = !state.seen;
                 state.seen = true;
                 state.flagged = false;
@@ -597,6 +628,42 @@ mod tests {
 
     fn at(t0: Instant, secs: f64) -> Instant {
         t0 + Duration::from_secs_f64(secs)
+    }
+
+    #[test]
+    fn a_target_back_in_a_list_older_than_its_return_is_still_pending() {
+        let t0 = Instant::now();
+        let mut c = Checker::new(BOUNDS, t0);
+        c.add_collector("a");
+        c.add_collector("b");
+        c.expect("t1", t0);
+        c.sample(
+            at(t0, 1.0),
+            answers(&[("a", Some(&["t1"])), ("b", Some(&[]))]),
+        );
+        // Its namespace leaves the list, while "a" is paused (answers nothing)
+        // and keeps its list; the namespace comes back at 3 s.
+        c.unexpect("t1");
+        c.sample(at(t0, 2.0), answers(&[("a", None), ("b", Some(&[]))]));
+        c.expect("t1", at(t0, 3.0));
+        c.sample(at(t0, 3.5), answers(&[("a", None), ("b", Some(&[]))]));
+        // "a" resumes and answers without it: served at 8.5 s, 5.5 s after it
+        // came back, within the pending bound; not a 4.5 s gap of a target
+        // served before.
+        c.sample(at(t0, 4.0), answers(&[("a", Some(&[])), ("b", Some(&[]))]));
+        c.sample(at(t0, 7.5), answers(&[("a", Some(&[])), ("b", Some(&[]))]));
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        c.sample(
+            at(t0, 8.5),
+            answers(&[("a", Some(&[])), ("b", Some(&["t1"]))]),
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        // Held since by a list received after its return: a gap from now on.
+        c.remove_collector("b");
+        c.sample(at(t0, 9.0), answers(&[("a", Some(&[]))]));
+        c.sample(at(t0, 13.5), answers(&[("a", Some(&[]))]));
+        assert_eq!(c.violations.len(), 1, "{:?}", c.violations);
+        assert!(c.violations[0].contains("held by no collector"));
     }
 
     #[test]
