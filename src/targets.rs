@@ -202,6 +202,11 @@ impl MetricsSource {
     }
 }
 
+/// The scheme of a target that names none, as Prometheus scrapes it.
+pub const DEFAULT_SCHEME: &str = "http";
+/// The metrics path of a target given without `__metrics_path__`.
+pub const DEFAULT_METRICS_PATH: &str = "/metrics";
+
 /// One scrape target. Cheap to clone: its strings are shared, and the labels of a
 /// discovered target are not stored at all but derived, when rendered, from the
 /// instance it points at and its service's tags.
@@ -592,15 +597,17 @@ impl Target {
     /// `http` unless the service's scheme tag says otherwise.
     pub fn scheme(&self) -> &str {
         match &self.labels {
-            Labels::Derived { scheme, .. } => scheme.unwrap_or("http"),
-            Labels::Given(_) => self.label("__scheme__").unwrap_or("http"),
+            Labels::Derived { scheme, .. } => scheme.unwrap_or(DEFAULT_SCHEME),
+            Labels::Given(_) => self.label("__scheme__").unwrap_or(DEFAULT_SCHEME),
         }
     }
 
     pub fn metrics_path(&self) -> &str {
         match &self.labels {
             Labels::Derived { path, .. } => path,
-            Labels::Given(_) => self.label("__metrics_path__").unwrap_or("/metrics"),
+            Labels::Given(_) => self
+                .label("__metrics_path__")
+                .unwrap_or(DEFAULT_METRICS_PATH),
         }
     }
 

@@ -463,14 +463,8 @@ impl Harness {
 
     /// Bytes each follower received since `before` (per follower, in order).
     async fn peer_bytes_since(&self, followers: &[usize], before: &[f64]) -> Vec<f64> {
-        let mut out = Vec::new();
-        for (k, i) in followers.iter().enumerate() {
-            let now = self
-                .metric(&self.replicas[*i], "shard_sd_peer_bytes_received_total")
-                .await;
-            out.push(now - before[k]);
-        }
-        out
+        let now = self.peer_bytes(followers).await;
+        now.iter().zip(before).map(|(n, b)| n - b).collect()
     }
 
     async fn peer_bytes(&self, followers: &[usize]) -> Vec<f64> {
@@ -681,13 +675,7 @@ async fn run(args: Args) -> Result<Value> {
 
     // Registrations, and what followers receive for one.
     let followers: Vec<usize> = (0..h.replicas.len()).filter(|i| *i != leader).collect();
-    let mut peer_before = Vec::new();
-    for i in &followers {
-        peer_before.push(
-            h.metric(&h.replicas[*i], "shard_sd_peer_bytes_received_total")
-                .await,
-        );
-    }
+    let peer_before = h.peer_bytes(&followers).await;
     let mut times = Vec::new();
     for n in 0..h.args.registrations.max(1) {
         times.push(h.registration_to_shard().await?);
@@ -696,13 +684,12 @@ async fn run(args: Args) -> Result<Value> {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
-    let mut peer_bytes = Vec::new();
-    for (k, i) in followers.iter().enumerate() {
-        let after = h
-            .metric(&h.replicas[*i], "shard_sd_peer_bytes_received_total")
-            .await;
-        peer_bytes.push((after - peer_before[k]) / times.len() as f64);
-    }
+    let peer_bytes: Vec<f64> = h
+        .peer_bytes_since(&followers, &peer_before)
+        .await
+        .iter()
+        .map(|b| b / times.len() as f64)
+        .collect();
     times.sort_by(|a, b| a.total_cmp(b));
     let p50 = times[times.len() / 2];
     let max = times.last().copied().unwrap_or(f64::NAN);

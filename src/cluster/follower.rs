@@ -222,7 +222,9 @@ impl Follower {
                         "serving the slot from the mirrored assignment until the leader answers"
                     );
                 }
-                self.serve_own(at.0, at.1, head);
+                if let Err(err) = self.serve_own(at.0, at.1, head) {
+                    tracing::warn!(slot, "the kept shard is not the leader's: {err}");
+                }
             }
             None if stamp.is_none() => {
                 self.shared.publish_shard(Some(slot), 0, 0, Body::empty());
@@ -233,27 +235,25 @@ impl Follower {
 
     /// Serves the own shard as of (`term`, `generation`) of the mirror, if it is
     /// the shard `head` describes, and records it as what a confirmation may
-    /// claim. Returns whether it is served.
-    fn serve_own(&mut self, term: u64, generation: u64, head: &ShardHead) -> bool {
+    /// claim; else the reason it is not.
+    fn serve_own(
+        &mut self,
+        term: u64,
+        generation: u64,
+        head: &ShardHead,
+    ) -> Result<(), ProtocolError> {
         let Some(own) = self.own.as_ref() else {
-            return false;
+            return Ok(());
         };
-        match crate::cpu_bound(|| own.body(head)) {
-            Ok(body) => {
-                self.shared
-                    .publish_shard(Some(own.slot), term, head.generation, body);
-                // Stopping: nothing replaces what is served, so nothing more is claimed.
-                if !self.shared.is_draining() {
-                    self.served = Some((own.slot, term, generation));
-                }
-                true
-            }
-            Err(err) => {
-                tracing::warn!(slot = own.slot, "the kept shard is not the leader's: {err}");
-                self.served = None;
-                false
-            }
+        let slot = own.slot;
+        let body = crate::cpu_bound(|| own.body(head)).inspect_err(|_| self.served = None)?;
+        self.shared
+            .publish_shard(Some(slot), term, head.generation, body);
+        // Stopping: nothing replaces what is served, so nothing more is claimed.
+        if !self.shared.is_draining() {
+            self.served = Some((slot, term, generation));
         }
+        Ok(())
     }
 
     /// One long-poll of the leader at `addr`. Returns `false` after a failure
@@ -373,16 +373,7 @@ impl Follower {
             .and_then(|s| next.shards.get(&s))
             .cloned();
         if let Some(head) = head {
-            let slot = head.slot;
-            if !self.serve_own(next.term, next.generation, &head) {
-                return Err(ProtocolError::Diverged {
-                    slot,
-                    targets: self.own.as_ref().map_or(0, OwnShard::len),
-                    content: 0,
-                    leader_targets: head.targets,
-                    leader_content: head.content,
-                });
-            }
+            self.serve_own(next.term, next.generation, &head)?;
         }
         self.shared.set_mirror(Some(next));
         Ok(())

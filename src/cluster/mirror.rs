@@ -169,21 +169,23 @@ impl Mirror {
         let mut strings = Interner::default();
         let mut all: IdMap<TargetId, (Target, Vec<u32>)> = IdMap::default();
         self.replay(|record| apply_all(&mut all, &mut strings, record))?;
-        let mut targets: Vec<Target> = Vec::with_capacity(all.len());
-        let mut owners = Owners::default();
-        for (id, (target, slots)) in all {
-            targets.push(target);
-            owners.insert(id, slots);
-        }
-        targets.sort();
+        // In target order, with their identities: each slot is checked without
+        // hashing a target again.
+        let mut sorted: Vec<(Target, TargetId)> =
+            all.iter().map(|(id, (t, _))| (t.clone(), *id)).collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
         for (slot, head) in &self.shards {
-            let shard = targets.iter().filter(|t| {
-                owners
-                    .get(&sharding::target_id(t))
-                    .is_some_and(|s| s.contains(slot))
-            });
+            let shard = sorted
+                .iter()
+                .filter(|(_, id)| all.get(id).is_some_and(|(_, s)| s.contains(slot)))
+                .map(|(t, _)| t);
             check(*slot, head, shard)?;
         }
+        let owners: Owners = all
+            .into_iter()
+            .map(|(id, (_, slots))| (id, slots))
+            .collect();
+        let targets: Vec<Target> = sorted.into_iter().map(|(t, _)| t).collect();
         Ok(MirrorContents {
             targets: Arc::new(targets),
             owners: Arc::new(owners),

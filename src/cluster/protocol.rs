@@ -182,11 +182,15 @@ impl WireTarget {
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_str())
         };
+        use crate::targets::{DEFAULT_METRICS_PATH, DEFAULT_SCHEME};
         let (scheme, path) = match &self.derived {
-            Some(d) => (d.scheme.as_deref().unwrap_or("http"), d.path.as_str()),
+            Some(d) => (
+                d.scheme.as_deref().unwrap_or(DEFAULT_SCHEME),
+                d.path.as_str(),
+            ),
             None => (
-                label("__scheme__").unwrap_or("http"),
-                label("__metrics_path__").unwrap_or("/metrics"),
+                label("__scheme__").unwrap_or(DEFAULT_SCHEME),
+                label("__metrics_path__").unwrap_or(DEFAULT_METRICS_PATH),
             ),
         };
         crate::sharding::target_id_of(scheme, &self.addr, path)

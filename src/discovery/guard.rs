@@ -31,11 +31,6 @@ pub struct DropHold {
     pub published: usize,
 }
 
-/// Whether `next` keeps every target of `published` (by identity).
-pub fn keeps_all(published: &[Target], next: &[Target]) -> bool {
-    dropped(published, next).0 == 0
-}
-
 /// How many targets of `published` `next` drops, and the identities published.
 fn dropped(published: &[Target], next: &[Target]) -> (usize, HashSet<TargetId, IdBuild>) {
     let next_ids: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
@@ -46,8 +41,13 @@ fn dropped(published: &[Target], next: &[Target]) -> (usize, HashSet<TargetId, I
 /// What is served while a drop is held: every target of `next`, and those of
 /// `published` that `next` lacks, in the order `next` is built in.
 pub fn union(published: &[Target], next: &[Target]) -> Vec<Target> {
+    with_gone_kept(published, next).unwrap_or_else(|| next.to_vec())
+}
+
+/// [`union`], or `None` when `next` lacks none of `published` (it is then the
+/// union itself).
+pub fn with_gone_kept(published: &[Target], next: &[Target]) -> Option<Vec<Target>> {
     let present: HashSet<TargetId, IdBuild> = next.iter().map(identity).collect();
-    let mut all: Vec<Target> = next.to_vec();
     let mut kept: sharding::IdMap<TargetId, &Target> = Default::default();
     for t in published {
         let id = identity(t);
@@ -55,9 +55,13 @@ pub fn union(published: &[Target], next: &[Target]) -> Vec<Target> {
             kept.entry(id).or_insert(t);
         }
     }
+    if kept.is_empty() {
+        return None;
+    }
+    let mut all: Vec<Target> = next.to_vec();
     all.extend(kept.into_values().cloned());
     all.sort();
-    all
+    Some(all)
 }
 
 /// What to do with a cycle's result.

@@ -137,9 +137,9 @@ impl Publisher {
         if Arc::ptr_eq(&published, &built.targets) {
             return;
         }
-        let list = crate::cpu_bound(|| match guard::keeps_all(&published, &built.targets) {
-            true => built.targets.clone(),
-            false => Arc::new(guard::union(&published, &built.targets)),
+        let list = crate::cpu_bound(|| {
+            guard::with_gone_kept(&published, &built.targets)
+                .map_or_else(|| built.targets.clone(), Arc::new)
         });
         if self.send(list.clone(), shared) {
             tracing::info!(
