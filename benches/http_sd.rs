@@ -98,7 +98,13 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     let single = tokio::sync::watch::channel(shard_sd::coordination::CoordinationView::single()).1;
     let metrics = Arc::new(shard_sd::telemetry::Metrics::new(&Default::default()));
-    let shared = Shared::new("bench".into(), "127.0.0.1:9001".into(), single, metrics);
+    let shared = Shared::new(
+        "bench".into(),
+        "127.0.0.1:9001".into(),
+        single,
+        metrics,
+        shard_sd::targets::MetaLabels::All,
+    );
     shared.publish(Body::render(list.iter()));
     let etag = shared.targets().expect("published").body.gzip_etag();
     let ours = rt.block_on(serve(shard_sd::output::http::router(shared)));

@@ -233,7 +233,9 @@ fn measure(size: usize) {
         .expect("a shard");
     let started = Instant::now();
     let own = OwnShard::from_mirror(slot, &mirror).expect("own shard");
-    let body = own.body(&mirror.shards[&slot]).expect("checks");
+    let body = own
+        .body(&mirror.shards[&slot], shard_sd::targets::MetaLabels::All)
+        .expect("checks");
     let own_ms = started.elapsed().as_secs_f64() * 1000.0;
     let after_own = live() as isize;
     let started = Instant::now();

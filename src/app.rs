@@ -108,7 +108,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             view
         }
     };
-    let shared = Shared::new(replica_id, advertise_addr, coordination, metrics);
+    let shared = Shared::new(
+        replica_id,
+        advertise_addr,
+        coordination,
+        metrics,
+        config.meta_labels,
+    );
     tracing::info!(
         addr = %config.listen_addr,
         peer_addr = peer_listener.as_ref().map(|_| config.peer_listen_addr.to_string()),

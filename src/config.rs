@@ -17,6 +17,7 @@ use crate::coordination::ShardCount;
 use crate::discovery::namespaces::{parse_namespace_list, NamespaceSource};
 use crate::discovery::HealthStatus;
 use crate::sharding::{Params, ShardBy};
+use crate::targets::MetaLabels;
 use crate::telemetry::LogFormat;
 
 /// Name of the file written in `FILE_BASED` mode, as the original sidecar named it.
@@ -306,6 +307,18 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+
+    /// Which `__meta_cloudmap_*` labels targets carry: `all` (one per instance
+    /// attribute too), `basic` (namespace, service, instance id) or `none`.
+    #[arg(
+        long,
+        env = "META_LABELS",
+        value_name = "META_LABELS",
+        value_parser = named(MetaLabels::NAMES, MetaLabels::from_name),
+        ignore_case = true,
+        default_value = "all"
+    )]
+    pub meta_labels: MetaLabels,
 }
 
 /// A configuration error found after parsing; the process exits with code 2.

@@ -13,7 +13,7 @@ use crate::cluster::leader::LeaderHandle;
 use crate::cluster::mirror::Mirror;
 use crate::coordination::{CoordinationView, Role};
 use crate::discovery::NamespaceReport;
-use crate::targets::Body;
+use crate::targets::{Body, MetaLabels};
 use crate::telemetry::Metrics;
 
 /// A rendered target list: the exact bytes every reader serves (gzip-compressed,
@@ -132,6 +132,8 @@ pub struct Shared {
     status: RwLock<DiscoveryStatus>,
     /// [`MAX_KEPT_JSON`] unless told otherwise.
     kept_json_limit: std::sync::atomic::AtomicU64,
+    /// Which `__meta_cloudmap_*` labels this replica's bodies carry.
+    pub meta_labels: MetaLabels,
 }
 
 impl Shared {
@@ -141,6 +143,7 @@ impl Shared {
         advertise_addr: String,
         coordination: watch::Receiver<CoordinationView>,
         metrics: Arc<Metrics>,
+        meta_labels: MetaLabels,
     ) -> Arc<Self> {
         Arc::new(Shared {
             replica_id,
@@ -153,6 +156,7 @@ impl Shared {
             targets: watch::Sender::new(None),
             kept_json_limit: std::sync::atomic::AtomicU64::new(MAX_KEPT_JSON),
             status: RwLock::new(DiscoveryStatus::default()),
+            meta_labels,
         })
     }
 
@@ -323,6 +327,7 @@ mod tests {
             "127.0.0.1:9002".into(),
             watch::channel(CoordinationView::single()).1,
             Arc::new(Metrics::new(&registry)),
+            MetaLabels::All,
         )
     }
 
@@ -340,6 +345,7 @@ mod tests {
             "127.0.0.1:9002".into(),
             rx,
             Arc::new(Metrics::new(&registry)),
+            MetaLabels::All,
         );
         assert!(s.serving().is_none(), "nothing published yet");
         s.publish_shard(Some(1), 3, 7, Body::from_json(b"[1]", 1));

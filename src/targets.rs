@@ -25,9 +25,18 @@ pub const ATTR_TASK_DEFINITION: &str = "ECS_TASK_DEFINITION_FAMILY";
 pub const TAG_METRICS_PATH: &str = "METRICS_PATH";
 pub const TAG_METRICS_PORT: &str = "METRICS_PORT";
 pub const TAG_METRICS_SCHEME: &str = "METRICS_SCHEME";
+pub const TAG_METRICS_INTERVAL: &str = "METRICS_INTERVAL";
+pub const TAG_METRICS_TIMEOUT: &str = "METRICS_TIMEOUT";
 pub const TAG_ECS_METRICS_PATH: &str = "ECS_METRICS_PATH";
 pub const TAG_ECS_METRICS_PORT: &str = "ECS_METRICS_PORT";
 pub const TAG_ECS_METRICS_SCHEME: &str = "ECS_METRICS_SCHEME";
+pub const TAG_ECS_METRICS_INTERVAL: &str = "ECS_METRICS_INTERVAL";
+pub const TAG_ECS_METRICS_TIMEOUT: &str = "ECS_METRICS_TIMEOUT";
+
+/// The timeout a service's interval brings when its timeout is not tagged:
+/// Prometheus's default, or the interval when shorter. A collector refuses a
+/// target whose timeout exceeds its interval, and the job's own timeout may.
+pub const DEFAULT_TIMEOUT_CAP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Port used for the application target when neither the tag nor the instance names one.
 pub const DEFAULT_APP_PORT: u16 = 80;
@@ -189,16 +198,107 @@ impl MetricsSource {
         }
     }
 
-    /// The tags that configure this source: (path, port, scheme).
-    fn tags(self) -> (&'static str, &'static str, &'static str) {
+    /// The tags that configure this source.
+    fn tags(self) -> SourceTags {
         match self {
-            MetricsSource::App => (TAG_METRICS_PATH, TAG_METRICS_PORT, TAG_METRICS_SCHEME),
-            MetricsSource::EcsExporter => (
-                TAG_ECS_METRICS_PATH,
-                TAG_ECS_METRICS_PORT,
-                TAG_ECS_METRICS_SCHEME,
-            ),
+            MetricsSource::App => SourceTags {
+                path: TAG_METRICS_PATH,
+                port: TAG_METRICS_PORT,
+                scheme: TAG_METRICS_SCHEME,
+                interval: TAG_METRICS_INTERVAL,
+                timeout: TAG_METRICS_TIMEOUT,
+            },
+            MetricsSource::EcsExporter => SourceTags {
+                path: TAG_ECS_METRICS_PATH,
+                port: TAG_ECS_METRICS_PORT,
+                scheme: TAG_ECS_METRICS_SCHEME,
+                interval: TAG_ECS_METRICS_INTERVAL,
+                timeout: TAG_ECS_METRICS_TIMEOUT,
+            },
         }
+    }
+}
+
+/// The names of the tags that configure one metrics source.
+struct SourceTags {
+    path: &'static str,
+    port: &'static str,
+    scheme: &'static str,
+    interval: &'static str,
+    timeout: &'static str,
+}
+
+/// Which `__meta_cloudmap_*` labels a replica's http_sd and file_sd bodies carry
+/// (`META_LABELS`). They are for relabelling only, and Prometheus drops them
+/// after it; at two thirds of a body's bytes, a user who does not relabel on them
+/// saves both the bytes and the collector's work of parsing them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MetaLabels {
+    /// Every one: namespace, service, instance id and one per instance attribute.
+    #[default]
+    All,
+    /// Namespace, service and instance id; no attribute labels.
+    Basic,
+    /// None at all.
+    None,
+}
+
+impl MetaLabels {
+    pub const NAMES: &'static [&'static str] = &["all", "basic", "none"];
+
+    pub fn from_name(name: &str) -> Option<MetaLabels> {
+        let all = [MetaLabels::All, MetaLabels::Basic, MetaLabels::None];
+        let i = Self::NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))?;
+        Some(all[i])
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetaLabels::All => "all",
+            MetaLabels::Basic => "basic",
+            MetaLabels::None => "none",
+        }
+    }
+
+    /// Whether a label of this name is written.
+    fn keeps(self, name: &LabelName<'_>) -> bool {
+        match self {
+            MetaLabels::All => true,
+            MetaLabels::Basic => !name.starts_with(META_ATTRIBUTE_PREFIX),
+            MetaLabels::None => !name.starts_with(META_PREFIX),
+        }
+    }
+}
+
+/// How the targets of one source of one service are scraped, as the service's
+/// tags say: shared by all of them. Durations are as tagged (checked to be
+/// Prometheus durations, the timeout no longer than the interval).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Scrape {
+    pub path: Arc<str>,
+    pub scheme: Option<&'static str>,
+    /// `__scrape_interval__`: `None` keeps the job's.
+    pub interval: Option<Arc<str>>,
+    /// `__scrape_timeout__`: `None` keeps the job's.
+    pub timeout: Option<Arc<str>>,
+}
+
+impl Scrape {
+    /// Only a path and a scheme, the rest the job's.
+    pub fn path_and_scheme(path: Arc<str>, scheme: Option<&'static str>) -> Scrape {
+        Scrape {
+            path,
+            scheme,
+            interval: None,
+            timeout: None,
+        }
+    }
+
+    /// Whether it sets more than a path and a scheme.
+    pub fn has_timing(&self) -> bool {
+        self.interval.is_some() || self.timeout.is_some()
     }
 }
 
@@ -235,8 +335,7 @@ enum Labels {
     /// A discovered target: derived from its instance and its source's tags.
     Derived {
         instance: Arc<Instance>,
-        path: Arc<str>,
-        scheme: Option<&'static str>,
+        scrape: Arc<Scrape>,
     },
     /// A target read back from http_sd JSON (`plan`, a mirrored assignment): the
     /// labels as given, sorted by name.
@@ -260,6 +359,14 @@ impl LabelName<'_> {
         name.len() == self.prefix.len() + self.rest.len()
             && name.starts_with(self.prefix)
             && name[self.prefix.len()..] == *self.rest
+    }
+
+    /// Whether the name begins with `start`.
+    fn starts_with(&self, start: &str) -> bool {
+        match start.strip_prefix(self.prefix) {
+            Some(rest) => self.rest.starts_with(rest),
+            None => self.prefix.starts_with(start),
+        }
     }
 }
 
@@ -454,8 +561,7 @@ impl Target {
                 address: strings.get(address),
                 labels: Labels::Derived {
                     instance: Arc::new(instance),
-                    path: strings.get(path),
-                    scheme,
+                    scrape: Arc::new(Scrape::path_and_scheme(strings.get(path), scheme)),
                 },
                 content: 0,
             }
@@ -463,15 +569,11 @@ impl Target {
         )
     }
 
-    /// A discovered target's instance, path and scheme; `None` for one with
+    /// A discovered target's instance and scrape settings; `None` for one with
     /// labels given (read back from http_sd or sent so).
-    pub fn derived_from(&self) -> Option<(&Instance, &str, Option<&'static str>)> {
+    pub fn derived_from(&self) -> Option<(&Instance, &Scrape)> {
         match &self.labels {
-            Labels::Derived {
-                instance,
-                path,
-                scheme,
-            } => Some((instance, path, *scheme)),
+            Labels::Derived { instance, scrape } => Some((instance, scrape)),
             Labels::Given(_) => None,
         }
     }
@@ -509,7 +611,7 @@ impl Target {
     /// name (ECS's are); otherwise they are sorted, and of two names that
     /// sanitise to one label the first in name order wins.
     pub fn for_each_label<'a>(&'a self, mut visit: impl FnMut(&LabelName<'a>, &'a str)) {
-        let (instance, path, scheme) = match &self.labels {
+        let (instance, scrape) = match &self.labels {
             Labels::Given(pairs) => {
                 for (name, value) in pairs.iter() {
                     let name = LabelName {
@@ -520,11 +622,7 @@ impl Target {
                 }
                 return;
             }
-            Labels::Derived {
-                instance,
-                path,
-                scheme,
-            } => (instance, path, scheme),
+            Labels::Derived { instance, scrape } => (instance, scrape),
         };
         let attrs = &instance.attributes;
         let attribute = |name: &'a str| LabelName {
@@ -553,9 +651,15 @@ impl Target {
         visit(&fixed("__meta_cloudmap_instance_id"), &instance.id);
         visit(&fixed("__meta_cloudmap_namespace_name"), &self.namespace);
         visit(&fixed("__meta_cloudmap_service_name"), &self.service);
-        visit(&fixed("__metrics_path__"), path);
-        if let Some(scheme) = scheme {
+        visit(&fixed("__metrics_path__"), &scrape.path);
+        if let Some(scheme) = scrape.scheme {
             visit(&fixed("__scheme__"), scheme);
+        }
+        if let Some(interval) = &scrape.interval {
+            visit(&fixed("__scrape_interval__"), interval);
+        }
+        if let Some(timeout) = &scrape.timeout {
+            visit(&fixed("__scrape_timeout__"), timeout);
         }
         if let Some(cluster) = optional(ATTR_CLUSTER) {
             visit(&fixed("cluster"), cluster);
@@ -597,14 +701,14 @@ impl Target {
     /// `http` unless the service's scheme tag says otherwise.
     pub fn scheme(&self) -> &str {
         match &self.labels {
-            Labels::Derived { scheme, .. } => scheme.unwrap_or(DEFAULT_SCHEME),
+            Labels::Derived { scrape, .. } => scrape.scheme.unwrap_or(DEFAULT_SCHEME),
             Labels::Given(_) => self.label("__scheme__").unwrap_or(DEFAULT_SCHEME),
         }
     }
 
     pub fn metrics_path(&self) -> &str {
         match &self.labels {
-            Labels::Derived { path, .. } => path,
+            Labels::Derived { scrape, .. } => &scrape.path,
             Labels::Given(_) => self
                 .label("__metrics_path__")
                 .unwrap_or(DEFAULT_METRICS_PATH),
@@ -627,15 +731,13 @@ impl Target {
             (
                 Labels::Derived {
                     instance: a,
-                    path: p,
-                    scheme: s,
+                    scrape: s,
                 },
                 Labels::Derived {
                     instance: b,
-                    path: q,
-                    scheme: t,
+                    scrape: t,
                 },
-            ) => (Arc::ptr_eq(a, b) || a == b) && p == q && s == t,
+            ) => (Arc::ptr_eq(a, b) || a == b) && (Arc::ptr_eq(s, t) || s == t),
             (Labels::Given(a), Labels::Given(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -705,6 +807,14 @@ pub enum Problem {
         tag: &'static str,
         value: String,
     },
+    /// An interval or timeout tag left out: the job's setting applies.
+    BadTimingTag {
+        namespace: String,
+        service: String,
+        tag: &'static str,
+        value: String,
+        why: &'static str,
+    },
     BadPortAttribute {
         namespace: String,
         service: String,
@@ -740,7 +850,19 @@ impl fmt::Display for Problem {
             } => write!(
                 f,
                 "service {service:?} in namespace {namespace:?}: tag {tag}={value:?} is not \
-                 \"http\" or \"https\"; its targets are skipped until the tag is fixed"
+                 \"http\" or \"https\"; its targets are scraped with the job's scheme until \
+                 the tag is fixed"
+            ),
+            Problem::BadTimingTag {
+                namespace,
+                service,
+                tag,
+                value,
+                why,
+            } => write!(
+                f,
+                "service {service:?} in namespace {namespace:?}: tag {tag}={value:?} {why}; \
+                 its targets keep the job's setting until the tag is fixed"
             ),
             Problem::BadPortAttribute {
                 namespace,
@@ -823,32 +945,71 @@ fn parse_port(value: &str) -> Option<u16> {
     }
 }
 
-/// Port, path and scheme of one metrics source of a service, as its tags set them.
+/// A Prometheus duration (`1h30m`, `15s`, `500ms`: units y w d h m s ms, each at
+/// most once, largest first), as milliseconds; `None` if it is not one.
+pub fn parse_prometheus_duration(text: &str) -> Option<u64> {
+    const UNITS: [(&str, u64); 7] = [
+        ("y", 365 * 24 * 3_600_000),
+        ("w", 7 * 24 * 3_600_000),
+        ("d", 24 * 3_600_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ];
+    if text.is_empty() {
+        return None;
+    }
+    let mut rest = text;
+    let mut next_unit = 0;
+    let mut total: u64 = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let number: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        // `ms` before `m`: the longest unit name that matches.
+        let (i, (name, millis)) = UNITS
+            .iter()
+            .enumerate()
+            .skip(next_unit)
+            .filter(|(_, (name, _))| rest.starts_with(name))
+            .max_by_key(|(_, (name, _))| name.len())?;
+        rest = &rest[name.len()..];
+        next_unit = i + 1;
+        total = total.checked_add(number.checked_mul(*millis)?)?;
+    }
+    Some(total)
+}
+
+/// Port and scrape settings of one metrics source of a service, as its tags set them.
 struct SourceConfig {
     source: MetricsSource,
-    path: Arc<str>,
     /// `None`: take the instance's `AWS_INSTANCE_PORT`, else 80 (application only).
     port: Option<u16>,
-    scheme: Option<&'static str>,
+    scrape: Arc<Scrape>,
 }
 
 /// Reads the tags of a service into the sources it should be scraped on. A source whose
-/// tags are malformed is reported and left out.
+/// port tag is malformed is reported and left out; a malformed scheme, interval or
+/// timeout is reported and only that setting left to the job.
 fn source_configs(svc: &ServiceData<'_>, problems: &mut Vec<Problem>) -> Vec<SourceConfig> {
     let mut out = Vec::with_capacity(2);
     for source in [MetricsSource::App, MetricsSource::EcsExporter] {
-        let (path_tag, port_tag, scheme_tag) = source.tags();
-        let Some(path) = svc.tags.get(path_tag) else {
+        let tags = source.tags();
+        let Some(path) = svc.tags.get(tags.path) else {
             continue;
         };
-        let port = match (source, svc.tags.get(port_tag)) {
+        let port = match (source, svc.tags.get(tags.port)) {
             (_, Some(value)) => match parse_port(value) {
                 Some(port) => Some(port),
                 None => {
                     problems.push(Problem::BadPortTag {
                         namespace: svc.namespace.to_owned(),
                         service: svc.service.to_owned(),
-                        tag: port_tag,
+                        tag: tags.port,
                         value: value.clone(),
                     });
                     continue;
@@ -858,7 +1019,7 @@ fn source_configs(svc: &ServiceData<'_>, problems: &mut Vec<Problem>) -> Vec<Sou
             // The exporter target needs both of its tags.
             (MetricsSource::EcsExporter, None) => continue,
         };
-        let scheme = match svc.tags.get(scheme_tag).map(|s| s.trim()) {
+        let scheme = match svc.tags.get(tags.scheme).map(|s| s.trim()) {
             None => None,
             Some("http") => Some("http"),
             Some("https") => Some("https"),
@@ -866,20 +1027,83 @@ fn source_configs(svc: &ServiceData<'_>, problems: &mut Vec<Problem>) -> Vec<Sou
                 problems.push(Problem::BadSchemeTag {
                     namespace: svc.namespace.to_owned(),
                     service: svc.service.to_owned(),
-                    tag: scheme_tag,
-                    value: svc.tags[scheme_tag].clone(),
+                    tag: tags.scheme,
+                    value: svc.tags[tags.scheme].clone(),
                 });
-                continue;
+                None
             }
         };
+        let (interval, timeout) = scrape_timing(svc, &tags, problems);
         out.push(SourceConfig {
             source,
-            path: Arc::from(path.as_str()),
             port,
-            scheme,
+            scrape: Arc::new(Scrape {
+                path: Arc::from(path.as_str()),
+                scheme,
+                interval,
+                timeout,
+            }),
         });
     }
     out
+}
+
+/// The interval and timeout a source's tags set, checked as a collector would
+/// check them, so that no tag can make a collector refuse a target: each a
+/// non-zero Prometheus duration, a timeout only with an interval and no longer
+/// than it. An interval alone brings a timeout of the smaller of it and
+/// [`DEFAULT_TIMEOUT_CAP`].
+fn scrape_timing(
+    svc: &ServiceData<'_>,
+    tags: &SourceTags,
+    problems: &mut Vec<Problem>,
+) -> (Option<Arc<str>>, Option<Arc<str>>) {
+    let mut report = |tag: &'static str, value: &str, why: &'static str| {
+        problems.push(Problem::BadTimingTag {
+            namespace: svc.namespace.to_owned(),
+            service: svc.service.to_owned(),
+            tag,
+            value: value.to_owned(),
+            why,
+        })
+    };
+    const NOT_A_DURATION: &str = "is not a duration above zero (such as 15s, 1m or 500ms)";
+    let mut read = |tag: &'static str| {
+        let value = svc.tags.get(tag)?;
+        match parse_prometheus_duration(value.trim()) {
+            Some(millis) if millis > 0 => Some((value.trim(), millis)),
+            _ => {
+                report(tag, value, NOT_A_DURATION);
+                None
+            }
+        }
+    };
+    let interval = read(tags.interval);
+    let timeout = read(tags.timeout);
+    let timeout = match (interval, timeout) {
+        (None, Some((value, _))) => {
+            report(
+                tags.timeout,
+                value,
+                "has no interval to be checked against; set the interval tag too",
+            );
+            None
+        }
+        (Some((_, i)), Some((value, t))) if t > i => {
+            report(tags.timeout, value, "is longer than the interval");
+            None
+        }
+        (_, timeout) => timeout,
+    };
+    let Some((interval, interval_ms)) = interval else {
+        return (None, None);
+    };
+    let timeout: Arc<str> = match timeout {
+        Some((value, _)) => Arc::from(value),
+        None if u128::from(interval_ms) <= DEFAULT_TIMEOUT_CAP.as_millis() => Arc::from(interval),
+        None => Arc::from(format!("{}s", DEFAULT_TIMEOUT_CAP.as_secs())),
+    };
+    (Some(Arc::from(interval)), Some(timeout))
 }
 
 /// Builds the targets of one service and appends them to `out`. The targets point
@@ -929,8 +1153,7 @@ pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
                 address: Arc::from(format!("{ip}:{port}")),
                 labels: Labels::Derived {
                     instance: inst.clone(),
-                    path: cfg.path.clone(),
-                    scheme: cfg.scheme,
+                    scrape: cfg.scrape.clone(),
                 },
                 content: 0,
             };
@@ -978,13 +1201,17 @@ fn write_escaped(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&bytes[start..]);
 }
 
-/// One target group, `{"targets":["addr"],"labels":{...}}`, labels in name order.
-fn write_group(out: &mut Vec<u8>, t: &Target) {
+/// One target group, `{"targets":["addr"],"labels":{...}}`, labels in name order,
+/// the `__meta_cloudmap_*` ones as `meta` says.
+fn write_group(out: &mut Vec<u8>, t: &Target, meta: MetaLabels) {
     out.extend_from_slice(b"{\"targets\":[\"");
     write_escaped(out, &t.address);
     out.extend_from_slice(b"\"],\"labels\":{");
     let mut first = true;
     t.for_each_label(|name, value| {
+        if !meta.keeps(name) {
+            return;
+        }
         if !std::mem::take(&mut first) {
             out.push(b',');
         }
@@ -1005,7 +1232,7 @@ pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<u8> {
         if i > 0 {
             out.push(b',');
         }
-        write_group(&mut out, t);
+        write_group(&mut out, t, MetaLabels::All);
     }
     out.push(b']');
     out
@@ -1096,6 +1323,14 @@ impl BodyWriter {
 impl Body {
     /// Renders and compresses `targets` (see [`render`]).
     pub fn render<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Body {
+        Body::render_with(targets, MetaLabels::All)
+    }
+
+    /// [`Body::render`] with only the `__meta_cloudmap_*` labels `meta` keeps.
+    pub fn render_with<'a>(
+        targets: impl IntoIterator<Item = &'a Target>,
+        meta: MetaLabels,
+    ) -> Body {
         let mut w = BodyWriter::new();
         w.chunk.push(b'[');
         let mut count = 0;
@@ -1103,7 +1338,7 @@ impl Body {
             if count > 0 {
                 w.chunk.push(b',');
             }
-            write_group(&mut w.chunk, t);
+            write_group(&mut w.chunk, t, meta);
             count += 1;
             w.flush_if_full(false);
         }
@@ -1551,9 +1786,11 @@ mod tests {
             tags: &tags,
             instances: &shared([post_instance()]),
         }]);
-        assert_eq!(out.targets.len(), 1);
+        // A bad scheme leaves only the scheme to the job: the target stays.
+        assert_eq!(out.targets.len(), 2);
         assert_eq!(out.targets[0].label("__scheme__"), Some("https"));
         assert_eq!(out.targets[0].scheme(), "https");
+        assert_eq!(out.targets[1].label("__scheme__"), None);
         assert!(matches!(
             out.problems[0],
             Problem::BadSchemeTag {
@@ -1561,6 +1798,198 @@ mod tests {
                 ..
             }
         ));
+        let msg = out.problems[0].to_string();
+        assert!(msg.contains("\"svc\"") && msg.contains("gopher"), "{msg}");
+    }
+
+    #[test]
+    fn prometheus_durations_parse_as_prometheus_parses_them() {
+        for (text, millis) in [
+            ("15s", 15_000),
+            ("1m30s", 90_000),
+            ("500ms", 500),
+            ("1h", 3_600_000),
+            ("2d", 172_800_000),
+            ("1w", 604_800_000),
+            ("1y", 31_536_000_000),
+            ("1m500ms", 60_500),
+            ("0s", 0),
+        ] {
+            assert_eq!(parse_prometheus_duration(text), Some(millis), "{text}");
+        }
+        for bad in [
+            "",
+            "s",
+            "10",
+            "1.5s",
+            "1s1m",
+            "1s1s",
+            "-1s",
+            " 1s",
+            "1 s",
+            "1sec",
+            "1M",
+            "ms",
+            "99999999999999999999y",
+        ] {
+            assert_eq!(parse_prometheus_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Interval and timeout labels of the app and exporter targets built with `extra` tags.
+    fn timing(extra: &[(&str, &str)]) -> (Vec<[Option<String>; 2]>, Vec<String>) {
+        let mut tags = post_tags();
+        tags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let out = build_all([ServiceData {
+            namespace: "ns",
+            service: "svc",
+            tags: &tags,
+            instances: &shared([post_instance()]),
+        }]);
+        let labels = out
+            .targets
+            .iter()
+            .map(|t| {
+                ["__scrape_interval__", "__scrape_timeout__"].map(|n| t.label(n).map(str::to_owned))
+            })
+            .collect();
+        (labels, out.problems.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn interval_and_timeout_tags_set_scrape_labels_of_their_source() {
+        let some = |s: &str| Some(s.to_owned());
+        let (labels, problems) = timing(&[("METRICS_INTERVAL", "2s"), ("METRICS_TIMEOUT", "1s")]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(labels, [[some("2s"), some("1s")], [None, None]]);
+        let (labels, _) = timing(&[
+            ("ECS_METRICS_INTERVAL", "1m"),
+            ("ECS_METRICS_TIMEOUT", "30s"),
+        ]);
+        assert_eq!(labels, [[None, None], [some("1m"), some("30s")]]);
+        // An interval alone: a timeout no collector refuses (≤ interval, ≤ 10 s).
+        let (labels, problems) =
+            timing(&[("METRICS_INTERVAL", "2s"), ("ECS_METRICS_INTERVAL", "5m")]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            labels,
+            [[some("2s"), some("2s")], [some("5m"), some("10s")]]
+        );
+        // Trimmed, as every tag is.
+        let (labels, _) = timing(&[("METRICS_INTERVAL", " 3s ")]);
+        assert_eq!(labels[0], [some("3s"), some("3s")]);
+    }
+
+    #[test]
+    fn a_bad_timing_tag_leaves_that_setting_to_the_job_and_keeps_the_target() {
+        let some = |s: &str| Some(s.to_owned());
+        for (tags, expected, tag) in [
+            (
+                vec![("METRICS_INTERVAL", "fast")],
+                [None, None],
+                "METRICS_INTERVAL",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "0s")],
+                [None, None],
+                "METRICS_INTERVAL",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "fast"), ("METRICS_TIMEOUT", "1s")],
+                [None, None],
+                "METRICS_TIMEOUT",
+            ),
+            (
+                vec![("METRICS_TIMEOUT", "5s")],
+                [None, None],
+                "METRICS_TIMEOUT",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "2s"), ("METRICS_TIMEOUT", "3s")],
+                [some("2s"), some("2s")],
+                "METRICS_TIMEOUT",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "2s"), ("METRICS_TIMEOUT", "1.5s")],
+                [some("2s"), some("2s")],
+                "METRICS_TIMEOUT",
+            ),
+        ] {
+            let (labels, problems) = timing(&tags);
+            assert_eq!(labels.len(), 2, "{tags:?}: both targets kept");
+            assert_eq!(labels[0], expected, "{tags:?}");
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("\"svc\"") && p.contains(&format!("tag {tag}="))),
+                "{tags:?}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn meta_labels_setting_keeps_only_the_meta_labels_asked_for() {
+        let tags = post_tags();
+        let mut inst = post_instance();
+        inst.attributes.insert("AVAILABILITY_ZONE", "us-east-1a");
+        let out = build_all([ServiceData {
+            namespace: "ns",
+            service: "svc",
+            tags: &tags,
+            instances: &shared([inst]),
+        }]);
+        let names = |meta| {
+            let body = Body::render_with(out.targets.iter(), meta);
+            let groups: Vec<Group> = serde_json::from_slice(&body.json().unwrap()).unwrap();
+            let names: Vec<String> = groups[0].labels.keys().cloned().collect();
+            (names, body.json_len().unwrap())
+        };
+        let (all, all_len) = names(MetaLabels::All);
+        let (basic, basic_len) = names(MetaLabels::Basic);
+        let (none, none_len) = names(MetaLabels::None);
+        assert_eq!(
+            Body::render(out.targets.iter()),
+            Body::render_with(out.targets.iter(), MetaLabels::All)
+        );
+        assert!(all
+            .iter()
+            .any(|n| n == "__meta_cloudmap_attribute_AVAILABILITY_ZONE"));
+        let plain = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .filter(|n| !n.starts_with(META_PREFIX))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(plain(&all), plain(&basic));
+        assert_eq!(plain(&all), none);
+        assert_eq!(
+            basic
+                .iter()
+                .filter(|n| n.starts_with(META_PREFIX))
+                .collect::<Vec<_>>(),
+            [
+                "__meta_cloudmap_instance_id",
+                "__meta_cloudmap_namespace_name",
+                "__meta_cloudmap_service_name"
+            ]
+        );
+        assert!(all_len > basic_len && basic_len > none_len);
+        // Labels read back from a body (a copy, `plan`) are filtered by name alike.
+        let back = from_groups(serde_json::from_slice(&render(out.targets.iter())).unwrap());
+        assert_eq!(
+            Body::render_with(back.iter(), MetaLabels::Basic),
+            Body::render_with(out.targets.iter(), MetaLabels::Basic)
+        );
+    }
+
+    #[test]
+    fn meta_labels_names_parse_case_insensitively() {
+        assert_eq!(MetaLabels::from_name("BASIC"), Some(MetaLabels::Basic));
+        assert_eq!(MetaLabels::from_name("none"), Some(MetaLabels::None));
+        assert_eq!(MetaLabels::from_name("some"), None);
+        for name in MetaLabels::NAMES {
+            assert_eq!(MetaLabels::from_name(name).unwrap().as_str(), *name);
+        }
     }
 
     #[test]
@@ -1757,15 +2186,20 @@ mod tests {
                 Just(TAG_ECS_METRICS_PATH.to_string()),
                 Just(TAG_ECS_METRICS_PORT.to_string()),
                 Just(TAG_ECS_METRICS_SCHEME.to_string()),
+                Just(TAG_METRICS_INTERVAL.to_string()),
+                Just(TAG_METRICS_TIMEOUT.to_string()),
+                Just(TAG_ECS_METRICS_INTERVAL.to_string()),
+                Just(TAG_ECS_METRICS_TIMEOUT.to_string()),
                 "[A-Z]{1,5}",
             ],
             prop_oneof![
                 Just("/metrics".to_string()),
                 "[0-9]{1,6}",
                 Just("https".to_string()),
+                "[0-9]{1,3}(ms|s|m|h)",
                 ".{0,6}"
             ],
-            0..6,
+            0..8,
         )
     }
 
@@ -1809,6 +2243,30 @@ mod tests {
                 prop_assert_eq!(b.content_hash(), t.content_hash());
                 prop_assert_eq!(b.label_map(), t.label_map());
             }
+        }
+
+        #[test]
+        fn no_tags_make_a_target_a_collector_refuses(
+            tags in arb_tags(),
+            instances in proptest::collection::vec(arb_instance(), 1..3),
+        ) {
+            let instances = shared(instances);
+            let out = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances }]);
+            for t in out.targets.iter() {
+                let millis = |name| t.label(name).map(parse_prometheus_duration);
+                match (millis("__scrape_interval__"), millis("__scrape_timeout__")) {
+                    (None, None) => {}
+                    (Some(Some(i)), Some(Some(o))) => prop_assert!(i > 0 && o > 0 && o <= i, "{t:?}"),
+                    other => prop_assert!(false, "{other:?} in {t:?}"),
+                }
+                prop_assert!(matches!(t.label("__scheme__"), None | Some("http") | Some("https")));
+            }
+            // Scheme, interval and timeout tags never change which targets exist.
+            let mut bare = tags.clone();
+            bare.retain(|k, _| !k.ends_with("_SCHEME") && !k.ends_with("_INTERVAL") && !k.ends_with("_TIMEOUT"));
+            let without = build_all([ServiceData { namespace: "ns", service: "svc", tags: &bare, instances: &instances }]);
+            let ids = |o: &BuildOutput| o.targets.iter().map(|t| (t.source, t.address.clone())).collect::<Vec<_>>();
+            prop_assert_eq!(ids(&out), ids(&without));
         }
 
         #[test]

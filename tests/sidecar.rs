@@ -588,3 +588,100 @@ async fn a_cycle_publishes_each_changed_service_as_it_reads_it() {
     })
     .await;
 }
+
+/// Body of `/prometheus-targets` once it holds at least `min` targets.
+async fn settled_body(sd: &ShardSd, min: usize) -> Vec<serde_json::Value> {
+    sd.wait_targets("targets", Duration::from_secs(60), |t| t.len() >= min)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn meta_labels_setting_shrinks_the_body_and_keeps_everything_else() {
+    // 2,000 targets (15 services of 125 instances, one with an exporter too),
+    // attributes as ECS registers them.
+    let port = common::free_port();
+    let _aws = common::Proc::spawn(
+        &format!("synthetic-aws-{port}"),
+        Command::new(env!("CARGO_BIN_EXE_synthetic-aws")).args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--services",
+            "15",
+            "--instances",
+            "125",
+        ]),
+    );
+    let endpoint = format!("http://127.0.0.1:{port}");
+    common::wait_for("synthetic-aws", Duration::from_secs(20), || async {
+        http()
+            .get(format!("{endpoint}/synthetic/stats"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(drop)
+    })
+    .await;
+    let mut bodies = Vec::new();
+    for setting in ["all", "basic", "none"] {
+        let mut env = aws_env(&endpoint);
+        env.push(("META_LABELS".into(), setting.into()));
+        let sd = ShardSd::start(&format!("meta-{setting}"), &env).await;
+        let groups = settled_body(&sd, 2000).await;
+        let bytes = http()
+            .get(sd.url("/prometheus-targets"))
+            .send()
+            .await
+            .expect("request")
+            .bytes()
+            .await
+            .expect("body")
+            .len();
+        bodies.push((setting, groups, bytes));
+    }
+    let targets = bodies[0].1.len();
+    for (setting, groups, bytes) in &bodies {
+        println!(
+            "MEASURE META_LABELS={setting}: {bytes} bytes for {targets} targets ({} B per target)",
+            bytes / targets
+        );
+        assert_eq!(groups.len(), targets, "{setting}");
+    }
+    let labels = |g: &serde_json::Value| -> Vec<(String, String)> {
+        g["labels"]
+            .as_object()
+            .expect("labels")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+            .collect()
+    };
+    let meta = |l: &[(String, String)], prefix: &str| -> Vec<String> {
+        l.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    for i in 0..targets {
+        let [all, basic, none] = [0, 1, 2].map(|b| labels(&bodies[b].1[i]));
+        // Same targets, same order, same labels but for the meta ones.
+        assert_eq!(bodies[0].1[i]["targets"], bodies[2].1[i]["targets"]);
+        let plain = |l: &[(String, String)]| -> Vec<(String, String)> {
+            l.iter()
+                .filter(|(k, _)| !k.starts_with("__meta_cloudmap_"))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(plain(&all), plain(&basic));
+        assert_eq!(plain(&all), none);
+        assert!(!meta(&all, "__meta_cloudmap_attribute_").is_empty());
+        assert_eq!(
+            meta(&basic, "__meta_cloudmap_"),
+            [
+                "__meta_cloudmap_instance_id",
+                "__meta_cloudmap_namespace_name",
+                "__meta_cloudmap_service_name"
+            ]
+        );
+    }
+    assert!(bodies[0].2 > bodies[1].2 && bodies[1].2 > bodies[2].2);
+}

@@ -20,7 +20,7 @@ use crate::sharding::{self, IdMap, Params, ShardBy, Slot, TargetAssignment, Targ
 /// The slots serving each target, by identity.
 pub type Owners = IdMap<TargetId, Vec<u32>>;
 use super::protocol::{self, Frame, Id, Record, ShardHead, WireTarget};
-use crate::targets::{Body, Target};
+use crate::targets::{Body, MetaLabels, Target};
 
 /// One slot's shard as published: which targets it holds. Its `http_sd` body is
 /// rendered only when somebody needs it (the leader's own slot, a replica of an
@@ -38,7 +38,8 @@ pub struct Shard {
     /// Its targets, as indices into `targets`, in order.
     members: Arc<[u32]>,
     targets: Arc<Vec<Target>>,
-    body: OnceLock<Body>,
+    /// The `http_sd` body for each [`MetaLabels`] setting, rendered when asked.
+    bodies: [OnceLock<Body>; 3],
 }
 
 impl Shard {
@@ -51,9 +52,14 @@ impl Shard {
         self.members.iter().map(|i| &self.targets[*i as usize])
     }
 
-    /// The `http_sd` body, rendered the first time it is asked for.
+    /// The `http_sd` body with every label, rendered the first time it is asked for.
     pub fn body(&self) -> &Body {
-        self.body.get_or_init(|| Body::render(self.iter()))
+        self.body_with(MetaLabels::All)
+    }
+
+    /// The `http_sd` body with the `__meta_cloudmap_*` labels `meta` keeps.
+    pub fn body_with(&self, meta: MetaLabels) -> &Body {
+        self.bodies[meta as usize].get_or_init(|| Body::render_with(self.iter(), meta))
     }
 
     pub fn head(&self, slot: u32) -> ShardHead {
@@ -575,9 +581,7 @@ impl Assigner {
                     members,
                     targets: self.targets.clone(),
                     // Unchanged: what was rendered for it still holds.
-                    body: old
-                        .and_then(|o| o.body.get().cloned())
-                        .map_or_else(OnceLock::new, OnceLock::from),
+                    bodies: old.map(|o| o.bodies.clone()).unwrap_or_default(),
                 }),
             );
         }

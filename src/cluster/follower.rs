@@ -246,7 +246,8 @@ impl Follower {
             return Ok(());
         };
         let slot = own.slot;
-        let body = crate::cpu_bound(|| own.body(head)).inspect_err(|_| self.served = None)?;
+        let body = crate::cpu_bound(|| own.body(head, self.shared.meta_labels))
+            .inspect_err(|_| self.served = None)?;
         self.shared
             .publish_shard(Some(slot), term, head.generation, body);
         // Stopping: nothing replaces what is served, so nothing more is claimed.

@@ -565,7 +565,7 @@ fn serve_own_slot(handle: &LeaderHandle, view: &CoordinationView, shared: &Share
         (Some(slot), _) => {
             if let Some(shard) = snap.shards.get(&slot) {
                 // Rendered once per change of the shard, on the first call after it.
-                let body = crate::cpu_bound(|| shard.body().clone());
+                let body = crate::cpu_bound(|| shard.body_with(shared.meta_labels).clone());
                 shared.publish_shard(Some(slot), snap.term, shard.generation, body);
                 // The leader's own work: applied at once, not queued.
                 handle.apply(|a| {
@@ -647,6 +647,7 @@ mod tests {
             "127.0.0.1:9002".into(),
             view.clone(),
             Arc::new(crate::telemetry::Metrics::new(&stats)),
+            crate::targets::MetaLabels::All,
         );
         let cfg = LeaderConfig {
             shard_by: ShardBy::Target,

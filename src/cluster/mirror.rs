@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::assignment::{Inherited, Owners};
 use super::protocol::{self, ChangesHead, Frame, ProtocolError, Record, ShardHead};
 use crate::sharding::{self, IdMap, Slot, TargetId};
-use crate::targets::{Body, Interner, Target};
+use crate::targets::{Body, Interner, MetaLabels, Target};
 
 /// A copy of a leader's whole assignment: followed from the leader, or this
 /// replica's own when its term ended.
@@ -336,12 +336,13 @@ impl OwnShard {
         self.targets.is_empty()
     }
 
-    /// The rendered shard, if it is the one `head` describes.
-    pub fn body(&self, head: &ShardHead) -> Result<Body, ProtocolError> {
+    /// The rendered shard, if it is the one `head` describes, with the
+    /// `__meta_cloudmap_*` labels `meta` keeps.
+    pub fn body(&self, head: &ShardHead, meta: MetaLabels) -> Result<Body, ProtocolError> {
         let mut sorted: Vec<&Target> = self.targets.values().collect();
         sorted.sort();
         check(self.slot, head, sorted.iter().copied())?;
-        Ok(Body::render(sorted))
+        Ok(Body::render_with(sorted, meta))
     }
 }
 
@@ -380,7 +381,10 @@ mod tests {
         own.apply(whole, &frames)?;
         let next = Mirror::followed(mirror.as_ref(), head, frames)?;
         let leader = &snap.shards[&own.slot];
-        assert_eq!(own.body(&next.shards[&own.slot])?, *leader.body());
+        assert_eq!(
+            own.body(&next.shards[&own.slot], MetaLabels::All)?,
+            *leader.body()
+        );
         Ok(next)
     }
 
@@ -441,7 +445,9 @@ mod tests {
         // A slot taken now is served from the copy as the leader has it.
         let taken = OwnShard::from_mirror(3, &mirror).expect("slot 3");
         assert_eq!(
-            taken.body(&mirror.shards[&3]).expect("checks"),
+            taken
+                .body(&mirror.shards[&3], MetaLabels::All)
+                .expect("checks"),
             *a.snapshot().unwrap().shards[&3].body()
         );
     }
@@ -477,7 +483,7 @@ mod tests {
             .targets
             .insert(crate::sharding::target_id(&extra), extra);
         assert!(matches!(
-            wrong.body(&mirror.shards[&0]),
+            wrong.body(&mirror.shards[&0], MetaLabels::All),
             Err(ProtocolError::Diverged { .. })
         ));
         // Frames that stop short of the answer's generation are refused.

@@ -146,15 +146,18 @@ pub struct Derived {
 impl WireTarget {
     pub fn of(t: &Target) -> WireTarget {
         let mut labels = Vec::new();
-        let derived = match t.derived_from() {
-            Some((instance, path, scheme)) => Some(Derived {
+        // A target with a scrape interval or timeout goes as its labels: a
+        // replica of the release before them would derive it without them,
+        // find its shard unlike the leader's and keep asking for a whole copy.
+        let derived = match t.derived_from().filter(|(_, scrape)| !scrape.has_timing()) {
+            Some((instance, scrape)) => Some(Derived {
                 attrs: instance
                     .attributes
                     .iter()
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect(),
-                path: path.to_owned(),
-                scheme: scheme.map(str::to_owned),
+                path: scrape.path.to_string(),
+                scheme: scrape.scheme.map(str::to_owned),
             }),
             None => {
                 labels.reserve(16);
@@ -768,6 +771,44 @@ mod tests {
             d.scheme = Some("gopher".into());
         }
         assert!(wire.target(&mut Interner::default()).is_err());
+    }
+
+    #[test]
+    fn a_target_with_scrape_timing_travels_as_its_labels() {
+        let tags: BTreeMap<String, String> = [
+            ("METRICS_PATH", "/metrics"),
+            ("METRICS_PORT", "3000"),
+            ("METRICS_INTERVAL", "2s"),
+            ("ECS_METRICS_PATH", "/ecs"),
+            ("ECS_METRICS_PORT", "9779"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let instance =
+            Arc::new(Interner::default().instance("task-1", [("AWS_INSTANCE_IPV4", "10.1.2.3")]));
+        let built = crate::targets::build_all([crate::targets::ServiceData {
+            namespace: "ns",
+            service: "web",
+            tags: &tags,
+            instances: std::slice::from_ref(&instance),
+        }]);
+        let [app, exporter] = &built.targets[..] else {
+            panic!("{built:?}")
+        };
+        for (t, derived) in [(app, false), (exporter, true)] {
+            let wire = WireTarget::of(t);
+            // A replica of the release before scrape timing would derive the
+            // target without it: such a target goes as its rendered labels.
+            assert_eq!(wire.derived.is_some(), derived);
+            let back: WireTarget =
+                serde_json::from_slice(&serde_json::to_vec(&wire).unwrap()).unwrap();
+            assert_eq!(back.target_id(), crate::sharding::target_id(t));
+            let back = back.target(&mut Interner::default()).expect("target");
+            assert_eq!(back.content_hash(), t.content_hash());
+            assert_eq!(crate::targets::render([&back]), crate::targets::render([t]));
+        }
+        assert_eq!(app.label("__scrape_interval__"), Some("2s"));
     }
 
     #[test]

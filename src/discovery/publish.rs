@@ -199,7 +199,9 @@ impl Publisher {
     /// Returns whether it differs from what was.
     fn send(&self, list: Arc<Vec<Target>>, shared: &Shared) -> bool {
         match &self.sink {
-            Sink::Serve => shared.publish(crate::cpu_bound(|| Body::render(list.iter()))),
+            Sink::Serve => shared.publish(crate::cpu_bound(|| {
+                Body::render_with(list.iter(), shared.meta_labels)
+            })),
             Sink::Leader(tx) => tx.send_if_modified(|current| {
                 let differs = current
                     .as_ref()

@@ -286,7 +286,13 @@ mod serving_tests {
         .into_bytes();
         let view = tokio::sync::watch::channel(crate::coordination::CoordinationView::single()).1;
         let metrics = Arc::new(crate::telemetry::Metrics::new(&Default::default()));
-        let shared = Shared::new("t".into(), "127.0.0.1:9001".into(), view, metrics);
+        let shared = Shared::new(
+            "t".into(),
+            "127.0.0.1:9001".into(),
+            view,
+            metrics,
+            crate::targets::MetaLabels::All,
+        );
         shared.keep_json_up_to(keep_up_to);
         shared.publish(Body::from_json(&json, groups));
         (shared, json)

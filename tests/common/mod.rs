@@ -4,6 +4,7 @@
 //! and `sample-app` binaries as child processes, and a real Prometheus.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod cloudmap;
 pub mod cluster;
 pub mod proxy;
@@ -51,6 +52,34 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until `url` answers with a success status.
+pub async fn wait_http_ok(what: &str, url: &str, timeout: Duration) {
+    let client = http();
+    wait_for(what, timeout, || {
+        let req = client.get(url).send();
+        async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
+    })
+    .await;
+}
+
+/// Result vector of an instant query to the Prometheus-compatible API at `base`.
+pub async fn instant_query(base: &str, promql: &str) -> Vec<serde_json::Value> {
+    let body: serde_json::Value = http()
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", promql)])
+        .send()
+        .await
+        .expect("query request")
+        .json()
+        .await
+        .expect("query json");
+    assert_eq!(body["status"], "success", "{promql}: {body}");
+    body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn find_tool(env: &str, venv_name: &str) -> PathBuf {
@@ -145,12 +174,7 @@ impl Moto {
         );
         let endpoint = format!("http://127.0.0.1:{port}");
         let url = format!("{endpoint}/moto-api/");
-        let client = http();
-        wait_for("moto to answer", Duration::from_secs(30), || {
-            let req = client.get(&url).send();
-            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
-        })
-        .await;
+        wait_http_ok("moto to answer", &url, Duration::from_secs(30)).await;
         Moto { proc, endpoint }
     }
 
@@ -237,12 +261,11 @@ impl ShardSd {
             addr,
             peer_addr,
         };
-        let client = http();
-        let url = sd.url("/healthz");
-        wait_for("shard-sd /healthz", Duration::from_secs(20), || {
-            let req = client.get(&url).send();
-            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
-        })
+        wait_http_ok(
+            "shard-sd /healthz",
+            &sd.url("/healthz"),
+            Duration::from_secs(20),
+        )
         .await;
         sd
     }
@@ -337,12 +360,7 @@ impl SampleApp {
         }
         let proc = Proc::spawn(&format!("sample-app-{ip}-{app_port}"), &mut cmd);
         let url = format!("http://{ip}:{app_port}/metrics");
-        let client = http();
-        wait_for("sample-app /metrics", Duration::from_secs(10), || {
-            let req = client.get(&url).send();
-            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
-        })
-        .await;
+        wait_http_ok("sample-app /metrics", &url, Duration::from_secs(10)).await;
         SampleApp { proc }
     }
 }
@@ -370,12 +388,7 @@ impl Prometheus {
         );
         let url = format!("http://127.0.0.1:{port}");
         let ready = format!("{url}/-/ready");
-        let client = http();
-        wait_for("prometheus /-/ready", Duration::from_secs(30), || {
-            let req = client.get(&ready).send();
-            async move { req.await.ok().filter(|r| r.status().is_success()).map(drop) }
-        })
-        .await;
+        wait_http_ok("prometheus /-/ready", &ready, Duration::from_secs(30)).await;
         Prometheus {
             proc,
             url,
@@ -401,19 +414,7 @@ impl Prometheus {
 
     /// Result vector of an instant query.
     pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
-        let body: serde_json::Value = http()
-            .get(format!("{}/api/v1/query", self.url))
-            .query(&[("query", promql)])
-            .send()
-            .await
-            .expect("query request")
-            .json()
-            .await
-            .expect("query json");
-        body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        instant_query(&self.url, promql).await
     }
 }
 
