@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit, property, integration (moto)
-# and end-to-end (Prometheus) tests, then a smoke run of the demo.
+# and end-to-end (Prometheus) tests, then smoke runs of the demo, single and sharded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,3 +12,4 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo nextest run --locked --no-fail-fast
 scripts/check-artifacts.sh
 scripts/demo.sh --check
+scripts/demo.sh --sharded --check --bin-dir target/debug

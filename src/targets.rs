@@ -37,6 +37,9 @@ pub const TAG_ECS_METRICS_TIMEOUT: &str = "ECS_METRICS_TIMEOUT";
 /// Prometheus's default, or the interval when shorter. A collector refuses a
 /// target whose timeout exceeds its interval, and the job's own timeout may.
 pub const DEFAULT_TIMEOUT_CAP: std::time::Duration = std::time::Duration::from_secs(10);
+/// The shortest interval a tag may set: below it is almost surely a typo
+/// (`1ms` for `1m`) that would have every collector scrape without pause.
+pub const MIN_SCRAPE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Port used for the application target when neither the tag nor the instance names one.
 pub const DEFAULT_APP_PORT: u16 = 80;
@@ -122,6 +125,8 @@ impl<K: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(K, V)> for Attributes {
 pub struct Interner {
     /// Keyed SipHash: strings from AWS or peers cannot be chosen to collide.
     strings: std::collections::HashSet<Arc<str>>,
+    /// Scrape settings, shared by the targets of one service and source.
+    scrapes: std::collections::HashSet<Arc<Scrape>>,
     /// Size after the last prune.
     kept: usize,
 }
@@ -133,6 +138,17 @@ impl Interner {
         }
         let shared: Arc<str> = Arc::from(s);
         self.strings.insert(shared.clone());
+        shared
+    }
+
+    /// A path and scheme shared by every target that has them.
+    pub fn scrape(&mut self, path: &str, scheme: Option<&'static str>) -> Arc<Scrape> {
+        let wanted = Scrape::path_and_scheme(self.get(path), scheme);
+        if let Some(shared) = self.scrapes.get(&wanted) {
+            return shared.clone();
+        }
+        let shared = Arc::new(wanted);
+        self.scrapes.insert(shared.clone());
         shared
     }
 
@@ -156,6 +172,7 @@ impl Interner {
     /// last prune (so the cost stays proportional to what was added).
     pub fn prune(&mut self) {
         if self.strings.len() > 2 * self.kept.max(1024) {
+            self.scrapes.retain(|s| Arc::strong_count(s) > 1);
             self.strings.retain(|s| Arc::strong_count(s) > 1);
             self.kept = self.strings.len();
         }
@@ -561,7 +578,7 @@ impl Target {
                 address: strings.get(address),
                 labels: Labels::Derived {
                     instance: Arc::new(instance),
-                    scrape: Arc::new(Scrape::path_and_scheme(strings.get(path), scheme)),
+                    scrape: strings.scrape(path, scheme),
                 },
                 content: 0,
             }
@@ -813,7 +830,8 @@ pub enum Problem {
         service: String,
         tag: &'static str,
         value: String,
-        why: &'static str,
+        /// What is wrong and what applies meanwhile.
+        why: String,
     },
     BadPortAttribute {
         namespace: String,
@@ -861,8 +879,7 @@ impl fmt::Display for Problem {
                 why,
             } => write!(
                 f,
-                "service {service:?} in namespace {namespace:?}: tag {tag}={value:?} {why}; \
-                 its targets keep the job's setting until the tag is fixed"
+                "service {service:?} in namespace {namespace:?}: tag {tag}={value:?} {why}"
             ),
             Problem::BadPortAttribute {
                 namespace,
@@ -946,7 +963,8 @@ fn parse_port(value: &str) -> Option<u16> {
 }
 
 /// A Prometheus duration (`1h30m`, `15s`, `500ms`: units y w d h m s ms, each at
-/// most once, largest first), as milliseconds; `None` if it is not one.
+/// most once, largest first, at most about 292 years), as milliseconds; `None`
+/// if it is not one.
 pub fn parse_prometheus_duration(text: &str) -> Option<u64> {
     const UNITS: [(&str, u64); 7] = [
         ("y", 365 * 24 * 3_600_000),
@@ -981,8 +999,12 @@ pub fn parse_prometheus_duration(text: &str) -> Option<u64> {
         next_unit = i + 1;
         total = total.checked_add(number.checked_mul(*millis)?)?;
     }
-    Some(total)
+    // Prometheus holds durations as i64 nanoseconds and refuses longer ones.
+    (total <= MAX_DURATION_MILLIS).then_some(total)
 }
+
+/// The longest duration Prometheus accepts, in whole milliseconds.
+const MAX_DURATION_MILLIS: u64 = (i64::MAX / 1_000_000) as u64;
 
 /// Port and scrape settings of one metrics source of a service, as its tags set them.
 struct SourceConfig {
@@ -1050,15 +1072,16 @@ fn source_configs(svc: &ServiceData<'_>, problems: &mut Vec<Problem>) -> Vec<Sou
 
 /// The interval and timeout a source's tags set, checked as a collector would
 /// check them, so that no tag can make a collector refuse a target: each a
-/// non-zero Prometheus duration, a timeout only with an interval and no longer
-/// than it. An interval alone brings a timeout of the smaller of it and
-/// [`DEFAULT_TIMEOUT_CAP`].
+/// Prometheus duration, the interval at least [`MIN_SCRAPE_INTERVAL`], the
+/// timeout above zero, only with an interval and no longer than it. An interval
+/// whose timeout is not tagged (or not valid) brings a timeout of the smaller of
+/// it and [`DEFAULT_TIMEOUT_CAP`].
 fn scrape_timing(
     svc: &ServiceData<'_>,
     tags: &SourceTags,
     problems: &mut Vec<Problem>,
 ) -> (Option<Arc<str>>, Option<Arc<str>>) {
-    let mut report = |tag: &'static str, value: &str, why: &'static str| {
+    let mut report = |tag: &'static str, value: &str, why: String| {
         problems.push(Problem::BadTimingTag {
             namespace: svc.namespace.to_owned(),
             service: svc.service.to_owned(),
@@ -1067,43 +1090,76 @@ fn scrape_timing(
             why,
         })
     };
-    const NOT_A_DURATION: &str = "is not a duration above zero (such as 15s, 1m or 500ms)";
-    let mut read = |tag: &'static str| {
-        let value = svc.tags.get(tag)?;
-        match parse_prometheus_duration(value.trim()) {
-            Some(millis) if millis > 0 => Some((value.trim(), millis)),
-            _ => {
-                report(tag, value, NOT_A_DURATION);
-                None
-            }
-        }
-    };
-    let interval = read(tags.interval);
-    let timeout = read(tags.timeout);
-    let timeout = match (interval, timeout) {
-        (None, Some((value, _))) => {
+    let interval_tag = tags.interval;
+    let raw_interval = svc.tags.get(interval_tag).map(|v| v.trim());
+    let interval = raw_interval.and_then(|value| match parse_prometheus_duration(value) {
+        Some(ms) if u128::from(ms) >= MIN_SCRAPE_INTERVAL.as_millis() => Some((value, ms)),
+        parsed => {
+            let what = if parsed.is_some() {
+                "is shorter than 1s"
+            } else {
+                "is not a duration (such as 15s, 1m or 1m30s)"
+            };
             report(
-                tags.timeout,
+                interval_tag,
                 value,
-                "has no interval to be checked against; set the interval tag too",
+                format!("{what}; the job's interval and timeout apply until it is fixed"),
             );
             None
         }
-        (Some((_, i)), Some((value, t))) if t > i => {
-            report(tags.timeout, value, "is longer than the interval");
+    });
+    let timeout = svc.tags.get(tags.timeout).map(|v| v.trim());
+    let timeout = match (timeout, interval, raw_interval) {
+        (None, _, _) => None,
+        (Some(value), None, None) => {
+            report(
+                tags.timeout,
+                value,
+                format!(
+                    "needs {interval_tag} to be checked against (a collector refuses a \
+                     timeout longer than the interval); set {interval_tag} too, the job's \
+                     timeout applies meanwhile"
+                ),
+            );
             None
         }
-        (_, timeout) => timeout,
+        // The interval was reported already; the timeout waits for it.
+        (Some(_), None, Some(_)) => None,
+        (Some(value), Some((interval, interval_ms)), _) => {
+            let fallback = default_timeout(interval, interval_ms);
+            match parse_prometheus_duration(value) {
+                Some(ms) if ms > 0 && ms <= interval_ms => Some(value),
+                parsed => {
+                    let what = match parsed {
+                        Some(0) => "is zero".to_owned(),
+                        Some(_) => format!("is longer than {interval_tag}={interval}"),
+                        None => "is not a duration (such as 10s or 500ms)".to_owned(),
+                    };
+                    report(
+                        tags.timeout,
+                        value,
+                        format!("{what}; the timeout is {fallback} until it is fixed"),
+                    );
+                    None
+                }
+            }
+        }
     };
     let Some((interval, interval_ms)) = interval else {
         return (None, None);
     };
-    let timeout: Arc<str> = match timeout {
-        Some((value, _)) => Arc::from(value),
-        None if u128::from(interval_ms) <= DEFAULT_TIMEOUT_CAP.as_millis() => Arc::from(interval),
-        None => Arc::from(format!("{}s", DEFAULT_TIMEOUT_CAP.as_secs())),
-    };
+    let timeout = timeout.map_or_else(|| default_timeout(interval, interval_ms), Arc::from);
     (Some(Arc::from(interval)), Some(timeout))
+}
+
+/// The timeout an interval brings when none is tagged: the interval itself
+/// when it is at most [`DEFAULT_TIMEOUT_CAP`], else that cap.
+fn default_timeout(interval: &str, interval_ms: u64) -> Arc<str> {
+    if u128::from(interval_ms) <= DEFAULT_TIMEOUT_CAP.as_millis() {
+        Arc::from(interval)
+    } else {
+        Arc::from(format!("{}s", DEFAULT_TIMEOUT_CAP.as_secs()))
+    }
 }
 
 /// Builds the targets of one service and appends them to `out`. The targets point
@@ -1344,6 +1400,23 @@ impl Body {
         }
         w.chunk.push(b']');
         w.finish(count)
+    }
+
+    /// The same document with only the `__meta_cloudmap_*` labels `meta` keeps:
+    /// read back and rendered again (a body received whole, from a leader of an
+    /// earlier release). Kept as it is when it cannot be read.
+    pub fn with_meta_labels(self, meta: MetaLabels) -> Body {
+        if meta == MetaLabels::All {
+            return self;
+        }
+        let groups = self
+            .json()
+            .ok()
+            .and_then(|json| serde_json::from_slice::<Vec<Group>>(&json).ok());
+        match groups {
+            Some(groups) => Body::render_with(from_groups(groups).iter(), meta),
+            None => self,
+        }
     }
 
     /// A document given as JSON with `targets` groups.
@@ -1814,6 +1887,8 @@ mod tests {
             ("1y", 31_536_000_000),
             ("1m500ms", 60_500),
             ("0s", 0),
+            ("292y", 292 * 31_536_000_000),
+            ("9223372036854ms", 9_223_372_036_854),
         ] {
             assert_eq!(parse_prometheus_duration(text), Some(millis), "{text}");
         }
@@ -1831,6 +1906,9 @@ mod tests {
             "1M",
             "ms",
             "99999999999999999999y",
+            "293y",
+            "106752d",
+            "9223372036855ms",
         ] {
             assert_eq!(parse_prometheus_duration(bad), None, "{bad:?}");
         }
@@ -1897,6 +1975,21 @@ mod tests {
             (
                 vec![("METRICS_INTERVAL", "fast"), ("METRICS_TIMEOUT", "1s")],
                 [None, None],
+                "METRICS_INTERVAL",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "500ms")],
+                [None, None],
+                "METRICS_INTERVAL",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "293y")],
+                [None, None],
+                "METRICS_INTERVAL",
+            ),
+            (
+                vec![("METRICS_INTERVAL", "1m"), ("METRICS_TIMEOUT", "0s")],
+                [some("1m"), some("10s")],
                 "METRICS_TIMEOUT",
             ),
             (
@@ -1916,6 +2009,7 @@ mod tests {
             ),
         ] {
             let (labels, problems) = timing(&tags);
+            assert_eq!(problems.len(), 1, "{tags:?}: {problems:?}");
             assert_eq!(labels.len(), 2, "{tags:?}: both targets kept");
             assert_eq!(labels[0], expected, "{tags:?}");
             assert!(
@@ -1925,6 +2019,26 @@ mod tests {
                 "{tags:?}: {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_timing_problem_says_what_applies_meanwhile() {
+        let (_, problems) = timing(&[("METRICS_INTERVAL", "2s"), ("METRICS_TIMEOUT", "3s")]);
+        assert_eq!(
+            problems,
+            [
+                "service \"svc\" in namespace \"ns\": tag METRICS_TIMEOUT=\"3s\" is longer than \
+              METRICS_INTERVAL=2s; the timeout is 2s until it is fixed"
+            ]
+        );
+        let (_, problems) = timing(&[("ECS_METRICS_TIMEOUT", "3s")]);
+        assert!(
+            problems[0].contains("needs ECS_METRICS_INTERVAL")
+                && problems[0].contains("the job's timeout applies"),
+            "{problems:?}"
+        );
+        let (_, problems) = timing(&[("METRICS_INTERVAL", "1ms")]);
+        assert!(problems[0].contains("shorter than 1s"), "{problems:?}");
     }
 
     #[test]
@@ -1980,6 +2094,13 @@ mod tests {
             Body::render_with(back.iter(), MetaLabels::Basic),
             Body::render_with(out.targets.iter(), MetaLabels::Basic)
         );
+        // A whole body received from a leader of an earlier release, alike.
+        for meta in [MetaLabels::All, MetaLabels::Basic, MetaLabels::None] {
+            assert_eq!(
+                Body::render(out.targets.iter()).with_meta_labels(meta),
+                Body::render_with(out.targets.iter(), meta)
+            );
+        }
     }
 
     #[test]

@@ -407,6 +407,8 @@ impl Follower {
                     .peer_bytes_received
                     .inc_by(received as u64);
                 self.highest_term = term;
+                let meta = self.shared.meta_labels;
+                let body = crate::cpu_bound(|| body.with_meta_labels(meta));
                 self.shared
                     .publish_shard(Some(slot), term, generation, body);
                 if let Some(legacy) = &mut self.legacy {

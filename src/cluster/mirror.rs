@@ -381,10 +381,13 @@ mod tests {
         own.apply(whole, &frames)?;
         let next = Mirror::followed(mirror.as_ref(), head, frames)?;
         let leader = &snap.shards[&own.slot];
-        assert_eq!(
-            own.body(&next.shards[&own.slot], MetaLabels::All)?,
-            *leader.body()
-        );
+        // Each replica renders its own META_LABELS; the check is over every label.
+        for meta in [MetaLabels::All, MetaLabels::Basic, MetaLabels::None] {
+            assert_eq!(
+                own.body(&next.shards[&own.slot], meta)?,
+                *leader.body_with(meta)
+            );
+        }
         Ok(next)
     }
 

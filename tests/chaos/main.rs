@@ -168,11 +168,14 @@ struct Campaign {
     cloud_map: Option<usize>,
 }
 
-fn replica_env() -> Vec<(String, String)> {
+/// The environment of the `n`th replica started: replicas differ in
+/// `META_LABELS`, which must not change what they agree on.
+fn replica_env(n: usize) -> Vec<(String, String)> {
     [
         ("DISCOVERY_NAMESPACES_PARAMETER_NAME", PARAMETER),
         ("AWS_CALL_TIMEOUT", "1s"),
         ("AWS_MAX_ATTEMPTS", "3"),
+        ("META_LABELS", ["all", "basic", "none"][n % 3]),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -268,11 +271,18 @@ impl Campaign {
         let cloud = AwsProxy::start(&moto.endpoint).await;
         let cm = CloudMap::new(&moto.sdk_config().await);
         let tags = [("METRICS_PATH", "/metrics"), ("METRICS_PORT", "3000")];
+        // One service with a scrape interval: its targets travel between
+        // replicas as their labels, the others as their instances.
+        let timed = [
+            ("METRICS_PATH", "/metrics"),
+            ("METRICS_PORT", "3000"),
+            ("METRICS_INTERVAL", "30s"),
+        ];
         let a = cm.dns_namespace("ns-a").await;
         let b = cm.http_namespace("ns-b").await;
         let services = vec![
             (cm.service(&a, "a-web", &tags).await, "ns-a"),
-            (cm.service(&a, "a-api", &tags).await, "ns-a"),
+            (cm.service(&a, "a-api", &timed).await, "ns-a"),
             (cm.service(&b, "b-worker", &tags).await, "ns-b"),
         ];
         cm.put_namespaces_parameter(PARAMETER, "ns-a,ns-b").await;
@@ -364,8 +374,9 @@ impl Campaign {
 
     async fn add_member(&mut self) {
         let id = format!("c{}", self.next_id);
+        let env = replica_env(self.next_id);
         self.next_id += 1;
-        let replica = start_replica(&self.moto, &self.cloud, &id, SLOTS, &replica_env()).await;
+        let replica = start_replica(&self.moto, &self.cloud, &id, SLOTS, &env).await;
         if let Some((fault, _)) = &self.dynamodb_all {
             replica.dynamodb.set_fault(fault.clone());
         }
