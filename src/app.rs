@@ -19,8 +19,9 @@ use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::coordination::lease::{HolderInfo, LeaseTable};
 use crate::coordination::{CoordinationConfig, CoordinationView, Coordinator};
 use crate::discovery::guard::DropGuard;
-use crate::discovery::publish::{discovery_loop, Publisher, Sink};
+use crate::discovery::publish::{discovery_loop, DiscoverySettings, Publisher, Sink};
 use crate::discovery::{Discoverer, DiscoveryOptions};
+use crate::events::EventsSource;
 use crate::identity::{self, Identity, NoAdvertiseAddr};
 use crate::output;
 use crate::state::Shared;
@@ -177,8 +178,17 @@ fn spawn_work(
         health: config.health_status,
         concurrency: config.discovery_concurrency.into(),
         interval: config.config_reload_frequency,
+        spread: config.events_queue_url.is_none(),
     };
     let guard = DropGuard::new(config.max_drop_fraction, config.drop_confirm_cycles);
+    let events = config
+        .events_queue_url
+        .clone()
+        .map(|queue_url| EventsSource {
+            sqs: aws.sqs(crate::events::LONG_POLL, crate::events::STALL_MARGIN),
+            queue_url,
+            fallback: config.events_fallback_frequency,
+        });
     if config.lease_table.is_none() {
         tasks.spawn(discovery_loop(
             Discoverer::new(aws, discovery),
@@ -186,6 +196,7 @@ fn spawn_work(
             config.config_reload_frequency,
             token.clone(),
             Publisher::new(Sink::Serve, guard, None),
+            events,
         ));
     } else {
         tasks.spawn(follower::run(
@@ -197,8 +208,11 @@ fn spawn_work(
         tasks.spawn(leader::lead_when_elected(
             leader_config(config),
             aws,
-            discovery,
-            config.config_reload_frequency,
+            DiscoverySettings {
+                options: discovery,
+                interval: config.config_reload_frequency,
+                events,
+            },
             guard,
             shared.clone(),
             token.clone(),

@@ -319,6 +319,17 @@ pub struct Config {
         default_value = "all"
     )]
     pub meta_labels: MetaLabels,
+
+    /// SQS queue of ECS task state change events (an EventBridge rule fills it):
+    /// the leader re-reads the services they touch at once. Unset: polling only.
+    #[arg(long, env = "EVENTS_QUEUE_URL", value_name = "EVENTS_QUEUE_URL")]
+    pub events_queue_url: Option<String>,
+
+    /// With EVENTS_QUEUE_URL: time between discovery cycles while the queue cannot
+    /// be read (CONFIG_RELOAD_FREQUENCY is then the slow safety net).
+    #[arg(long, env = "EVENTS_FALLBACK_FREQUENCY", value_name = "EVENTS_FALLBACK_FREQUENCY",
+          default_value = "30", value_parser = parse_interval)]
+    pub events_fallback_frequency: Duration,
 }
 
 /// A configuration error found after parsing; the process exits with code 2.

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod coordination;
 pub mod discovery;
+pub mod events;
 pub mod identity;
 pub mod output;
 pub mod plan;

@@ -113,6 +113,43 @@ pub struct DiscoveryStatus {
     pub skipped_instances: usize,
     /// A result held back because it would drop most published targets.
     pub drop_hold: Option<crate::discovery::guard::DropHold>,
+    /// Whether ECS task events are read (with `EVENTS_QUEUE_URL`, on the leader).
+    pub events: Option<EventsStatus>,
+}
+
+/// The events queue, as `/v1/status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventsStatus {
+    /// `starting`, `consuming` or `fallback` (polling every
+    /// `EVENTS_FALLBACK_FREQUENCY` while the queue cannot be read).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl EventsStatus {
+    pub fn of(health: &crate::events::Health) -> EventsStatus {
+        use crate::events::Health;
+        match health {
+            Health::Starting => EventsStatus {
+                state: "starting",
+                since: None,
+                error: None,
+            },
+            Health::Consuming => EventsStatus {
+                state: "consuming",
+                since: None,
+                error: None,
+            },
+            Health::Fallback { since, error } => EventsStatus {
+                state: "fallback",
+                since: Some(humantime::format_rfc3339_millis(*since).to_string()),
+                error: Some(error.clone()),
+            },
+        }
+    }
 }
 
 /// Shared between tasks behind an `Arc`.

@@ -62,6 +62,12 @@ pub struct RoleLabels {
     pub role: String,
 }
 
+/// Labels of `shard_sd_events_received_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// Labels of `shard_sd_http_sd_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
@@ -91,6 +97,10 @@ pub struct Metrics {
     pub peer_bytes_received: Counter,
     pub lease_renewal_failures: Counter,
     pub http_sd_requests: Family<CodeLabels, Counter>,
+    pub events_received: Family<OutcomeLabels, Counter>,
+    pub event_to_published_seconds: Histogram,
+    pub targeted_refreshes: Counter,
+    pub events_fallback: Gauge,
 }
 
 impl Metrics {
@@ -114,6 +124,10 @@ impl Metrics {
             peer_bytes_received: Counter::default(),
             lease_renewal_failures: Counter::default(),
             http_sd_requests: Family::default(),
+            events_received: Family::default(),
+            event_to_published_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 10)),
+            targeted_refreshes: Counter::default(),
+            events_fallback: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -202,6 +216,31 @@ impl Metrics {
             metrics.http_sd_requests.clone(),
         );
         registry.register(
+            "events_received",
+            "ECS task events read from EVENTS_QUEUE_URL, by outcome: fresh, duplicate (a \
+             version already seen), ignored (not a service task's state change), malformed",
+            metrics.events_received.clone(),
+        );
+        registry.register_with_unit(
+            "event_to_published",
+            "From an ECS task event's time to the publication of the change it triggered \
+             (leader or single replica)",
+            Unit::Seconds,
+            metrics.event_to_published_seconds.clone(),
+        );
+        registry.register(
+            "targeted_refreshes",
+            "Cloud Map services re-read because an ECS task event named them (checks \
+             again included)",
+            metrics.targeted_refreshes.clone(),
+        );
+        registry.register(
+            "events_fallback",
+            "1 while EVENTS_QUEUE_URL cannot be read and discovery polls every \
+             EVENTS_FALLBACK_FREQUENCY",
+            metrics.events_fallback.clone(),
+        );
+        registry.register(
             "aws_requests",
             "HTTP attempts to AWS by service, operation and outcome",
             aws.by_operation.clone(),
@@ -215,6 +254,15 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Counts an event read from the queue.
+    pub fn event(&self, outcome: &str) {
+        self.events_received
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// Sets the state gauges and renders every metric.

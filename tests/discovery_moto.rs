@@ -60,6 +60,7 @@ impl Env {
         Discoverer::new(
             aws,
             DiscoveryOptions {
+                spread: true,
                 source,
                 health,
                 concurrency: 8,

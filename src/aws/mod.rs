@@ -182,6 +182,27 @@ impl AwsClients {
         };
         aws_sdk_dynamodb::Client::from_conf(conf.build())
     }
+
+    /// An SQS client for the events queue: an attempt may last a long poll of
+    /// `long_poll` and `margin` more.
+    pub fn sqs(&self, long_poll: Duration, margin: Duration) -> aws_sdk_sqs::Client {
+        let conf = aws_sdk_sqs::config::Builder::from(&self.sdk)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(margin)
+                    .operation_attempt_timeout(long_poll + margin)
+                    .operation_timeout(long_poll + 2 * margin)
+                    .build(),
+            )
+            // The consumer retries, backing off, and falls back meanwhile.
+            .retry_config(RetryConfig::standard().with_max_attempts(1))
+            .interceptor(CountRequests::other(self.stats.clone()));
+        let conf = match service_endpoint(&env_var, "SQS") {
+            Some(url) => conf.endpoint_url(url),
+            None => conf,
+        };
+        aws_sdk_sqs::Client::from_conf(conf.build())
+    }
 }
 
 /// Drops the `data-` host prefix of Cloud Map's data-plane operations. Installed

@@ -20,8 +20,9 @@ use super::mirror::Mirror;
 use crate::aws::AwsClients;
 use crate::coordination::{CoordinationView, LiveSlot, Role};
 use crate::discovery::guard::DropGuard;
+use crate::discovery::publish::DiscoverySettings;
 use crate::discovery::publish::{discovery_loop, Publisher, Sink};
-use crate::discovery::{Discoverer, DiscoveryOptions};
+use crate::discovery::Discoverer;
 use crate::sharding::{Params, ShardBy, Slot};
 use crate::state::Shared;
 use crate::targets::{Body, Target};
@@ -473,8 +474,7 @@ impl TermWork {
 pub async fn lead_when_elected(
     cfg: LeaderConfig,
     aws: AwsClients,
-    discovery: DiscoveryOptions,
-    interval: Duration,
+    discovery: DiscoverySettings,
     guard: DropGuard,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -513,11 +513,13 @@ pub async fn lead_when_elected(
         });
         drop(mirror);
         let discovering = tokio::spawn(discovery_loop(
-            Discoverer::new(aws.clone(), discovery.clone()),
+            Discoverer::new(aws.clone(), discovery.options.clone()),
             shared.clone(),
-            interval,
+            discovery.interval,
             leading.clone(),
             Publisher::new(Sink::Leader(targets_tx), guard.clone(), inherited),
+            // The leader alone reads the events queue, for its term only.
+            discovery.events.clone(),
         ));
         let unused = run(
             cfg.clone(),

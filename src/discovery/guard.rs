@@ -97,6 +97,16 @@ impl DropGuard {
         self.max_fraction > 0.0 && self.confirm_cycles > 0
     }
 
+    /// Whether publishing `next` over `published` drops no more than the
+    /// guard lets through at once (judging nothing, counting nothing).
+    pub fn allows(&self, published: &[Target], next: &[Target]) -> bool {
+        if !self.enabled() || published.is_empty() {
+            return true;
+        }
+        let (would_drop, published_ids) = dropped(published, next);
+        would_drop as f64 <= self.max_fraction * published_ids.len() as f64
+    }
+
     /// The hold in force, if any.
     pub fn hold(&self) -> Option<&DropHold> {
         self.held.as_ref()

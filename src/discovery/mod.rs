@@ -22,8 +22,12 @@ use serde::Serialize;
 
 use crate::aws::pacer::Pacer;
 use crate::aws::{AwsCallError, AwsClients};
+use crate::events::EcsService;
 use crate::targets::{self, BuildOutput, Instance, Interner, ServiceData};
 use cloudmap::{NamespaceRef, ServiceRef, DISCOVER_MAX_RESULTS};
+
+/// A Cloud Map service: (namespace name, service id).
+pub type ServiceKey = (String, String);
 use namespaces::NamespaceSource;
 
 /// Which instances `DiscoverInstances` returns, by Cloud Map health status.
@@ -66,9 +70,12 @@ pub struct DiscoveryOptions {
     pub health: HealthStatus,
     /// Services refreshed at once.
     pub concurrency: usize,
-    /// The refresh interval, over which a complete discovery spreads its calls;
-    /// zero: no spreading.
+    /// The refresh interval, over which a complete discovery spreads its calls
+    /// when `spread`; zero: no spreading.
     pub interval: Duration,
+    /// Off with events: a sweep then goes as fast as the pacer allows, so that
+    /// events wait for it as little as possible.
+    pub spread: bool,
 }
 
 /// What is called with the discoverer when services changed during a cycle.
@@ -408,7 +415,7 @@ impl Discoverer {
     /// complete, so that a registration is published within about a second of
     /// its service's turn instead of at the end of the cycle.
     async fn refresh_services(&mut self, errors: &mut Vec<AwsCallError>, progress: Progress<'_>) {
-        let spread = self.is_complete() && !self.opts.interval.is_zero();
+        let spread = self.opts.spread && self.is_complete() && !self.opts.interval.is_zero();
         // Copies: what is known stays in place, complete, while the turns run.
         let mut work = Vec::new();
         for (ns_name, state) in &self.namespaces {
@@ -431,7 +438,7 @@ impl Discoverer {
             .map(|(i, (ns_name, id, svc))| async move {
                 tokio::time::sleep_until(start + step * i as u32).await;
                 let (svc, errs) =
-                    refresh_service(cm, pacer, strings, health, &ns_name, svc, cycle).await;
+                    refresh_service(cm, pacer, strings, health, &ns_name, svc, cycle, false).await;
                 (ns_name, id, svc, errs)
             })
             .buffer_unordered(self.opts.concurrency.max(1));
@@ -466,6 +473,82 @@ impl Discoverer {
         }
         drop(answers);
         lock(&self.strings).prune();
+    }
+
+    /// The services whose instances name the ECS service `ecs` (their
+    /// `ECS_SERVICE_NAME`, and `ECS_CLUSTER_NAME` when the event named a cluster),
+    /// as (namespace, service id).
+    pub fn services_of(&self, ecs: &EcsService) -> Vec<ServiceKey> {
+        let named = |i: &Instance| {
+            i.attributes.get(targets::ATTR_SERVICE) == Some(ecs.service.as_str())
+                && ecs.cluster.as_deref().is_none_or(|cluster| {
+                    i.attributes
+                        .get(targets::ATTR_CLUSTER)
+                        .is_none_or(|c| c == cluster)
+                })
+        };
+        self.all_services()
+            .filter(|(_, svc)| svc.instances.iter().flatten().any(|i| named(i)))
+            .map(|(ns, svc)| (ns.to_owned(), svc.svc.id.clone()))
+            .collect()
+    }
+
+    /// For an ECS service no instance names yet: lists every namespace's
+    /// services again, and returns those that may hold its first instance (new,
+    /// or without instances).
+    pub async fn services_without_instances(&mut self) -> (Vec<ServiceKey>, Vec<AwsCallError>) {
+        let mut errors = Vec::new();
+        if self.names.is_some() && self.index.is_some() {
+            self.list_services(&mut errors).await;
+        }
+        let keys = self
+            .all_services()
+            .filter(|(_, svc)| svc.instances.as_ref().is_none_or(Vec::is_empty))
+            .map(|(ns, svc)| (ns.to_owned(), svc.svc.id.clone()))
+            .collect();
+        (keys, errors)
+    }
+
+    /// Re-reads each of `wanted` at once: its tags when due and its instances
+    /// (not only when the revision moved: a health change does not move it,
+    /// and an event says something changed). Returns the calls that failed.
+    pub async fn refresh_some(&mut self, wanted: &BTreeSet<ServiceKey>) -> Vec<AwsCallError> {
+        let (cm, pacer) = (self.aws.cloudmap.clone(), self.aws.pacer.clone());
+        let strings = self.strings.clone();
+        let (cm, pacer, strings) = (&cm, &*pacer, &*strings);
+        let (health, cycle) = (self.opts.health, self.cycle);
+        let work: Vec<(ServiceKey, ServiceState)> = wanted
+            .iter()
+            .filter_map(|(ns, id)| {
+                let state = self.namespaces.get(ns)?.services.as_ref()?.get(id)?;
+                Some(((ns.clone(), id.clone()), state.clone()))
+            })
+            .collect();
+        let mut answers = stream::iter(work)
+            .map(|(key, svc)| async move {
+                let (svc, errs) =
+                    refresh_service(cm, pacer, strings, health, &key.0, svc, cycle, true).await;
+                (key, svc, errs)
+            })
+            .buffer_unordered(self.opts.concurrency.max(1));
+        let mut errors = Vec::new();
+        while let Some(((ns, id), mut svc, errs)) = answers.next().await {
+            let changed = svc.built.is_none() && svc.is_read();
+            self.changed |= changed;
+            if let Some(services) = self
+                .namespaces
+                .get_mut(&ns)
+                .and_then(|s| s.services.as_mut())
+            {
+                if let (false, Some(known)) = (changed, services.get_mut(&id)) {
+                    svc.built = known.built.take();
+                }
+                services.insert(id, svc);
+            }
+            errors.extend(errs);
+        }
+        drop(answers);
+        errors
     }
 
     fn is_complete(&self) -> bool {
@@ -668,7 +751,9 @@ fn log_failures(cycle: u64, other: &[String], errors: &[AwsCallError]) {
 }
 
 /// Refreshes one service's tags (every [`TAG_REFRESH_CYCLES`]) and instances (when
-/// the revision moved, or every [`FULL_REFRESH_CYCLES`]). Failed parts keep their value.
+/// the revision moved, every [`FULL_REFRESH_CYCLES`], or when `force_instances`).
+/// Failed parts keep their value.
+#[allow(clippy::too_many_arguments)]
 async fn refresh_service(
     cm: &aws_sdk_servicediscovery::Client,
     pacer: &Pacer,
@@ -677,6 +762,7 @@ async fn refresh_service(
     namespace: &str,
     mut state: ServiceState,
     cycle: u64,
+    force_instances: bool,
 ) -> (ServiceState, Vec<AwsCallError>) {
     let mut errors = Vec::new();
     if state.tags.is_none() || cycle >= state.tags_cycle + TAG_REFRESH_CYCLES {
@@ -691,7 +777,9 @@ async fn refresh_service(
             Err(err) => errors.push(err),
         }
     }
-    let full = state.instances.is_none() || cycle >= state.instances_cycle + FULL_REFRESH_CYCLES;
+    let full = force_instances
+        || state.instances.is_none()
+        || cycle >= state.instances_cycle + FULL_REFRESH_CYCLES;
     let changed = full
         || match cloudmap::instances_revision(cm, pacer, namespace, &state.svc.name).await {
             Ok(rev) => rev.is_none() || rev != state.revision,

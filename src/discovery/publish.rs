@@ -3,16 +3,19 @@
 //! (served as is in single-replica mode, handed to the assignment by the
 //! leader), and record the cycle on `/v1/status` and in the metrics.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{self, DropGuard, Verdict};
-use super::{CycleReport, Discoverer};
-use crate::state::{LastDiscovery, Shared};
+use super::{CycleReport, Discoverer, ServiceKey};
+use crate::events::{Batch, EcsService, EventsSource, Health, Rechecks};
+use crate::state::{EventsStatus, LastDiscovery, Shared};
 use crate::targets::{Body, Target};
 
 /// Where a discovery loop's targets go.
@@ -36,6 +39,9 @@ pub struct Publisher {
     /// list of the cycle, those published as services are read included, against
     /// it, so a drop spread over a cycle's turns counts as one.
     cycle_start: Option<Arc<Vec<Target>>>,
+    /// What the last cycle published: what publications on events are judged
+    /// against, so that drops on events do not add up past the guard's bound.
+    swept: Option<Arc<Vec<Target>>>,
     known_problems: BTreeSet<String>,
 }
 
@@ -47,33 +53,320 @@ impl Publisher {
             published: None,
             inherited,
             cycle_start: None,
+            swept: None,
             known_problems: BTreeSet::new(),
         }
     }
 }
 
-/// Runs discovery cycles every `interval` and hands their targets to `publisher`.
+/// How a leader's discovery loops run, term after term.
+#[derive(Clone, Debug)]
+pub struct DiscoverySettings {
+    pub options: super::DiscoveryOptions,
+    /// Time between cycles (the safety net with events).
+    pub interval: Duration,
+    pub events: Option<EventsSource>,
+}
+
+/// Runs discovery cycles every `interval` and hands their targets to
+/// `publisher`. With `events`, also reads the ECS task events queue and re-reads
+/// the services they name at once; a cycle then is the safety net, run every
+/// `interval` while the queue is read and every `events.fallback` while it
+/// cannot be.
 pub async fn discovery_loop(
     mut discoverer: Discoverer,
     shared: Arc<Shared>,
     interval: Duration,
     shutdown: CancellationToken,
     mut publisher: Publisher,
+    events: Option<EventsSource>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = events.map(|source| Reactor::start(source, &shared, &shutdown));
+    let mut next_cycle = tokio::time::Instant::now();
+    // When the last cycle started; none before the first.
+    let mut last_cycle: Option<tokio::time::Instant> = None;
     loop {
+        let recheck_at = events.as_ref().and_then(|e| e.rechecks.next_due());
+        let (batches, health) = match events.as_mut() {
+            Some(reactor) => (Some(&mut reactor.batches), Some(&mut reactor.health)),
+            None => (None, None),
+        };
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep_until(next_cycle) => {
+                let started = tokio::time::Instant::now();
+                last_cycle = Some(started);
+                publisher.cycle_start = publisher.baseline().cloned();
+                let mut progress = |d: &mut Discoverer| publisher.progress(d, &shared);
+                let report = tokio::select! {
+                    report = discoverer.run_cycle_with(&mut progress) => report,
+                    _ = shutdown.cancelled() => return,
+                };
+                publish_cycle(&mut discoverer, &report, &shared, &mut publisher);
+                next_cycle = started + period(interval, events.as_ref());
+            }
+            Some(batch) = next_batch(batches) => {
+                if let Some(reactor) = events.as_mut() {
+                    tokio::select! {
+                        _ = reactor.on_events(batch, &mut discoverer, &mut publisher, &shared) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+            _ = sleep_until_some(recheck_at), if recheck_at.is_some() => {
+                if let Some(reactor) = events.as_mut() {
+                    tokio::select! {
+                        _ = reactor.on_rechecks(&mut discoverer, &mut publisher, &shared) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+            Some(()) = health_changed(health) => {
+                // Falling back polls sooner; recovering goes back to the safety net.
+                if let Some(reactor) = &events {
+                    let state = EventsStatus::of(&reactor.health.borrow());
+                    shared.update_status(|s| s.events = Some(state));
+                }
+                // Before the first cycle, that one comes first, at once.
+                if let Some(started) = last_cycle {
+                    next_cycle = started + period(interval, events.as_ref());
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
-        publisher.cycle_start = publisher.baseline().cloned();
-        let mut progress = |d: &mut Discoverer| publisher.progress(d, &shared);
-        let report = tokio::select! {
-            report = discoverer.run_cycle_with(&mut progress) => report,
-            _ = shutdown.cancelled() => return,
-        };
-        publish_cycle(&mut discoverer, &report, &shared, &mut publisher);
+    }
+}
+
+/// Time between cycles: `interval`, or the fallback while events cannot be read.
+fn period(interval: Duration, events: Option<&Reactor>) -> Duration {
+    match events {
+        Some(reactor) if reactor.health.borrow().is_fallback() => reactor.fallback.min(interval),
+        _ => interval,
+    }
+}
+
+async fn next_batch(batches: Option<&mut mpsc::Receiver<Batch>>) -> Option<Batch> {
+    match batches {
+        Some(batches) => batches.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn health_changed(health: Option<&mut watch::Receiver<Health>>) -> Option<()> {
+    match health {
+        Some(health) => health.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The event-driven side of a discovery loop: the queue's consumer (stopped
+/// with the loop), the services to check again, the batches waiting for their
+/// checks to end, and the fallback period.
+struct Reactor {
+    batches: mpsc::Receiver<Batch>,
+    health: watch::Receiver<Health>,
+    rechecks: Rechecks,
+    /// Batches not answered yet: each is handled once none of its services
+    /// has checks to come, or failed at its first failed read.
+    acks: Vec<(BTreeSet<ServiceKey>, oneshot::Sender<bool>)>,
+    /// ECS services no instance named, and when the namespaces were listed
+    /// for them: listed again at most every [`UNKNOWN_RELIST`].
+    unknown: HashMap<EcsService, std::time::Instant>,
+    fallback: Duration,
+    shared: Arc<Shared>,
+    _consumer: tokio_util::sync::DropGuard,
+}
+
+/// Least time between two listings of the namespaces' services for an ECS
+/// service no instance names (its tasks' events keep coming, e.g. the
+/// collectors' own service, which is in no namespace).
+const UNKNOWN_RELIST: Duration = Duration::from_secs(30);
+
+impl Reactor {
+    fn start(source: EventsSource, shared: &Arc<Shared>, shutdown: &CancellationToken) -> Reactor {
+        let (tx, batches) = mpsc::channel(16);
+        let (health_tx, health) = watch::channel(Health::Starting);
+        let stop = shutdown.child_token();
+        let fallback = source.fallback;
+        shared.update_status(|s| s.events = Some(EventsStatus::of(&Health::Starting)));
+        tokio::spawn(crate::events::consume(
+            source,
+            tx,
+            health_tx,
+            shared.metrics.clone(),
+            stop.clone(),
+        ));
+        Reactor {
+            batches,
+            health,
+            rechecks: Rechecks::default(),
+            acks: Vec::new(),
+            unknown: HashMap::new(),
+            fallback,
+            shared: shared.clone(),
+            _consumer: stop.drop_guard(),
+        }
+    }
+
+    /// Re-reads the services a batch of events names (after a short wait for
+    /// the rest of a burst), publishes what changed, and schedules checks of
+    /// them; each batch is answered once its checks are over.
+    async fn on_events(
+        &mut self,
+        first: Batch,
+        discoverer: &mut Discoverer,
+        publisher: &mut Publisher,
+        shared: &Shared,
+    ) {
+        tokio::time::sleep(DEBOUNCE).await;
+        let mut batches = vec![first];
+        while let Ok(more) = self.batches.try_recv() {
+            batches.push(more);
+        }
+        let oldest = batches.iter().filter_map(|b| b.oldest).min();
+        let named: BTreeSet<EcsService> = batches
+            .iter()
+            .flat_map(|b| b.services.iter().cloned())
+            .collect();
+        let (mut found, unknown): (BTreeMap<EcsService, Vec<ServiceKey>>, Vec<EcsService>) =
+            crate::cpu_bound(|| {
+                let mut found = BTreeMap::new();
+                let mut unknown = Vec::new();
+                for ecs in &named {
+                    let keys = discoverer.services_of(ecs);
+                    if keys.is_empty() {
+                        unknown.push(ecs.clone());
+                    } else {
+                        found.insert(ecs.clone(), keys);
+                    }
+                }
+                (found, unknown)
+            });
+        let now = std::time::Instant::now();
+        let relist: Vec<EcsService> = unknown
+            .into_iter()
+            .filter(|ecs| {
+                self.unknown
+                    .get(ecs)
+                    .is_none_or(|at| now.duration_since(*at) >= UNKNOWN_RELIST)
+            })
+            .collect();
+        let mut listing_failed = false;
+        if !relist.is_empty() {
+            let (candidates, errors) = discoverer.services_without_instances().await;
+            log_errors(&errors);
+            listing_failed = !errors.is_empty();
+            for ecs in relist {
+                if !listing_failed {
+                    self.unknown.insert(ecs.clone(), now);
+                }
+                found.insert(ecs, candidates.clone());
+            }
+        }
+        self.unknown
+            .retain(|_, at| now.duration_since(*at) < UNKNOWN_RELIST);
+        let wanted: BTreeSet<ServiceKey> = found.values().flatten().cloned().collect();
+        for key in &wanted {
+            self.rechecks.start(key.clone(), now, oldest);
+        }
+        for batch in batches {
+            let services: BTreeSet<ServiceKey> = batch
+                .services
+                .iter()
+                .filter_map(|ecs| found.get(ecs))
+                .flatten()
+                .cloned()
+                .collect();
+            if listing_failed {
+                let _ = batch.handled.send(false);
+            } else {
+                self.acks.push((services, batch.handled));
+            }
+        }
+        self.refresh(&wanted, oldest, discoverer, publisher, shared)
+            .await;
+    }
+
+    /// Reads again the services due for a check.
+    async fn on_rechecks(
+        &mut self,
+        discoverer: &mut Discoverer,
+        publisher: &mut Publisher,
+        shared: &Shared,
+    ) {
+        let (due, oldest) = self.rechecks.take_due(std::time::Instant::now());
+        if !due.is_empty() {
+            self.refresh(&due, oldest, discoverer, publisher, shared)
+                .await;
+        }
+    }
+
+    /// Re-reads `wanted`, publishes what changed, and answers the batches: those
+    /// naming a service that could not be read are not handled (their messages
+    /// come back); those whose services have no checks to come are.
+    async fn refresh(
+        &mut self,
+        wanted: &BTreeSet<ServiceKey>,
+        event_time: Option<SystemTime>,
+        discoverer: &mut Discoverer,
+        publisher: &mut Publisher,
+        shared: &Shared,
+    ) {
+        shared
+            .metrics
+            .targeted_refreshes
+            .inc_by(wanted.len() as u64);
+        let errors = discoverer.refresh_some(wanted).await;
+        log_errors(&errors);
+        if publisher.publish_targeted(discoverer, shared) {
+            if let Some(age) = event_time.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+                shared
+                    .metrics
+                    .event_to_published_seconds
+                    .observe(age.as_secs_f64());
+            }
+        }
+        let failed = !errors.is_empty();
+        let rechecks = &self.rechecks;
+        let mut open = Vec::new();
+        for (services, handled) in self.acks.drain(..) {
+            if failed && !services.is_disjoint(wanted) {
+                let _ = handled.send(false);
+            } else if services.iter().all(|k| !rechecks.contains(k)) {
+                let _ = handled.send(true);
+            } else {
+                open.push((services, handled));
+            }
+        }
+        self.acks = open;
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        // No longer reading (the term ended, or the loop stopped).
+        self.shared.update_status(|s| s.events = None);
+        self.shared.metrics.events_fallback.set(0);
+    }
+}
+
+/// How long the loop waits after a first event for the rest of its burst (a
+/// deploy starts and stops many tasks at once).
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+fn log_errors(errors: &[crate::aws::AwsCallError]) {
+    if let Some(first) = errors.first() {
+        tracing::warn!(
+            failed_calls = errors.len(),
+            "re-reading services named by ECS task events: {first}; the next check or cycle \
+             tries again"
+        );
     }
 }
 
@@ -117,6 +410,7 @@ fn publish_cycle(
         // A list was built (and, single, rendered): its transient buffers are free now.
         crate::release_free_memory();
     }
+    publisher.swept = publisher.published.clone();
     record_cycle(discoverer, report, shared, publisher, &built);
 }
 
@@ -150,6 +444,44 @@ impl Publisher {
         }
         self.published = Some(list);
         crate::release_free_memory();
+    }
+
+    /// After services were re-read on events: publishes what is known now,
+    /// targets gone included when the drop is within the guard's bound (else
+    /// they are kept, for the cycles to judge). Returns whether what is
+    /// published changed.
+    fn publish_targeted(&mut self, discoverer: &mut Discoverer, shared: &Shared) -> bool {
+        let Some(published) = self.published.clone() else {
+            return false; // the first complete cycle publishes first
+        };
+        let built = crate::cpu_bound(|| discoverer.targets());
+        if Arc::ptr_eq(&published, &built.targets) {
+            return false;
+        }
+        let list = crate::cpu_bound(|| {
+            let baseline = self.swept.as_ref().unwrap_or(&published);
+            if self.guard.hold().is_none() && self.guard.allows(baseline, &built.targets) {
+                built.targets.clone()
+            } else {
+                guard::with_gone_kept(&published, &built.targets)
+                    .map_or_else(|| built.targets.clone(), Arc::new)
+            }
+        });
+        let changed = self.send(list.clone(), shared);
+        if changed {
+            tracing::info!(
+                targets = list.len(),
+                previous = published.len(),
+                "targets changed on ECS task events"
+            );
+        }
+        shared
+            .metrics
+            .targets_discovered
+            .set(built.targets.len() as i64);
+        self.published = Some(list);
+        crate::release_free_memory();
+        changed
     }
 
     /// Logs the data problems that appeared since the last cycle, and those gone.

@@ -216,6 +216,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "problems": status.problems,
         "skipped_instances": status.skipped_instances,
         "drop_hold": status.drop_hold,
+        "events": status.events,
     }))
 }
 

@@ -75,6 +75,8 @@ struct TargetState {
     flagged: bool,
     /// When it was last expected (registered, or its namespace added back).
     expected_since: Option<Instant>,
+    /// How long it may be pending.
+    pending_bound: Duration,
 }
 
 /// Runs of time, by fault kind: the worst (longest) one and how many.
@@ -177,6 +179,12 @@ impl Checker {
 
     /// `target` is registered in a discovered namespace from `now` on.
     pub fn expect(&mut self, target: &str, now: Instant) {
+        self.expect_within(target, now, self.bounds.pending);
+    }
+
+    /// [`Checker::expect`], with a pending bound of its own (a registration
+    /// nothing announces waits for a discovery cycle).
+    pub fn expect_within(&mut self, target: &str, now: Instant, pending_bound: Duration) {
         let state = self
             .targets
             .entry(target.to_owned())
@@ -189,6 +197,7 @@ impl Checker {
                 dup_since: None,
                 flagged: false,
                 expected_since: None,
+                pending_bound,
             });
         if !state.expected {
             *state = TargetState {
@@ -200,6 +209,7 @@ impl Checker {
                 dup_since: state.dup_since,
                 flagged: false,
                 expected_since: Some(now),
+                pending_bound,
             };
         }
     }
@@ -484,7 +494,7 @@ impl Checker {
         };
         let counted = self.counted(from, now, pending);
         let bound = if pending {
-            self.bounds.pending
+            state.pending_bound
         } else {
             self.bounds.gap
         };

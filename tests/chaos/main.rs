@@ -7,7 +7,10 @@
 //! denied, throttling, added latency, lost responses of applied writes), Cloud Map
 //! and SSM faults (stall, HTTP 500, throttling, access denied on one operation,
 //! latency), a replica's peer listener partitioned from the others (the leader's,
-//! often), registration churn.
+//! often), registration churn. The leader reads ECS task events from an SQS queue
+//! (moto, through a proxy of its own) with a 10 s safety-net cycle: most
+//! registrations are announced by their event (after it, ahead of it, or twice),
+//! some by none; the queue is denied, failing, stalled, or cannot delete.
 //!
 //! The checker (see `checker.rs`) reads every replica's http_sd every 200 ms the
 //! way Prometheus does and holds the cluster to five invariants: bounded
@@ -37,16 +40,23 @@ use std::time::{Duration, Instant};
 use checker::{Blind, Bounds, Checker};
 use common::cloudmap::{CloudMap, Service};
 use common::cluster::{start_replica, Replica};
+use common::events::EventQueue;
 use common::proxy::{AwsProxy, Fault};
 use common::Moto;
-use schedule::{fault_name, schedule, Action, Who};
+use schedule::{fault_name, schedule, Action, Announce, Who};
 use shard_sd::clock::WallClock;
 use shard_sd::coordination::lease::LeaseTable;
 
 pub const LEASE: Duration = Duration::from_secs(3);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 const HANDOFF_GRACE: Duration = Duration::from_secs(2);
+/// How soon discovery reacts: an event's re-read, or polling while the events
+/// queue cannot be read (EVENTS_FALLBACK_FREQUENCY).
 const RELOAD: Duration = Duration::from_secs(1);
+/// CONFIG_RELOAD_FREQUENCY with events: the safety net for what no event announces.
+const SAFETY_NET: Duration = Duration::from_secs(10);
+/// How long the events consumer waits on a receive before it calls it a stall.
+const QUEUE_STALL: Duration = Duration::from_secs(25);
 /// Longest a Cloud Map call may take with its retries (AWS_CALL_TIMEOUT x attempts).
 const CALL_LIMIT: Duration = Duration::from_secs(3);
 /// AWS_CALL_TIMEOUT of the replicas: one attempt of a Cloud Map call.
@@ -68,6 +78,12 @@ fn bounds() -> Bounds {
         pending: RELOAD + LEASE + HEARTBEAT + Duration::from_secs(2),
         duplicate: HANDOFF_GRACE + LEASE,
     }
+}
+
+/// How long a registration no event announces (or a namespace added to the
+/// SSM parameter) may wait: the safety-net cycle, then a leader change at worst.
+fn unannounced_bound() -> Duration {
+    SAFETY_NET + LEASE + HEARTBEAT + Duration::from_secs(2)
 }
 
 fn duration() -> Duration {
@@ -138,6 +154,7 @@ enum Undo {
     Replace(usize),
     ClearDynamoDb(Option<String>, Vec<usize>),
     ClearCloudMap(usize),
+    ClearQueue(usize),
     Heal(String, Vec<usize>),
 }
 
@@ -166,16 +183,31 @@ struct Campaign {
     /// The fault every replica's DynamoDB proxy has now, and its window.
     dynamodb_all: Option<(Fault, usize)>,
     cloud_map: Option<usize>,
+    /// The events queue, reached by the replicas through `sqs`.
+    queue: EventQueue,
+    sqs: AwsProxy,
+    queue_fault: Option<usize>,
+    /// When discovery must have caught up with changes no event announces (an
+    /// SSM edit, a lost event: the safety-net cycle) or that a stalled queue
+    /// held back.
+    caught_up_by: Option<Instant>,
 }
 
 /// The environment of the `n`th replica started: replicas differ in
-/// `META_LABELS`, which must not change what they agree on.
-fn replica_env(n: usize) -> Vec<(String, String)> {
+/// `META_LABELS`, which must not change what they agree on. The leader reads
+/// ECS task events from `queue` through `sqs`; cycles are the safety net.
+fn replica_env(n: usize, queue: &str, sqs: &str) -> Vec<(String, String)> {
+    let safety_net = format!("{}s", SAFETY_NET.as_secs());
+    let fallback = format!("{}ms", RELOAD.as_millis());
     [
         ("DISCOVERY_NAMESPACES_PARAMETER_NAME", PARAMETER),
         ("AWS_CALL_TIMEOUT", "1s"),
         ("AWS_MAX_ATTEMPTS", "3"),
         ("META_LABELS", ["all", "basic", "none"][n % 3]),
+        ("EVENTS_QUEUE_URL", queue),
+        ("AWS_ENDPOINT_URL_SQS", sqs),
+        ("CONFIG_RELOAD_FREQUENCY", &safety_net),
+        ("EVENTS_FALLBACK_FREQUENCY", &fallback),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -286,6 +318,8 @@ impl Campaign {
             (cm.service(&b, "b-worker", &tags).await, "ns-b"),
         ];
         cm.put_namespaces_parameter(PARAMETER, "ns-a,ns-b").await;
+        let queue = EventQueue::create(&moto.endpoint, "chaos-events", 2).await;
+        let sqs = AwsProxy::start(&moto.endpoint).await;
         let start = Instant::now();
         let mut campaign = Campaign {
             moto,
@@ -305,9 +339,14 @@ impl Campaign {
             logs: Vec::new(),
             dynamodb_all: None,
             cloud_map: None,
+            queue,
+            sqs,
+            queue_fault: None,
+            caught_up_by: None,
         };
+        // Before any replica: the first cycle reads them.
         for (service, count) in [(0, 20), (1, 15), (2, 10)] {
-            campaign.register(service, count).await;
+            campaign.register(service, count, Announce::Event).await;
         }
         for _ in 0..REPLICAS {
             campaign.add_member().await;
@@ -315,21 +354,64 @@ impl Campaign {
         campaign
     }
 
+    /// Discovery must have caught up by `by`.
+    fn safety_net_needed(&mut self, by: Instant) {
+        self.caught_up_by = Some(self.caught_up_by.map_or(by, |t| t.max(by)));
+    }
+
     fn now_note(&self, what: impl Into<String>) {
         self.checker.lock().unwrap().note(Instant::now(), what);
     }
 
-    async fn register(&mut self, service: usize, count: usize) {
+    async fn register(&mut self, service: usize, count: usize, announce: Announce) {
         for _ in 0..count {
             let n = self.next_ip;
             self.next_ip += 1;
             let ip = format!("127.1.{}.{}", n / 250, n % 250 + 1);
             let instance = format!("task-{n}");
-            let (svc, ns) = &self.services[service];
-            self.cm.register_task(&svc.id, &instance, &ip).await;
+            let (svc, ns) = self.services[service].clone();
+            // Each Cloud Map service is one ECS service of the same name.
+            let ecs_service = svc.name.clone();
+            if announce == Announce::Early {
+                self.queue
+                    .put_task_event(&instance, &ecs_service, "RUNNING", 1)
+                    .await;
+            }
+            self.cm
+                .register(
+                    &svc.id,
+                    &instance,
+                    &[
+                        ("AWS_INSTANCE_IPV4", &ip),
+                        ("ECS_CLUSTER_NAME", common::events::CLUSTER),
+                        ("ECS_SERVICE_NAME", &ecs_service),
+                        ("ECS_TASK_DEFINITION_FAMILY", "chaos"),
+                    ],
+                )
+                .await;
+            let sends = match announce {
+                Announce::Event => 1,
+                Announce::Twice => 2,
+                Announce::Early | Announce::Lost => 0,
+            };
+            for _ in 0..sends {
+                self.queue
+                    .put_task_event(&instance, &ecs_service, "RUNNING", 1)
+                    .await;
+            }
             let target = format!("{ip}:3000");
-            if *ns == "ns-a" || self.second_namespace {
-                self.checker.lock().unwrap().expect(&target, Instant::now());
+            if announce == Announce::Lost {
+                self.safety_net_needed(Instant::now() + SAFETY_NET + RELOAD * 2);
+            }
+            if ns == "ns-a" || self.second_namespace {
+                let bound = match announce {
+                    Announce::Lost => unannounced_bound(),
+                    _ => bounds().pending,
+                };
+                self.checker
+                    .lock()
+                    .unwrap()
+                    .expect_within(&target, Instant::now(), bound);
             }
             self.tasks.insert(target, Task { service, instance });
         }
@@ -348,6 +430,9 @@ impl Campaign {
             self.checker.lock().unwrap().unexpect(&target);
             let svc = &self.services[task.service].0;
             self.cm.deregister(&svc.id, &task.instance).await;
+            self.queue
+                .put_task_event(&task.instance, &svc.name, "STOPPED", 2)
+                .await;
         }
     }
 
@@ -360,11 +445,13 @@ impl Campaign {
         };
         self.cm.put_namespaces_parameter(PARAMETER, value).await;
         let now = Instant::now();
+        self.safety_net_needed(now + SAFETY_NET + RELOAD * 2);
         let mut checker = self.checker.lock().unwrap();
         for (target, task) in &self.tasks {
             if self.services[task.service].1 == "ns-b" {
                 if self.second_namespace {
-                    checker.expect(target, now);
+                    // Only a cycle reads the parameter: the safety net.
+                    checker.expect_within(target, now, unannounced_bound());
                 } else {
                     checker.unexpect(target);
                 }
@@ -374,7 +461,7 @@ impl Campaign {
 
     async fn add_member(&mut self) {
         let id = format!("c{}", self.next_id);
-        let env = replica_env(self.next_id);
+        let env = replica_env(self.next_id, &self.queue.url, &self.sqs.endpoint);
         self.next_id += 1;
         let replica = start_replica(&self.moto, &self.cloud, &id, SLOTS, &env).await;
         if let Some((fault, _)) = &self.dynamodb_all {
@@ -501,6 +588,7 @@ impl Campaign {
             }
             Action::DynamoDb { who: Some(_), .. } => self.dynamodb_all.is_some(),
             Action::CloudMap { .. } => self.cloud_map.is_some(),
+            Action::Queue { .. } => self.queue_fault.is_some(),
             _ => false,
         };
         if (needs_room && self.impaired() >= MAX_IMPAIRED) || busy {
@@ -661,10 +749,36 @@ impl Campaign {
                 self.undos
                     .push((now + *lasts, Undo::Heal(id, vec![window])));
             }
-            Action::Register { service, count } => {
-                self.register(*service, *count).await;
+            Action::Queue { fault, lasts } => {
+                // A stall is noticed only when the receive in flight gives up:
+                // events wait until then, and cycles come every SAFETY_NET.
+                let stall = matches!(fault, Fault::Delay { .. });
+                let (tail, blind) = if stall {
+                    (QUEUE_STALL + SAFETY_NET, Blind::Discovery)
+                } else {
+                    (RELOAD * 2, Blind::Nothing)
+                };
+                let window =
+                    self.checker
+                        .lock()
+                        .unwrap()
+                        .open(kind.clone(), now, tail, blind, false);
+                self.sqs.set_fault(fault.clone());
+                self.queue_fault = Some(window);
+                if stall {
+                    self.safety_net_needed(now + *lasts + QUEUE_STALL + RELOAD * 2);
+                }
+                self.now_note(format!("events queue: {} for {lasts:?}", fault_name(fault)));
+                self.undos.push((now + *lasts, Undo::ClearQueue(window)));
+            }
+            Action::Register {
+                service,
+                count,
+                announce,
+            } => {
+                self.register(*service, *count, *announce).await;
                 self.now_note(format!(
-                    "registered {count} tasks in {}",
+                    "registered {count} tasks ({announce:?}) in {}",
                     self.services[*service].0.name
                 ));
             }
@@ -738,6 +852,13 @@ impl Campaign {
                     checker.close(w, now);
                 }
                 checker.note(now, format!("peer listener of {id} reachable again"));
+            }
+            Undo::ClearQueue(window) => {
+                self.sqs.set_fault(Fault::None);
+                self.queue_fault = None;
+                let mut checker = self.checker.lock().unwrap();
+                checker.close(window, now);
+                checker.note(now, "the events queue answers again");
             }
             Undo::ClearCloudMap(window) => {
                 self.cloud.set_fault(Fault::None);
@@ -913,7 +1034,12 @@ async fn run(seed: u64, duration: Duration) {
     c.end_faults().await;
     let quiet = Instant::now();
     c.now_note("last fault ended");
-    let converge_bound = LEASE + HEARTBEAT * 2;
+    // Lease and heartbeats; or longer, when discovery had to wait for the
+    // safety net (an SSM edit, a lost event) or a stalled queue.
+    let converge_bound = (LEASE + HEARTBEAT * 2).max(
+        c.caught_up_by
+            .map_or(Duration::ZERO, |by| by.saturating_duration_since(quiet)),
+    );
     let mut described = false;
     let converged = loop {
         let (union, expected) = {
@@ -979,7 +1105,7 @@ async fn run(seed: u64, duration: Duration) {
                 }
             }
         }
-        if quiet.elapsed() > Duration::from_secs(30) {
+        if quiet.elapsed() > converge_bound.max(Duration::from_secs(30)) {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1000,8 +1126,8 @@ async fn run(seed: u64, duration: Duration) {
         ),
         other => {
             let msg = format!(
-                "not converged within lease + 2 heartbeats ({converge_bound:?}) after the last \
-                 fault: {}",
+                "not converged within {converge_bound:?} (lease + 2 heartbeats, or the safety \
+                 net after an unannounced change) after the last fault: {}",
                 other.map_or("not within 30 s".into(), |d| format!("after {d:?}"))
             );
             checker.violations.push(msg);

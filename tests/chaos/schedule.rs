@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::common::proxy::Fault;
+use crate::common::proxy::{Fault, CLOUD_MAP_OPERATIONS};
 
 #[derive(Clone, Debug)]
 pub enum Who {
@@ -35,12 +35,31 @@ pub enum Action {
     /// A network partition between one replica's peer listener and the others
     /// (DynamoDB and AWS still answer): followers cannot reach it if it leads.
     Partition { who: Who, lasts: Duration },
-    /// New ECS tasks in service `service`.
-    Register { service: usize, count: usize },
+    /// New ECS tasks in service `service`, announced (or not) by their events.
+    Register {
+        service: usize,
+        count: usize,
+        announce: Announce,
+    },
+    /// A fault between the cluster and the events queue.
+    Queue { fault: Fault, lasts: Duration },
     /// Tasks stopped: `count` registered tasks, picked by `pick`.
     Deregister { count: usize, pick: u64 },
     /// The second namespace is added to or removed from the SSM parameter.
     ToggleNamespace,
+}
+
+/// How a registration's ECS task event reaches the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announce {
+    /// After the registration, as usual.
+    Event,
+    /// Ahead of the registration (the registration trails its event).
+    Early,
+    /// Twice (EventBridge delivers at least once).
+    Twice,
+    /// Never: the safety-net cycle must find it.
+    Lost,
 }
 
 /// Short names of faults, for reports.
@@ -101,6 +120,7 @@ impl Action {
             }
             Action::Partition { .. } => "peer partition".into(),
             Action::Register { .. } => "registration".into(),
+            Action::Queue { fault, .. } => format!("SQS: {}", fault_name(fault)),
             Action::Deregister { .. } => "deregistration".into(),
             Action::ToggleNamespace => "SSM edit".into(),
         }
@@ -151,16 +171,6 @@ fn dynamodb_fault(rng: &mut fastrand::Rng) -> Fault {
     }
 }
 
-const CLOUD_MAP_OPS: &[&str] = &[
-    "GetParameter",
-    "ListNamespaces",
-    "ListServices",
-    "GetService",
-    "ListTagsForResource",
-    "DiscoverInstances",
-    "DiscoverInstancesRevision",
-];
-
 fn cloud_map_fault(rng: &mut fastrand::Rng) -> Fault {
     match rng.u8(0..5) {
         0 => Fault::Hang,
@@ -185,9 +195,43 @@ fn cloud_map_fault(rng: &mut fastrand::Rng) -> Fault {
             by: ms(rng, 200..3000),
         },
         _ => Fault::Error {
-            op: Some(CLOUD_MAP_OPS[rng.usize(0..CLOUD_MAP_OPS.len())].into()),
+            // SSM's GetParameter, or one of Cloud Map's.
+            op: Some(match rng.usize(0..=CLOUD_MAP_OPERATIONS.len()) {
+                0 => "GetParameter".into(),
+                i => CLOUD_MAP_OPERATIONS[i - 1].into(),
+            }),
             code: "AccessDeniedException".into(),
         },
+    }
+}
+
+fn queue_fault(rng: &mut fastrand::Rng) -> Fault {
+    match rng.u8(0..4) {
+        0 => Fault::Error {
+            op: Some("ReceiveMessage".into()),
+            code: "AccessDenied".into(),
+        },
+        1 => Fault::Fail {
+            op: Some("ReceiveMessage".into()),
+        },
+        // A receive that does not answer: a stall, noticed after the long poll.
+        2 => Fault::Delay {
+            op: Some("ReceiveMessage".into()),
+            by: Duration::from_secs(30),
+        },
+        // Handled messages come back: duplicates.
+        _ => Fault::Fail {
+            op: Some("DeleteMessageBatch".into()),
+        },
+    }
+}
+
+fn announce(rng: &mut fastrand::Rng) -> Announce {
+    match rng.u8(0..10) {
+        0..=5 => Announce::Event,
+        6 => Announce::Early,
+        7..=8 => Announce::Twice,
+        _ => Announce::Lost,
     }
 }
 
@@ -227,11 +271,16 @@ fn draw(rng: &mut fastrand::Rng, services: usize) -> Action {
             who: who(rng),
             lasts: ms(rng, 500..8000),
         },
-        72..=82 => Action::Register {
+        72..=79 => Action::Register {
             service: rng.usize(0..services),
             count: rng.usize(1..4),
+            announce: announce(rng),
         },
-        83..=92 => Action::Deregister {
+        80..=84 => Action::Queue {
+            fault: queue_fault(rng),
+            lasts: ms(rng, 500..8000),
+        },
+        85..=92 => Action::Deregister {
             count: rng.usize(1..4),
             pick: rng.u64(..),
         },

@@ -11,6 +11,7 @@ pub struct CloudMap {
     pub ssm: aws_sdk_ssm::Client,
 }
 
+#[derive(Clone, Debug)]
 pub struct Service {
     pub id: String,
     pub arn: String,

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cloudmap;
 pub mod cluster;
+pub mod events;
 pub mod proxy;
 
 use std::future::Future;

@@ -16,6 +16,16 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::Value;
 
+/// The operations shard-sd calls on Cloud Map, as the proxy names them.
+pub const CLOUD_MAP_OPERATIONS: &[&str] = &[
+    "ListNamespaces",
+    "ListServices",
+    "GetService",
+    "ListTagsForResource",
+    "DiscoverInstances",
+    "DiscoverInstancesRevision",
+];
+
 /// What the proxy does to matching requests.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
