@@ -30,10 +30,13 @@ use crate::telemetry::Metrics;
 pub const LONG_POLL: Duration = Duration::from_secs(20);
 /// A receive that has not answered this long after its long poll is stalled.
 pub const STALL_MARGIN: Duration = Duration::from_secs(5);
-/// How long the consumer waits for the discovery loop to handle a batch (its
-/// checks last 10 s) before having its messages delivered again; they are kept
-/// from other consumers that long.
+/// How long a batch's messages are kept from other readers while the discovery
+/// loop works on it (a wait for the rest of a burst and one read of each
+/// service it names; more when a cycle is running): if it has not answered by
+/// then, they are delivered again.
 const HANDLED_WITHIN: Duration = Duration::from_secs(20);
+/// How long before the end of a batch's hold the finisher gives up waiting.
+const PUT_BACK_MARGIN: Duration = Duration::from_secs(2);
 /// How soon a batch that was not handled is delivered again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Tasks whose last version is remembered, at most; older ones are forgotten
@@ -310,6 +313,8 @@ pub struct EventsSource {
 /// A batch handed over, waiting for the loop's word.
 struct Waiting {
     done: oneshot::Receiver<bool>,
+    /// Until when its messages are kept from other readers.
+    held_until: tokio::time::Instant,
     handles: Vec<String>,
     /// The versions it took, to put back if it is not handled.
     taken: Vec<(String, Option<u64>)>,
@@ -468,12 +473,16 @@ pub async fn consume(
         };
         // Not to be delivered again while the loop works on it (its checks
         // take about 10 s, more than a short visibility timeout).
+        let held_until = tokio::time::Instant::now() + HANDLED_WITHIN;
         set_visibility(&source, &handles, HANDLED_WITHIN).await;
         if batches.send(batch).await.is_err() {
+            // The loop stopped: back to the queue at once, for the next leader.
+            set_visibility(&source, &handles, Duration::ZERO).await;
             return;
         }
         let _ = waiting_tx.send(Waiting {
             done,
+            held_until,
             handles,
             taken,
         });
@@ -497,7 +506,8 @@ async fn finish(
         };
         let Some(batch) = next else { break };
         let handled = tokio::select! {
-            done = tokio::time::timeout(HANDLED_WITHIN, batch.done) => {
+            // A little before the hold ends, so that the put-back comes first.
+            done = tokio::time::timeout_at(batch.held_until - PUT_BACK_MARGIN, batch.done) => {
                 matches!(done, Ok(Ok(true)))
             }
             _ = shutdown.cancelled() => {
@@ -507,6 +517,9 @@ async fn finish(
         };
         if handled {
             delete(&source, batch.handles).await;
+        } else if shutdown.is_cancelled() {
+            set_visibility(&source, &batch.handles, Duration::ZERO).await;
+            break;
         } else {
             {
                 let mut versions = lock(&versions);

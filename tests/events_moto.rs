@@ -403,29 +403,33 @@ async fn only_the_leader_reads_events_and_a_sigkill_of_it_loses_none() {
     }
     let leader = leader.expect("a leader");
 
-    // An event the leader has read and acted on stays in the queue until the
-    // checks after it are over (10 s): the leader dies in between.
+    // An event the leader read but could not act on (Cloud Map fails) stays
+    // in the queue; the leader dies; the next one reads it again.
+    cloud.set_fault(Fault::Fail {
+        op: Some("DiscoverInstances".into()),
+    });
     let addr = ip(1, 1);
     account.register(1, "b", &addr).await;
     account
         .queue
         .put_task_event("b", "app-1", "RUNNING", 1)
         .await;
-    until(&all, &target(&addr), false, Duration::from_secs(5)).await;
+    let dying = replicas[leader].as_ref().unwrap();
+    wait_for("the leader read it", Duration::from_secs(10), || async {
+        let text = dying.sd.metrics().await;
+        (metric(&text, "shard_sd_events_received_total{outcome=\"fresh\"}") >= 2.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         account.queue.depth().await >= 1,
-        "deleted before its checks ended"
+        "deleted though not handled"
     );
-    replicas[leader]
-        .as_ref()
-        .unwrap()
-        .sd
-        .proc
-        .signal(libc::SIGKILL);
+    dying.sd.proc.signal(libc::SIGKILL);
     replicas[leader] = None;
     let killed = Instant::now();
+    cloud.set_fault(Fault::None);
     let survivors = addrs(&replicas);
-    // The next leader reads it again, after the dead one's hold on it expires.
     let successor = wait_for("a new leader reading events", LEASE * 4, || async {
         for r in replicas.iter().flatten() {
             let s = r.sd.status().await;
@@ -447,9 +451,14 @@ async fn only_the_leader_reads_events_and_a_sigkill_of_it_loses_none() {
     })
     .await;
     println!(
-        "MEASURE leader SIGKILL between reading an event and deleting it: the next leader read it {:?} after the kill",
+        "MEASURE leader SIGKILL with an event read but not handled: the next leader read it {:?} after the kill",
         killed.elapsed()
     );
+    until(&survivors, &target(&addr), false, Duration::from_secs(5)).await;
+    wait_for("queue drained", Duration::from_secs(20), || async {
+        (account.queue.depth().await == 0).then_some(())
+    })
+    .await;
     // And its own events drive discovery: a registration announced now is
     // served long before any cycle (5 minutes) would find it.
     let addr = ip(2, 1);
@@ -515,4 +524,41 @@ async fn idle_cloud_map_requests_fall_tenfold_with_events() {
     // machine shave a little off the polling side here.
     assert!(a1 >= 9 * b1, "{a1} against {b1}");
     drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_services_cannot_be_read_is_kept_until_they_can() {
+    let account = Account::start(3).await;
+    let cloud = AwsProxy::start(&account.moto.endpoint).await;
+    let mut env = account.env(&[("AWS_CALL_TIMEOUT", "1s"), ("AWS_MAX_ATTEMPTS", "1")]);
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL".into(), cloud.endpoint.clone()));
+    let sd = ShardSd::start("kept", &env).await;
+    let addrs = vec![sd.addr.clone()];
+    sd.wait_targets("first cycle", Duration::from_secs(20), |t| t.len() == 3)
+        .await;
+    // Cloud Map fails for longer than the checks after an event last (10 s).
+    cloud.set_fault(Fault::Fail {
+        op: Some("DiscoverInstances".into()),
+    });
+    let addr = ip(2, 1);
+    account.register(2, "late", &addr).await;
+    account
+        .queue
+        .put_task_event("late", "app-2", "RUNNING", 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(!served(&addrs).await.contains(&target(&addr)));
+    // The message was not deleted: delivered again once Cloud Map answers, it
+    // is fresh again, and the target is served long before the 5-minute net.
+    assert!(account.queue.depth().await >= 1);
+    cloud.set_fault(Fault::None);
+    let took = until(&addrs, &target(&addr), false, Duration::from_secs(10)).await;
+    println!(
+        "MEASURE event kept through 12 s of Cloud Map failures: served {took:?} after they ended"
+    );
+    wait_for("queue drained", Duration::from_secs(10), || async {
+        (account.queue.depth().await == 0).then_some(())
+    })
+    .await;
 }

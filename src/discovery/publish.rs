@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::time::SystemTime;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{self, DropGuard, Verdict};
@@ -95,7 +95,12 @@ pub async fn discovery_loop(
             _ = tokio::time::sleep_until(next_cycle) => {
                 let started = tokio::time::Instant::now();
                 last_cycle = Some(started);
-                publisher.cycle_start = publisher.baseline().cloned();
+                // Judged against what the last cycle published, so that drops
+                // on events and this cycle's add up to one drop.
+                publisher.cycle_start = publisher
+                    .swept
+                    .clone()
+                    .or_else(|| publisher.baseline().cloned());
                 let mut progress = |d: &mut Discoverer| publisher.progress(d, &shared);
                 let report = tokio::select! {
                     report = discoverer.run_cycle_with(&mut progress) => report,
@@ -172,12 +177,10 @@ struct Reactor {
     batches: mpsc::Receiver<Batch>,
     health: watch::Receiver<Health>,
     rechecks: Rechecks,
-    /// Batches not answered yet: each is handled once none of its services
-    /// has checks to come, or failed at its first failed read.
-    acks: Vec<(BTreeSet<ServiceKey>, oneshot::Sender<bool>)>,
-    /// ECS services no instance named, and when the namespaces were listed
-    /// for them: listed again at most every [`UNKNOWN_RELIST`].
-    unknown: HashMap<EcsService, std::time::Instant>,
+    /// ECS services no instance named, when the namespaces were last listed
+    /// for them and the services that may hold their first instance: listed
+    /// again at most every [`UNKNOWN_RELIST`], those services read meanwhile.
+    unknown: HashMap<EcsService, (std::time::Instant, Vec<ServiceKey>)>,
     fallback: Duration,
     shared: Arc<Shared>,
     _consumer: tokio_util::sync::DropGuard,
@@ -206,7 +209,6 @@ impl Reactor {
             batches,
             health,
             rechecks: Rechecks::default(),
-            acks: Vec::new(),
             unknown: HashMap::new(),
             fallback,
             shared: shared.clone(),
@@ -215,8 +217,10 @@ impl Reactor {
     }
 
     /// Re-reads the services a batch of events names (after a short wait for
-    /// the rest of a burst), publishes what changed, and schedules checks of
-    /// them; each batch is answered once its checks are over.
+    /// the rest of a burst), publishes what changed, schedules checks of them,
+    /// and answers each batch: handled when every read succeeded (its messages
+    /// are then deleted; the checks after it are this leader's, and a new
+    /// leader's first cycle reads everything anyway), else not (they come back).
     async fn on_events(
         &mut self,
         first: Batch,
@@ -249,48 +253,39 @@ impl Reactor {
                 (found, unknown)
             });
         let now = std::time::Instant::now();
-        let relist: Vec<EcsService> = unknown
-            .into_iter()
-            .filter(|ecs| {
-                self.unknown
-                    .get(ecs)
-                    .is_none_or(|at| now.duration_since(*at) >= UNKNOWN_RELIST)
-            })
-            .collect();
-        let mut listing_failed = false;
+        self.unknown
+            .retain(|_, (at, _)| now.duration_since(*at) < UNKNOWN_RELIST);
+        let mut relist = Vec::new();
+        for ecs in unknown {
+            match self.unknown.get(&ecs) {
+                Some((_, candidates)) => {
+                    found.insert(ecs, candidates.clone());
+                }
+                None => relist.push(ecs),
+            }
+        }
+        let mut handled = true;
         if !relist.is_empty() {
             let (candidates, errors) = discoverer.services_without_instances().await;
             log_errors(&errors);
-            listing_failed = !errors.is_empty();
+            handled &= errors.is_empty();
             for ecs in relist {
-                if !listing_failed {
-                    self.unknown.insert(ecs.clone(), now);
+                if errors.is_empty() {
+                    self.unknown.insert(ecs.clone(), (now, candidates.clone()));
                 }
                 found.insert(ecs, candidates.clone());
             }
         }
-        self.unknown
-            .retain(|_, at| now.duration_since(*at) < UNKNOWN_RELIST);
         let wanted: BTreeSet<ServiceKey> = found.values().flatten().cloned().collect();
         for key in &wanted {
             self.rechecks.start(key.clone(), now, oldest);
         }
-        for batch in batches {
-            let services: BTreeSet<ServiceKey> = batch
-                .services
-                .iter()
-                .filter_map(|ecs| found.get(ecs))
-                .flatten()
-                .cloned()
-                .collect();
-            if listing_failed {
-                let _ = batch.handled.send(false);
-            } else {
-                self.acks.push((services, batch.handled));
-            }
-        }
-        self.refresh(&wanted, oldest, discoverer, publisher, shared)
+        handled &= self
+            .refresh(&wanted, oldest, discoverer, publisher, shared)
             .await;
+        for batch in batches {
+            let _ = batch.handled.send(handled);
+        }
     }
 
     /// Reads again the services due for a check.
@@ -302,14 +297,15 @@ impl Reactor {
     ) {
         let (due, oldest) = self.rechecks.take_due(std::time::Instant::now());
         if !due.is_empty() {
-            self.refresh(&due, oldest, discoverer, publisher, shared)
+            // A failure is tried again at the next check or cycle.
+            let _ = self
+                .refresh(&due, oldest, discoverer, publisher, shared)
                 .await;
         }
     }
 
-    /// Re-reads `wanted`, publishes what changed, and answers the batches: those
-    /// naming a service that could not be read are not handled (their messages
-    /// come back); those whose services have no checks to come are.
+    /// Re-reads `wanted` and publishes what changed; returns whether every
+    /// read succeeded.
     async fn refresh(
         &mut self,
         wanted: &BTreeSet<ServiceKey>,
@@ -317,7 +313,7 @@ impl Reactor {
         discoverer: &mut Discoverer,
         publisher: &mut Publisher,
         shared: &Shared,
-    ) {
+    ) -> bool {
         shared
             .metrics
             .targeted_refreshes
@@ -332,19 +328,7 @@ impl Reactor {
                     .observe(age.as_secs_f64());
             }
         }
-        let failed = !errors.is_empty();
-        let rechecks = &self.rechecks;
-        let mut open = Vec::new();
-        for (services, handled) in self.acks.drain(..) {
-            if failed && !services.is_disjoint(wanted) {
-                let _ = handled.send(false);
-            } else if services.iter().all(|k| !rechecks.contains(k)) {
-                let _ = handled.send(true);
-            } else {
-                open.push((services, handled));
-            }
-        }
-        self.acks = open;
+        errors.is_empty()
     }
 }
 
