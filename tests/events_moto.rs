@@ -74,7 +74,12 @@ impl Account {
     }
 
     fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut env = aws_env(&self.moto.endpoint);
+        self.env_through(&self.moto.endpoint, extra)
+    }
+
+    /// [`Account::env`], reaching AWS through `endpoint` (a proxy).
+    fn env_through(&self, endpoint: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = aws_env(endpoint);
         env.push(("DISCOVERY_NAMESPACES".into(), "ecs-services".into()));
         env.push(("EVENTS_QUEUE_URL".into(), self.queue.url.clone()));
         env.push(("CONFIG_RELOAD_FREQUENCY".into(), "5m".into()));
@@ -492,9 +497,8 @@ async fn idle_cloud_map_requests_fall_tenfold_with_events() {
     );
     // Through its own proxy, with its own queue or none.
     let env_via = |proxy: &AwsProxy, reload: &str, queue: Option<&str>| {
-        let mut env = account.env(&[("CONFIG_RELOAD_FREQUENCY", reload)]);
-        env.retain(|(k, _)| k != "AWS_ENDPOINT_URL" && k != "EVENTS_QUEUE_URL");
-        env.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint.clone()));
+        let mut env = account.env_through(&proxy.endpoint, &[("CONFIG_RELOAD_FREQUENCY", reload)]);
+        env.retain(|(k, _)| k != "EVENTS_QUEUE_URL");
         env.extend(queue.map(|q| ("EVENTS_QUEUE_URL".to_owned(), q.to_owned())));
         env
     };
@@ -530,9 +534,10 @@ async fn idle_cloud_map_requests_fall_tenfold_with_events() {
 async fn an_event_whose_services_cannot_be_read_is_kept_until_they_can() {
     let account = Account::start(3).await;
     let cloud = AwsProxy::start(&account.moto.endpoint).await;
-    let mut env = account.env(&[("AWS_CALL_TIMEOUT", "1s"), ("AWS_MAX_ATTEMPTS", "1")]);
-    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
-    env.push(("AWS_ENDPOINT_URL".into(), cloud.endpoint.clone()));
+    let env = account.env_through(
+        &cloud.endpoint,
+        &[("AWS_CALL_TIMEOUT", "1s"), ("AWS_MAX_ATTEMPTS", "1")],
+    );
     let sd = ShardSd::start("kept", &env).await;
     let addrs = vec![sd.addr.clone()];
     sd.wait_targets("first cycle", Duration::from_secs(20), |t| t.len() == 3)
