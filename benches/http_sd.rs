@@ -59,6 +59,8 @@ fn build(tags: &BTreeMap<String, String>, instances: &[Arc<Instance>]) -> Arc<Ve
         service: "webapp-svc",
         tags,
         instances,
+        rule: None,
+        host_ports: None,
     }])
     .targets
 }

@@ -146,6 +146,8 @@ fn measure(size: usize) {
         service: name,
         tags,
         instances,
+        rule: None,
+        host_ports: None,
     }));
     let list = built.targets;
     let n = list.len();

@@ -179,6 +179,10 @@ fn spawn_work(
         concurrency: config.discovery_concurrency.into(),
         interval: config.config_reload_frequency,
         spread: config.events_queue_url.is_none(),
+        rules_parameter: config
+            .discovery_rules_parameter_name
+            .clone()
+            .filter(|name| !name.is_empty()),
     };
     let guard = DropGuard::new(config.max_drop_fraction, config.drop_confirm_cycles);
     let events = config

@@ -105,6 +105,17 @@ pub struct Config {
     )]
     pub discovery_namespaces_parameter_name: String,
 
+    /// SSM parameter holding discovery rules: a JSON list of scrape settings for
+    /// services matched by namespace and service globs, applied where the
+    /// service's tags are silent; re-read every cycle. Unset: no rules.
+    #[arg(
+        long,
+        env = "DISCOVERY_RULES_PARAMETER_NAME",
+        value_name = "DISCOVERY_RULES_PARAMETER_NAME",
+        value_parser = parse_optional_name
+    )]
+    pub discovery_rules_parameter_name: Option<String>,
+
     /// Static comma-separated namespace names, used instead of the SSM parameter.
     #[arg(
         long,
@@ -416,6 +427,12 @@ impl Config {
     pub fn file_sd_path(&self) -> PathBuf {
         self.config_file_dir.join(FILE_SD_NAME)
     }
+}
+
+/// A name that may be given empty (an unset variable in a task definition):
+/// trimmed, and empty meaning unset.
+fn parse_optional_name(raw: &str) -> Result<String, String> {
+    Ok(raw.trim().to_owned())
 }
 
 /// Like [`parse_interval`] but `0` / `0s` is allowed.

@@ -97,6 +97,8 @@ pub struct LastDiscovery {
     /// The pace of Cloud Map calls at the end of the cycle, in calls per second.
     pub pace_rps: Option<f64>,
     pub aws_requests: u64,
+    /// ECS `DescribeTasks` attempts: bridge-mode tasks never seen before.
+    pub ecs_requests: u64,
     pub services_refreshed: usize,
     pub errors: Vec<String>,
 }
@@ -115,6 +117,9 @@ pub struct DiscoveryStatus {
     pub drop_hold: Option<crate::discovery::guard::DropHold>,
     /// Whether ECS task events are read (with `EVENTS_QUEUE_URL`, on the leader).
     pub events: Option<EventsStatus>,
+    /// The discovery rules in force and the last reading's fault, with
+    /// `DISCOVERY_RULES_PARAMETER_NAME`.
+    pub rules: Option<crate::discovery::rules::RulesReport>,
 }
 
 /// The events queue, as `/v1/status` shows it.

@@ -32,6 +32,10 @@ pub const TAG_ECS_METRICS_PORT: &str = "ECS_METRICS_PORT";
 pub const TAG_ECS_METRICS_SCHEME: &str = "ECS_METRICS_SCHEME";
 pub const TAG_ECS_METRICS_INTERVAL: &str = "ECS_METRICS_INTERVAL";
 pub const TAG_ECS_METRICS_TIMEOUT: &str = "ECS_METRICS_TIMEOUT";
+/// The ECS network mode of a service's tasks: `awsvpc` (the default), `bridge`
+/// or `host`. In bridge mode a container port is reached through a host port
+/// that ECS picks, which only ECS `DescribeTasks` tells.
+pub const TAG_NETWORK_MODE: &str = "NETWORK_MODE";
 
 /// The timeout a service's interval brings when its timeout is not tagged:
 /// Prometheus's default, or the interval when shorter. A collector refuses a
@@ -192,8 +196,173 @@ impl Interner {
 pub struct ServiceData<'a> {
     pub namespace: &'a str,
     pub service: &'a str,
+    /// Its settings by tag name: its tags, and what a discovery rule supplies.
     pub tags: &'a BTreeMap<String, String>,
     pub instances: &'a [Arc<Instance>],
+    /// The discovery rule that supplied some settings: its index and those
+    /// settings (tag names), for the problems to say where a value came from.
+    pub rule: Option<(usize, &'a [&'static str])>,
+    /// For bridge-mode tasks: the host port of an instance's container port.
+    pub host_ports: Option<HostPorts<'a>>,
+}
+
+impl<'a> ServiceData<'a> {
+    /// A service configured by its tags alone, its tasks in `awsvpc` or `host` mode.
+    pub fn tagged(
+        namespace: &'a str,
+        service: &'a str,
+        tags: &'a BTreeMap<String, String>,
+        instances: &'a [Arc<Instance>],
+    ) -> Self {
+        ServiceData {
+            namespace,
+            service,
+            tags,
+            instances,
+            rule: None,
+            host_ports: None,
+        }
+    }
+
+    /// Setting `tag` as a problem names it: the tag, or the rule that supplied it.
+    fn named(&self, tag: &str) -> String {
+        match self.origin(tag) {
+            None => tag.to_owned(),
+            Some(i) => format!("{tag} (from discovery rule {i})"),
+        }
+    }
+
+    /// The rule that supplied setting `tag`, if not a tag.
+    fn origin(&self, tag: &str) -> Option<usize> {
+        self.rule
+            .filter(|(_, settings)| settings.contains(&tag))
+            .map(|(index, _)| index)
+    }
+}
+
+/// The ECS network mode of a service's tasks ([`TAG_NETWORK_MODE`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// Each task has its own address: a container port is reached there.
+    #[default]
+    Awsvpc,
+    /// Tasks share their host's address; ECS maps each container port to a
+    /// host port of its choosing.
+    Bridge,
+    /// Tasks share their host's address and network: a container port is the
+    /// host port. The ECS agent reports no port bindings for these tasks.
+    Host,
+}
+
+impl NetworkMode {
+    /// The mode a service's settings name; `Err` with the value when it names
+    /// none (the service then counts as `awsvpc`).
+    pub fn of(tags: &BTreeMap<String, String>) -> Result<NetworkMode, &str> {
+        match tags.get(TAG_NETWORK_MODE).map(|v| v.trim()) {
+            None => Ok(NetworkMode::Awsvpc),
+            Some(v) if v.eq_ignore_ascii_case("awsvpc") => Ok(NetworkMode::Awsvpc),
+            Some(v) if v.eq_ignore_ascii_case("bridge") => Ok(NetworkMode::Bridge),
+            Some(v) if v.eq_ignore_ascii_case("host") => Ok(NetworkMode::Host),
+            Some(v) => Err(v),
+        }
+    }
+}
+
+/// Finds the host port that an instance's (task's) container port is bound to.
+#[derive(Clone, Copy)]
+pub struct HostPorts<'a>(pub &'a (dyn Fn(&Instance, u16) -> Result<u16, NoHostPort> + Sync));
+
+impl fmt::Debug for HostPorts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HostPorts")
+    }
+}
+
+/// Why a bridge-mode task's container port has no host port to scrape.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NoHostPort {
+    /// The task has no TCP binding of that container port.
+    NotBound,
+    /// Several containers bind it, to different host ports.
+    Ambiguous(Vec<u16>),
+    /// ECS does not know the task in the instance's cluster.
+    TaskNotFound { cluster: String },
+    /// The instance has no `ECS_CLUSTER_NAME` attribute to ask ECS with.
+    NoCluster,
+    /// The instance id is no ECS task id: the instance was not registered by ECS.
+    NotATask,
+    /// ECS could not be asked (the error), or has not answered yet.
+    Unknown(String),
+}
+
+/// The ports of a task in bridge mode, as ECS `DescribeTasks` reports its
+/// containers' TCP network bindings: a container port, or a range of them, and
+/// the host port of its first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskPorts {
+    bindings: Vec<PortBinding>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PortBinding {
+    /// IPv4 bindings first: the address a task is registered at is IPv4.
+    ipv6: bool,
+    container_first: u16,
+    container_last: u16,
+    host_first: u16,
+}
+
+impl TaskPorts {
+    /// Adds a binding of container ports `container` (one, or a range) to host
+    /// ports from `host_first`, on IPv6 or IPv4. A range that would run past
+    /// the last port is not added.
+    pub fn bind(&mut self, container: (u16, u16), host_first: u16, ipv6: bool) {
+        let (first, last) = container;
+        if first == 0
+            || host_first == 0
+            || last < first
+            || host_first.checked_add(last - first).is_none()
+        {
+            return;
+        }
+        let binding = PortBinding {
+            ipv6,
+            container_first: first,
+            container_last: last,
+            host_first,
+        };
+        if !self.bindings.contains(&binding) {
+            self.bindings.push(binding);
+            self.bindings.sort_unstable();
+        }
+    }
+
+    /// The host port `container_port` is bound to, on IPv4 when it is bound
+    /// there (IPv6 otherwise). The same host port listed twice is one;
+    /// different ones are ambiguous.
+    pub fn host_port(&self, container_port: u16) -> Result<u16, NoHostPort> {
+        let binds =
+            |b: &&PortBinding| (b.container_first..=b.container_last).contains(&container_port);
+        let ipv6 = !self.bindings.iter().filter(binds).any(|b| !b.ipv6);
+        let mut found: Vec<u16> = self
+            .bindings
+            .iter()
+            .filter(binds)
+            .filter(|b| b.ipv6 == ipv6)
+            .map(|b| b.host_first + (container_port - b.container_first))
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        match found[..] {
+            [] => Err(NoHostPort::NotBound),
+            [port] => Ok(port),
+            _ => Err(NoHostPort::Ambiguous(found)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bindings.is_empty()
+    }
 }
 
 /// Which endpoint of a task a target scrapes.
@@ -832,6 +1001,27 @@ pub enum Problem {
         value: String,
         /// What is wrong and what applies meanwhile.
         why: String,
+        /// The discovery rule that supplied the value, if not a tag.
+        rule: Option<usize>,
+    },
+    BadNetworkModeTag {
+        namespace: String,
+        service: String,
+        value: String,
+    },
+    /// Bridge-mode targets skipped: no host port for their container port.
+    NoHostPort {
+        namespace: String,
+        service: String,
+        /// The setting naming the container port.
+        tag: &'static str,
+        container_port: u16,
+        why: NoHostPort,
+        /// How many instances (tasks) it skipped, and the first of them.
+        instances: usize,
+        first: String,
+        /// The discovery rule that supplied the port, if not a tag.
+        rule: Option<usize>,
     },
     BadPortAttribute {
         namespace: String,
@@ -877,10 +1067,78 @@ impl fmt::Display for Problem {
                 tag,
                 value,
                 why,
+                rule,
+            } => {
+                write!(f, "service {service:?} in namespace {namespace:?}: ")?;
+                match rule {
+                    None => write!(f, "tag {tag}={value:?} {why}"),
+                    Some(i) => write!(f, "{tag}={value:?} (from discovery rule {i}) {why}"),
+                }
+            }
+            Problem::BadNetworkModeTag {
+                namespace,
+                service,
+                value,
             } => write!(
                 f,
-                "service {service:?} in namespace {namespace:?}: tag {tag}={value:?} {why}"
+                "service {service:?} in namespace {namespace:?}: tag {TAG_NETWORK_MODE}={value:?} \
+                 is not \"awsvpc\", \"bridge\" or \"host\"; its targets use the registered \
+                 address and ports, as for awsvpc, until the tag is fixed"
             ),
+            Problem::NoHostPort {
+                namespace,
+                service,
+                tag,
+                container_port,
+                why,
+                instances,
+                first,
+                rule,
+            } => {
+                let tag = match rule {
+                    None => tag.to_string(),
+                    Some(i) => format!("{tag} from discovery rule {i}"),
+                };
+                let tasks = if *instances == 1 {
+                    format!("task {first:?}")
+                } else {
+                    format!("{instances} tasks (first {first:?})")
+                };
+                write!(
+                    f,
+                    "service {service:?} in namespace {namespace:?} ({TAG_NETWORK_MODE}=bridge): \
+                     {tasks}: container port {container_port} ({tag}) "
+                )?;
+                match why {
+                    NoHostPort::NotBound => write!(
+                        f,
+                        "has no TCP host port binding; map it in the task definition's \
+                         portMappings (hostPort 0 for a dynamic one) or fix {tag}"
+                    ),
+                    NoHostPort::Ambiguous(ports) => write!(
+                        f,
+                        "is bound by several containers, to host ports {ports:?}; give the \
+                         metrics container a port of its own"
+                    ),
+                    NoHostPort::TaskNotFound { cluster } => write!(
+                        f,
+                        "cannot be mapped: ECS DescribeTasks does not know the task in cluster \
+                         {cluster:?} (attribute {ATTR_CLUSTER}); asked again every minute"
+                    ),
+                    NoHostPort::NotATask => write!(
+                        f,
+                        "cannot be mapped: the instance id is no ECS task id (32 hex digits); \
+                         bridge-mode targets come from instances ECS service discovery registers"
+                    ),
+                    NoHostPort::NoCluster => write!(
+                        f,
+                        "cannot be mapped: the instance has no {ATTR_CLUSTER} attribute to ask \
+                         ECS DescribeTasks with"
+                    ),
+                    NoHostPort::Unknown(error) => write!(f, "cannot be mapped yet: {error}"),
+                }?;
+                write!(f, "; skipped, never guessed")
+            }
             Problem::BadPortAttribute {
                 namespace,
                 service,
@@ -1088,9 +1346,11 @@ fn scrape_timing(
             tag,
             value: value.to_owned(),
             why,
+            rule: svc.origin(tag),
         })
     };
     let interval_tag = tags.interval;
+    let interval_name = svc.named(interval_tag);
     let raw_interval = svc.tags.get(interval_tag).map(|v| v.trim());
     let interval = raw_interval.and_then(|value| match parse_prometheus_duration(value) {
         Some(ms) if u128::from(ms) >= MIN_SCRAPE_INTERVAL.as_millis() => Some((value, ms)),
@@ -1132,7 +1392,7 @@ fn scrape_timing(
                 parsed => {
                     let what = match parsed {
                         Some(0) => "is zero".to_owned(),
-                        Some(_) => format!("is longer than {interval_tag}={interval}"),
+                        Some(_) => format!("is longer than {interval_name}={interval}"),
                         None => "is not a duration (such as 10s or 500ms)".to_owned(),
                     };
                     report(
@@ -1168,6 +1428,19 @@ pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
     let sources = source_configs(svc, &mut out.problems);
     let namespace: Arc<str> = Arc::from(svc.namespace);
     let service: Arc<str> = Arc::from(svc.service);
+    let mode = NetworkMode::of(svc.tags).unwrap_or_else(|value| {
+        out.problems.push(Problem::BadNetworkModeTag {
+            namespace: svc.namespace.to_owned(),
+            service: svc.service.to_owned(),
+            value: value.to_owned(),
+        });
+        NetworkMode::Awsvpc
+    });
+    // Container ports to map to host ports: those a setting names in bridge
+    // mode (a port from `AWS_INSTANCE_PORT` is the host port ECS registered).
+    let host_ports = svc.host_ports.filter(|_| mode == NetworkMode::Bridge);
+    // Skipped targets, by (source, why): how many, and the first instance.
+    let mut unmapped: BTreeMap<(MetricsSource, NoHostPort), (usize, &str)> = BTreeMap::new();
     for inst in svc.instances {
         let Some(raw_ip) = inst.attributes.get(ATTR_IPV4) else {
             out.skipped_without_ipv4 += 1;
@@ -1183,9 +1456,17 @@ pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
             continue;
         };
         for cfg in &sources {
-            let port = match cfg.port {
-                Some(port) => port,
-                None => match inst.attributes.get(ATTR_PORT) {
+            let port = match (cfg.port, host_ports) {
+                (Some(port), None) => port,
+                (Some(port), Some(HostPorts(lookup))) => match lookup(inst, port) {
+                    Ok(host_port) => host_port,
+                    Err(why) => {
+                        let (count, _) = unmapped.entry((cfg.source, why)).or_insert((0, &inst.id));
+                        *count += 1;
+                        continue;
+                    }
+                },
+                (None, _) => match inst.attributes.get(ATTR_PORT) {
                     None => DEFAULT_APP_PORT,
                     Some(value) => match parse_port(value) {
                         Some(port) => port,
@@ -1216,6 +1497,39 @@ pub fn build_service(svc: &ServiceData<'_>, out: &mut BuildOutput) {
             Arc::make_mut(&mut out.targets).push(target.with_content());
         }
     }
+    for ((source, why), (instances, first)) in unmapped {
+        let tags = source.tags();
+        out.problems.push(Problem::NoHostPort {
+            namespace: svc.namespace.to_owned(),
+            service: svc.service.to_owned(),
+            tag: tags.port,
+            container_port: sources
+                .iter()
+                .find(|c| c.source == source)
+                .and_then(|c| c.port)
+                .unwrap_or_default(),
+            why,
+            instances,
+            first: first.to_owned(),
+            rule: svc.origin(tags.port),
+        });
+    }
+}
+
+/// The container ports a service's settings name (application, exporter),
+/// which bridge-mode tasks bind to host ports: what ECS must be asked about.
+/// `None` when the service's tasks need no mapping (not bridge mode).
+pub fn mapped_ports(tags: &BTreeMap<String, String>) -> Option<Vec<u16>> {
+    if NetworkMode::of(tags) != Ok(NetworkMode::Bridge) {
+        return None;
+    }
+    let ports: Vec<u16> = [MetricsSource::App, MetricsSource::EcsExporter]
+        .into_iter()
+        .map(MetricsSource::tags)
+        .filter(|t| tags.contains_key(t.path))
+        .filter_map(|t| tags.get(t.port).and_then(|v| parse_port(v)))
+        .collect();
+    Some(ports)
 }
 
 /// Builds and normalises the targets of many services.
@@ -1739,6 +2053,8 @@ mod tests {
             service: "webapp-svc",
             tags: &tags,
             instances: &instances,
+            rule: None,
+            host_ports: None,
         }]);
         assert!(out.problems.is_empty());
         let mut rendered: serde_json::Value =
@@ -1766,6 +2082,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([inst]),
+            rule: None,
+            host_ports: None,
         }]);
         let labels = &out.targets[0].label_map();
         assert_eq!(labels["__meta_cloudmap_namespace_name"], "ns");
@@ -1798,6 +2116,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([with_port, without]),
+            rule: None,
+            host_ports: None,
         }]);
         let addrs: Vec<_> = out.targets.iter().map(|t| &*t.address).collect();
         assert_eq!(addrs, ["10.10.101.12:8080", "10.0.0.2:80"]);
@@ -1813,6 +2133,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([post_instance()]),
+            rule: None,
+            host_ports: None,
         }]);
         assert!(out.targets.is_empty());
         assert!(out.problems.is_empty());
@@ -1827,6 +2149,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([post_instance()]),
+            rule: None,
+            host_ports: None,
         }]);
         assert_eq!(out.targets.len(), 1);
         assert_eq!(out.targets[0].source, MetricsSource::EcsExporter);
@@ -1843,6 +2167,8 @@ mod tests {
                 service: "svc",
                 tags: &tags,
                 instances: &shared([post_instance()]),
+                rule: None,
+                host_ports: None,
             }]);
             assert_eq!(out.targets.len(), 1, "port {bad:?}");
         }
@@ -1858,6 +2184,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([post_instance()]),
+            rule: None,
+            host_ports: None,
         }]);
         // A bad scheme leaves only the scheme to the job: the target stays.
         assert_eq!(out.targets.len(), 2);
@@ -1923,6 +2251,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([post_instance()]),
+            rule: None,
+            host_ports: None,
         }]);
         let labels = out
             .targets
@@ -2051,6 +2381,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([inst]),
+            rule: None,
+            host_ports: None,
         }]);
         let names = |meta| {
             let body = Body::render_with(out.targets.iter(), meta);
@@ -2125,6 +2457,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([no_ip, bad_ip]),
+            rule: None,
+            host_ports: None,
         }]);
         assert!(out.targets.is_empty());
         assert_eq!(out.skipped_without_ipv4, 1);
@@ -2143,6 +2477,8 @@ mod tests {
             service: "svc",
             tags: &tags,
             instances: &shared([inst]),
+            rule: None,
+            host_ports: None,
         }]);
         for t in out.targets.iter() {
             for absent in ["cluster", "service", "taskdefinition", "__scheme__"] {
@@ -2162,6 +2498,8 @@ mod tests {
             service: "webapp-svc",
             tags: &post_tags(),
             instances: &shared([post_instance()]),
+            rule: None,
+            host_ports: None,
         }])
     }
 
@@ -2355,7 +2693,7 @@ mod tests {
             instances in proptest::collection::vec(arb_instance(), 0..6),
         ) {
             let instances = shared(instances);
-            let out = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances }]);
+            let out = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances, rule: None, host_ports: None }]);
             let groups: Vec<Group> = serde_json::from_slice(&render(out.targets.iter())).unwrap();
             let back = from_groups(groups);
             prop_assert_eq!(back.len(), out.targets.len());
@@ -2372,7 +2710,7 @@ mod tests {
             instances in proptest::collection::vec(arb_instance(), 1..3),
         ) {
             let instances = shared(instances);
-            let out = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances }]);
+            let out = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances, rule: None, host_ports: None }]);
             for t in out.targets.iter() {
                 let millis = |name| t.label(name).map(parse_prometheus_duration);
                 match (millis("__scrape_interval__"), millis("__scrape_timeout__")) {
@@ -2385,7 +2723,7 @@ mod tests {
             // Scheme, interval and timeout tags never change which targets exist.
             let mut bare = tags.clone();
             bare.retain(|k, _| !k.ends_with("_SCHEME") && !k.ends_with("_INTERVAL") && !k.ends_with("_TIMEOUT"));
-            let without = build_all([ServiceData { namespace: "ns", service: "svc", tags: &bare, instances: &instances }]);
+            let without = build_all([ServiceData { namespace: "ns", service: "svc", tags: &bare, instances: &instances, rule: None, host_ports: None }]);
             let ids = |o: &BuildOutput| o.targets.iter().map(|t| (t.source, t.address.clone())).collect::<Vec<_>>();
             prop_assert_eq!(ids(&out), ids(&without));
         }
@@ -2406,7 +2744,7 @@ mod tests {
             instances in proptest::collection::vec(arb_instance(), 0..8),
         ) {
             let mut instances = shared(instances);
-            let svc = ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances };
+            let svc = ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances, rule: None, host_ports: None };
             let out = build_all([svc]);
             for t in out.targets.iter() {
                 for name in t.label_map().keys() {
@@ -2423,8 +2761,168 @@ mod tests {
             prop_assert!(out.targets.len() <= 2 * instances.len());
             let body = render(out.targets.iter());
             instances.reverse();
-            let again = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances }]);
+            let again = build_all([ServiceData { namespace: "ns", service: "svc", tags: &tags, instances: &instances, rule: None, host_ports: None }]);
             prop_assert_eq!(render(again.targets.iter()), body);
         }
+    }
+
+    /// Tags of a bridge-mode service, and two tasks on one host.
+    fn bridge() -> (BTreeMap<String, String>, Vec<Arc<Instance>>) {
+        let mut tags = post_tags();
+        tags.insert(TAG_NETWORK_MODE.into(), "bridge".into());
+        let task = |id: &str| {
+            let mut inst = post_instance();
+            inst.id = id.into();
+            inst.attributes.insert(ATTR_PORT, "32768");
+            inst
+        };
+        (tags, shared([task("task-a"), task("task-b")]))
+    }
+
+    fn addresses(out: &BuildOutput) -> Vec<(String, MetricsSource, String)> {
+        out.targets
+            .iter()
+            .map(|t| (t.instance_id.to_string(), t.source, t.address.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn bridge_mode_reaches_container_ports_through_host_ports() {
+        let (tags, instances) = bridge();
+        let lookup = |inst: &Instance, port: u16| -> Result<u16, NoHostPort> {
+            match (&*inst.id, port) {
+                ("task-a", 3000) => Ok(32768),
+                ("task-a", 9779) => Ok(32769),
+                ("task-b", 3000) => Ok(32770),
+                ("task-b", _) => Err(NoHostPort::NotBound),
+                _ => Err(NoHostPort::Unknown("?".into())),
+            }
+        };
+        let mut svc = ServiceData::tagged("ns", "svc", &tags, &instances);
+        svc.host_ports = Some(HostPorts(&lookup));
+        let out = build_all([svc]);
+        assert_eq!(
+            addresses(&out),
+            [
+                (
+                    "task-a".into(),
+                    MetricsSource::App,
+                    "10.10.101.12:32768".into()
+                ),
+                (
+                    "task-a".into(),
+                    MetricsSource::EcsExporter,
+                    "10.10.101.12:32769".into()
+                ),
+                (
+                    "task-b".into(),
+                    MetricsSource::App,
+                    "10.10.101.12:32770".into()
+                ),
+            ]
+        );
+        // The exporter of task-b is skipped and reported, never guessed.
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        let text = out.problems[0].to_string();
+        for part in [
+            "task \"task-b\"",
+            "container port 9779",
+            "ECS_METRICS_PORT",
+            "no TCP host port",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        // Without bridge mode, the lookup is never asked.
+        for mode in [None, Some("awsvpc"), Some("HOST")] {
+            let mut tags = tags.clone();
+            match mode {
+                Some(m) => tags.insert(TAG_NETWORK_MODE.into(), m.into()),
+                None => tags.remove(TAG_NETWORK_MODE),
+            };
+            let never = |_: &Instance, _: u16| -> Result<u16, NoHostPort> { panic!("asked") };
+            let mut svc = ServiceData::tagged("ns", "svc", &tags, &instances);
+            svc.host_ports = Some(HostPorts(&never));
+            let out = build_all([svc]);
+            assert!(out.problems.is_empty(), "{:?}", out.problems);
+            assert!(addresses(&out).iter().all(|(_, src, addr)| addr
+                == if *src == MetricsSource::App {
+                    "10.10.101.12:3000"
+                } else {
+                    "10.10.101.12:9779"
+                }));
+            assert_eq!(mapped_ports(&tags), None);
+        }
+        assert_eq!(mapped_ports(&tags), Some(vec![3000, 9779]));
+    }
+
+    #[test]
+    fn bridge_mode_port_from_the_registration_needs_no_mapping() {
+        let (mut tags, instances) = bridge();
+        tags.remove("METRICS_PORT");
+        tags.remove("ECS_METRICS_PORT");
+        assert_eq!(mapped_ports(&tags), Some(vec![]));
+        let never = |_: &Instance, _: u16| -> Result<u16, NoHostPort> { panic!("asked") };
+        let mut svc = ServiceData::tagged("ns", "svc", &tags, &instances);
+        svc.host_ports = Some(HostPorts(&never));
+        let out = build_all([svc]);
+        // AWS_INSTANCE_PORT is the host port ECS registered.
+        assert!(addresses(&out)
+            .iter()
+            .all(|(_, _, a)| a == "10.10.101.12:32768"));
+        assert_eq!(out.targets.len(), 2);
+    }
+
+    #[test]
+    fn unmapped_tasks_are_counted_per_port_and_reason() {
+        let (tags, instances) = bridge();
+        let gone = |_: &Instance, _: u16| -> Result<u16, NoHostPort> {
+            Err(NoHostPort::TaskNotFound {
+                cluster: "c".into(),
+            })
+        };
+        let mut svc = ServiceData::tagged("ns", "svc", &tags, &instances);
+        svc.host_ports = Some(HostPorts(&gone));
+        let out = build_all([svc]);
+        assert!(out.targets.is_empty());
+        assert_eq!(out.problems.len(), 2, "one per port: {:?}", out.problems);
+        let text = out.problems[0].to_string();
+        assert!(text.contains("2 tasks (first \"task-a\")"), "{text}");
+        assert!(
+            text.contains("does not know the task in cluster \"c\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_network_mode_is_reported_and_treated_as_awsvpc() {
+        let (mut tags, instances) = bridge();
+        tags.insert(TAG_NETWORK_MODE.into(), "bridged".into());
+        let never = |_: &Instance, _: u16| -> Result<u16, NoHostPort> { panic!("asked") };
+        let mut svc = ServiceData::tagged("ns", "svc", &tags, &instances);
+        svc.host_ports = Some(HostPorts(&never));
+        let out = build_all([svc]);
+        assert_eq!(out.targets.len(), 4);
+        assert_eq!(out.problems.len(), 1);
+        assert!(out.problems[0]
+            .to_string()
+            .contains("NETWORK_MODE=\"bridged\""));
+    }
+
+    #[test]
+    fn a_rule_value_is_named_as_the_rule_s() {
+        let mut tags = post_tags();
+        tags.insert("METRICS_INTERVAL".into(), "2s".into());
+        tags.insert("METRICS_TIMEOUT".into(), "5s".into());
+        let instances = shared([post_instance()]);
+        let mut svc = ServiceData::tagged("ns", "svc", &tags, &instances);
+        let from_rule: &[&str] = &["METRICS_TIMEOUT"];
+        svc.rule = Some((3, from_rule));
+        let out = build_all([svc]);
+        let text = out.problems[0].to_string();
+        assert!(
+            text.contains("METRICS_TIMEOUT=\"5s\" (from discovery rule 3)"),
+            "{text}"
+        );
+        assert!(!text.contains("tag METRICS_TIMEOUT"), "{text}");
     }
 }

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub event_to_published_seconds: Histogram,
     pub targeted_refreshes: Counter,
     pub events_fallback: Gauge,
+    pub discovery_rules: Gauge,
+    pub discovery_rules_refused: Gauge,
 }
 
 impl Metrics {
@@ -128,6 +130,8 @@ impl Metrics {
             event_to_published_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 10)),
             targeted_refreshes: Counter::default(),
             events_fallback: Gauge::default(),
+            discovery_rules: Gauge::default(),
+            discovery_rules_refused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -239,6 +243,18 @@ impl Metrics {
             "1 while EVENTS_QUEUE_URL cannot be read and discovery polls every \
              EVENTS_FALLBACK_FREQUENCY",
             metrics.events_fallback.clone(),
+        );
+        registry.register(
+            "discovery_rules",
+            "Discovery rules in force (the last good reading of \
+             DISCOVERY_RULES_PARAMETER_NAME)",
+            metrics.discovery_rules.clone(),
+        );
+        registry.register(
+            "discovery_rules_refused",
+            "1 while the last reading of DISCOVERY_RULES_PARAMETER_NAME was refused (missing, \
+             not JSON, a bad rule) and the last good rules stay in force",
+            metrics.discovery_rules_refused.clone(),
         );
         registry.register(
             "aws_requests",

@@ -61,6 +61,7 @@ impl Env {
             aws,
             DiscoveryOptions {
                 spread: true,
+                rules_parameter: None,
                 source,
                 health,
                 concurrency: 8,

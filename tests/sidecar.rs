@@ -77,11 +77,7 @@ async fn post_setup(moto: &Moto) -> (CloudMap, common::cloudmap::Service) {
     (cm, svc)
 }
 
-fn env_with(endpoint: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = aws_env(endpoint);
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    env
-}
+use common::aws_env_with as env_with;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_sd_contract_readiness_and_status() {
@@ -599,29 +595,8 @@ async fn settled_body(sd: &ShardSd, min: usize) -> Vec<serde_json::Value> {
 async fn meta_labels_setting_shrinks_the_body_and_keeps_everything_else() {
     // 2,000 targets (15 services of 125 instances, one with an exporter too),
     // attributes as ECS registers them.
-    let port = common::free_port();
-    let _aws = common::Proc::spawn(
-        &format!("synthetic-aws-{port}"),
-        Command::new(env!("CARGO_BIN_EXE_synthetic-aws")).args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--services",
-            "15",
-            "--instances",
-            "125",
-        ]),
-    );
-    let endpoint = format!("http://127.0.0.1:{port}");
-    common::wait_for("synthetic-aws", Duration::from_secs(20), || async {
-        http()
-            .get(format!("{endpoint}/synthetic/stats"))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
-            .map(drop)
-    })
-    .await;
+    let aws = common::SyntheticAws::start(&["--services", "15", "--instances", "125"]).await;
+    let endpoint = aws.endpoint.clone();
     let mut bodies = Vec::new();
     for setting in ["all", "basic", "none"] {
         let mut env = aws_env(&endpoint);

@@ -66,6 +66,8 @@ pub struct AwsClients {
     pub sdk: aws_config::SdkConfig,
     pub ssm: aws_sdk_ssm::Client,
     pub cloudmap: aws_sdk_servicediscovery::Client,
+    /// For the host ports of bridge-mode tasks (`DescribeTasks` only).
+    pub ecs: aws_sdk_ecs::Client,
     /// Every Cloud Map call waits its turn here.
     pub pacer: Arc<pacer::Pacer>,
     pub stats: Arc<RequestStats>,
@@ -137,6 +139,11 @@ pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupE
     if let Some(url) = service_endpoint(&env_var, "SERVICEDISCOVERY") {
         cloudmap = cloudmap.endpoint_url(url);
     }
+    let mut ecs =
+        aws_sdk_ecs::config::Builder::from(sdk).interceptor(CountRequests::other(stats.clone()));
+    if let Some(url) = service_endpoint(&env_var, "ECS") {
+        ecs = ecs.endpoint_url(url);
+    }
     if custom_endpoint {
         // DiscoverInstances is a data-plane call: the SDK prefixes the host with
         // `data-`, which only resolves on AWS's own endpoints.
@@ -146,6 +153,7 @@ pub fn clients_from(sdk: &aws_config::SdkConfig) -> Result<AwsClients, AwsSetupE
         sdk: sdk.clone(),
         ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
         cloudmap: aws_sdk_servicediscovery::Client::from_conf(cloudmap.build()),
+        ecs: aws_sdk_ecs::Client::from_conf(ecs.build()),
         pacer: Arc::new(pacer::Pacer::new(None, stats.clone())),
         stats,
         region,
@@ -262,6 +270,8 @@ pub struct RequestStats {
     /// Throttled Cloud Map attempts only: what the pacer slows down for (a
     /// throttled lease table is another quota).
     cloud_map_throttles: AtomicU64,
+    /// ECS attempts only: what bridge-mode tasks cost.
+    ecs: AtomicU64,
     total: AtomicU64,
 }
 
@@ -280,7 +290,15 @@ impl RequestStats {
                 self.cloud_map_throttles.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if service.eq_ignore_ascii_case("ecs") {
+            self.ecs.fetch_add(1, Ordering::Relaxed);
+        }
         self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// ECS attempts so far.
+    pub fn ecs(&self) -> u64 {
+        self.ecs.load(Ordering::Relaxed)
     }
 
     /// Total attempts so far.
@@ -369,10 +387,16 @@ pub struct AwsCallError {
     /// The AWS error code, when the service answered with one.
     pub code: Option<String>,
     pub detail: String,
-    hint: String,
+    pub(crate) hint: String,
 }
 
 impl AwsCallError {
+    /// The failure without the resource: the operation, what AWS answered and
+    /// the IAM hint.
+    pub fn brief(&self) -> String {
+        format!("{} failed: {}{}", self.operation, self.detail, self.hint)
+    }
+
     /// `iam_action` is the permission the call needs, e.g. `servicediscovery:ListServices`.
     pub fn new<E, R>(
         operation: &'static str,

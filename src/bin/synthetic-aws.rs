@@ -2,8 +2,22 @@
 //! measuring shard-sd at sizes moto cannot hold (it needs minutes for 10k
 //! instances and never throttles). It speaks the real JSON protocol of SSM
 //! `GetParameter` and Cloud Map `ListNamespaces`, `ListServices`, `GetService`,
-//! `ListTagsForResource`, `DiscoverInstances` and `DiscoverInstancesRevision`, so
-//! shard-sd talks to it through the real AWS SDK (`AWS_ENDPOINT_URL`).
+//! `ListTagsForResource`, `DiscoverInstances` and `DiscoverInstancesRevision`, and
+//! ECS `DescribeTasks`, so shard-sd talks to it through the real AWS SDK
+//! (`AWS_ENDPOINT_URL`, or `AWS_ENDPOINT_URL_ECS` for ECS alone).
+//!
+//! ECS is here because moto's `DescribeTasks` reports no `networkBindings` at all
+//! (moto 5.1: its containers have no such field, only a task's first container
+//! is modelled, unknown ids are not listed as failures): bridge-mode tasks need
+//! an endpoint that reports them. With `--bridge-every N` every Nth service runs
+//! bridge-mode tasks: tagged `NETWORK_MODE=bridge`, their instances registered
+//! at a shared host address with the host port of the application port, as ECS
+//! registers them, and `DescribeTasks` answering each task's bindings.
+//! `POST /synthetic/ecs-tasks` adds tasks given as `DescribeTasks` JSON (each
+//! with `taskArn` and `clusterArn`), answered as given: for tests whose Cloud Map
+//! is moto. `DescribeTasks` enforces the API's 100 tasks per call, answers
+//! `ClusterNotFoundException` for a cluster it has no task of, and lists unknown
+//! tasks as `MISSING` failures.
 //!
 //! The account is generated from a seed: `--namespaces` namespaces of
 //! `--services` services each, `--instances` ECS-like instances per service
@@ -89,10 +103,20 @@ struct Args {
     /// Bucket of SSM GetParameter (burst is twice this).
     #[arg(long, default_value_t = 40.0)]
     ssm_rps: f64,
+    /// Every this many services run bridge-mode tasks (0: none).
+    #[arg(long, default_value_t = 0)]
+    bridge_every: usize,
+    /// Refill of ECS DescribeTasks' bucket of 50 (the burst of the ECS guide's
+    /// cluster-read example).
+    #[arg(long, default_value_t = 20.0)]
+    ecs_rps: f64,
 }
 
 const CLOUD_MAP: &str = "Route53AutoNaming_v20170314.";
 const SSM: &str = "AmazonSSM.";
+const ECS: &str = "AmazonEC2ContainerServiceV20141113.";
+/// The most tasks one `DescribeTasks` may name.
+const DESCRIBE_TASKS_MAX: usize = 100;
 const PAGE: usize = 100;
 const ACCOUNT: &str = "123456789012";
 const REGION: &str = "us-east-1";
@@ -110,6 +134,8 @@ struct Service {
     /// Application port tag; and an exporter port for a third of the services.
     port: u16,
     exporter: bool,
+    /// Its tasks run in bridge mode: registered at their host's address.
+    bridge: bool,
     /// Instance numbers (global, so addresses are unique).
     instances: Vec<u32>,
     revision: i64,
@@ -156,6 +182,10 @@ struct Account {
     by_name: std::collections::HashMap<(String, String), usize>,
     unhealthy: HashSet<u32>,
     next_instance: u32,
+    /// Bridge-mode tasks by task id: (service, instance number).
+    bridge_tasks: std::collections::HashMap<String, (usize, u32)>,
+    /// Tasks given by a test, as `DescribeTasks` JSON, by task id.
+    given_tasks: std::collections::HashMap<String, Value>,
     buckets: BTreeMap<&'static str, Bucket>,
     requests: BTreeMap<String, u64>,
     throttled: BTreeMap<String, u64>,
@@ -178,6 +208,28 @@ fn task_id(n: u32) -> String {
 fn address(n: u32) -> String {
     let n = n + 1;
     format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255)
+}
+
+/// The EC2 host of a bridge-mode task: eight tasks share one, 172.16.a.b.
+fn host_address(n: u32) -> String {
+    let h = n / 8 + 1;
+    format!("172.16.{}.{}", (h >> 8) & 255, h & 255)
+}
+
+/// The dynamic host port of a bridge-mode task's application port; its
+/// exporter's is the next one.
+fn host_port(n: u32) -> u16 {
+    32768 + ((n * 2) % 28000) as u16
+}
+
+/// The ECS cluster of a namespace's tasks.
+fn cluster_of(namespace: usize) -> String {
+    format!("cluster-{}", namespace % 4)
+}
+
+/// The id at the end of an ARN, or the id itself.
+fn last_segment(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
 }
 
 impl Account {
@@ -204,6 +256,7 @@ impl Account {
                     namespace: ns,
                     port: [3000, 8080, 9090, 8000][rng.usize(0..4)],
                     exporter: rng.u8(0..3) == 0,
+                    bridge: args.bridge_every > 0 && services.len() % args.bridge_every == 0,
                     instances,
                     revision: 1,
                 });
@@ -221,7 +274,14 @@ impl Account {
             ("GetService", bucket(args.control_rps)),
             ("ListTagsForResource", bucket(args.control_rps)),
             ("GetParameter", bucket(args.ssm_rps)),
+            ("DescribeTasks", Bucket::new(args.ecs_rps, 50.0)),
         ]);
+        let bridge_tasks = services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.bridge)
+            .flat_map(|(i, s)| s.instances.iter().map(move |n| (task_id(*n), (i, *n))))
+            .collect();
         let by_id = services
             .iter()
             .enumerate()
@@ -245,6 +305,8 @@ impl Account {
             by_name,
             unhealthy: HashSet::new(),
             next_instance,
+            bridge_tasks,
+            given_tasks: Default::default(),
             buckets,
             requests: BTreeMap::new(),
             throttled: BTreeMap::new(),
@@ -269,6 +331,10 @@ impl Account {
         self.next_instance += 1;
         svc.instances.push(n);
         svc.revision += 1;
+        if svc.bridge {
+            self.bridge_tasks.insert(task_id(n), (service, n));
+            return Some(format!("{}:{}", host_address(n), host_port(n)));
+        }
         Some(format!("{}:{}", address(n), svc.port))
     }
 
@@ -336,7 +402,7 @@ impl Account {
     fn instance_json(&self, ns: &Namespace, svc: &Service, n: u32) -> Value {
         let healthy = !self.unhealthy.contains(&n);
         let zone = ["us-east-1a", "us-east-1b", "us-east-1c"][n as usize % 3];
-        json!({
+        let mut instance = json!({
             "InstanceId": task_id(n),
             "NamespaceName": ns.name,
             "ServiceName": svc.name,
@@ -345,12 +411,101 @@ impl Account {
                 "AWS_INSTANCE_IPV4": address(n),
                 "AVAILABILITY_ZONE": zone,
                 "AWS_INIT_HEALTH_STATUS": "HEALTHY",
-                "ECS_CLUSTER_NAME": format!("cluster-{}", svc.namespace % 4),
+                "ECS_CLUSTER_NAME": cluster_of(svc.namespace),
                 "ECS_SERVICE_NAME": svc.name,
                 "ECS_TASK_DEFINITION_FAMILY": format!("{}-task", svc.name),
                 "REGION": REGION,
             }
+        });
+        if svc.bridge {
+            // As ECS registers a bridge-mode task (SRV): its host's address and
+            // the host port of the registered container port.
+            let attributes = &mut instance["Attributes"];
+            attributes["AWS_INSTANCE_IPV4"] = json!(host_address(n));
+            attributes["AWS_INSTANCE_PORT"] = json!(host_port(n).to_string());
+            attributes["EC2_INSTANCE_ID"] = json!(format!("i-{:017x}", n / 8));
+        }
+        instance
+    }
+
+    /// A bridge-mode task as `DescribeTasks` shows it: one container per port,
+    /// each binding for IPv4 and IPv6, as the ECS agent reports them.
+    fn task_json(&self, svc: &Service, n: u32) -> Value {
+        let cluster = cluster_of(svc.namespace);
+        let task_arn = format!(
+            "arn:aws:ecs:{REGION}:{ACCOUNT}:task/{cluster}/{}",
+            task_id(n)
+        );
+        let container = |name: &str, container_port: u16, host_port: u16| {
+            let binding = |ip: &str| {
+                json!({"bindIP": ip, "containerPort": container_port, "hostPort": host_port,
+                       "protocol": "tcp"})
+            };
+            json!({"name": name, "taskArn": task_arn, "lastStatus": "RUNNING",
+                   "networkBindings": [binding("0.0.0.0"), binding("::")]})
+        };
+        let mut containers = vec![container("app", svc.port, host_port(n))];
+        if svc.exporter {
+            containers.push(container("ecs-exporter", 9779, host_port(n) + 1));
+        }
+        json!({
+            "taskArn": task_arn,
+            "clusterArn": format!("arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{cluster}"),
+            "lastStatus": "RUNNING",
+            "launchType": "EC2",
+            "attachments": [],
+            "containers": containers,
         })
+    }
+
+    /// `DescribeTasks`: each task named, given ones first, in the cluster asked.
+    fn describe_tasks(&self, request: &Value) -> Response {
+        let cluster = last_segment(request["cluster"].as_str().unwrap_or("default")).to_owned();
+        let names: Vec<&str> = request["tasks"]
+            .as_array()
+            .map(|t| t.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if names.is_empty() || names.len() > DESCRIBE_TASKS_MAX {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterException",
+                "Tasks must name between 1 and 100 tasks.",
+            );
+        }
+        let in_cluster =
+            |task: &Value| task["clusterArn"].as_str().map(last_segment) == Some(cluster.as_str());
+        let known_cluster = self.given_tasks.values().any(in_cluster)
+            || self
+                .services
+                .iter()
+                .any(|s| s.bridge && cluster_of(s.namespace) == cluster);
+        if !known_cluster {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ClusterNotFoundException",
+                "Cluster not found.",
+            );
+        }
+        let mut tasks = Vec::new();
+        let mut failures = Vec::new();
+        for name in names {
+            let id = last_segment(name);
+            let found = match self.given_tasks.get(id) {
+                Some(task) => Some(task.clone()),
+                None => self
+                    .bridge_tasks
+                    .get(id)
+                    .map(|(i, n)| self.task_json(&self.services[*i], *n)),
+            };
+            match found.filter(in_cluster) {
+                Some(task) => tasks.push(task),
+                None => failures.push(json!({
+                    "arn": format!("arn:aws:ecs:{REGION}:{ACCOUNT}:task/{cluster}/{id}"),
+                    "reason": "MISSING",
+                })),
+            }
+        }
+        ok(json!({ "tasks": tasks, "failures": failures }))
     }
 }
 
@@ -470,6 +625,9 @@ fn answer(account: &Account, op: &str, request: &Value) -> Response {
                         tags.push(json!({"Key": "ECS_METRICS_PATH", "Value": "/metrics"}));
                         tags.push(json!({"Key": "ECS_METRICS_PORT", "Value": "9779"}));
                     }
+                    if s.bridge {
+                        tags.push(json!({"Key": "NETWORK_MODE", "Value": "bridge"}));
+                    }
                     ok(json!({ "Tags": tags }))
                 }
                 None => error(
@@ -513,6 +671,7 @@ fn answer(account: &Account, op: &str, request: &Value) -> Response {
                 .collect();
             ok(json!({ "Instances": selected, "InstancesRevision": svc.revision }))
         }
+        "DescribeTasks" => account.describe_tasks(request),
         _ => error(
             StatusCode::BAD_REQUEST,
             "UnknownOperationException",
@@ -529,6 +688,7 @@ async fn handle(State(state): State<Arc<Synthetic>>, headers: HeaderMap, body: B
     let op = target
         .strip_prefix(CLOUD_MAP)
         .or_else(|| target.strip_prefix(SSM))
+        .or_else(|| target.strip_prefix(ECS))
         .unwrap_or("other")
         .to_owned();
     if !state.latency.is_zero() {
@@ -568,6 +728,7 @@ async fn stats(State(state): State<Arc<Synthetic>>) -> Json<Value> {
         "namespaces": account.namespaces.len(),
         "services": account.services.len(),
         "instances": account.services.iter().map(|s| s.instances.len()).sum::<usize>(),
+        "bridge_tasks": account.bridge_tasks.len(),
         "targets": account.targets(),
     }))
 }
@@ -591,6 +752,27 @@ async fn register(State(state): State<Arc<Synthetic>>, Query(q): Query<RegisterQ
         Some(target) => target.into_response(),
         None => (StatusCode::NOT_FOUND, "no such service\n").into_response(),
     }
+}
+
+/// Adds or replaces tasks given as `DescribeTasks` JSON; answers how many.
+async fn given_tasks(
+    State(state): State<Arc<Synthetic>>,
+    Json(tasks): Json<Vec<Value>>,
+) -> Response {
+    let mut account = state.account.lock().unwrap_or_else(|e| e.into_inner());
+    for task in &tasks {
+        let (Some(arn), Some(_)) = (task["taskArn"].as_str(), task["clusterArn"].as_str()) else {
+            return (
+                StatusCode::BAD_REQUEST,
+                "each task needs taskArn and clusterArn\n",
+            )
+                .into_response();
+        };
+        account
+            .given_tasks
+            .insert(last_segment(arn).to_owned(), task.clone());
+    }
+    tasks.len().to_string().into_response()
 }
 
 #[derive(Deserialize)]
@@ -646,6 +828,7 @@ async fn main() -> anyhow::Result<()> {
         .route("/synthetic/reset", post(reset))
         .route("/synthetic/register", post(register))
         .route("/synthetic/churn", post(churn))
+        .route("/synthetic/ecs-tasks", post(given_tasks))
         .fallback(handle)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -752,6 +752,8 @@ mod tests {
             service: "web",
             tags: &tags,
             instances: std::slice::from_ref(&instance),
+            rule: None,
+            host_ports: None,
         }]);
         assert_eq!(built.targets.len(), 2, "{:?}", built.problems);
         for t in built.targets.iter() {
@@ -792,6 +794,8 @@ mod tests {
             service: "web",
             tags: &tags,
             instances: std::slice::from_ref(&instance),
+            rule: None,
+            host_ports: None,
         }]);
         let [app, exporter] = &built.targets[..] else {
             panic!("{built:?}")

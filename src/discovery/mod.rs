@@ -9,9 +9,11 @@
 //! part has been read at least once, which gates the first publication.
 
 pub mod cloudmap;
+pub mod ecs;
 pub mod guard;
 pub mod namespaces;
 pub mod publish;
+pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -23,8 +25,9 @@ use serde::Serialize;
 use crate::aws::pacer::Pacer;
 use crate::aws::{AwsCallError, AwsClients};
 use crate::events::EcsService;
-use crate::targets::{self, BuildOutput, Instance, Interner, ServiceData};
+use crate::targets::{self, BuildOutput, HostPorts, Instance, Interner, ServiceData};
 use cloudmap::{NamespaceRef, ServiceRef, DISCOVER_MAX_RESULTS};
+use rules::{Rules, RulesReport, Settings};
 
 /// A Cloud Map service: (namespace name, service id).
 pub type ServiceKey = (String, String);
@@ -76,6 +79,8 @@ pub struct DiscoveryOptions {
     /// Off with events: a sweep then goes as fast as the pacer allows, so that
     /// events wait for it as little as possible.
     pub spread: bool,
+    /// `DISCOVERY_RULES_PARAMETER_NAME`: the SSM parameter of discovery rules.
+    pub rules_parameter: Option<String>,
 }
 
 /// What is called with the discoverer when services changed during a cycle.
@@ -96,6 +101,12 @@ struct ServiceState {
     svc: ServiceRef,
     tags: Option<BTreeMap<String, String>>,
     tags_cycle: u64,
+    /// Its tags merged with its discovery rule, as of its last turn.
+    settings: Option<Arc<Settings>>,
+    /// Host ports of its tasks, in bridge mode.
+    tasks: ecs::TaskCache,
+    /// Some task's host ports could not be read yet.
+    ports_pending: bool,
     /// Shared with the targets built from them; an instance read again unchanged
     /// keeps its `Arc`.
     instances: Option<Vec<Arc<Instance>>>,
@@ -121,6 +132,9 @@ impl ServiceState {
             svc,
             tags: None,
             tags_cycle: 0,
+            settings: None,
+            tasks: ecs::TaskCache::new(),
+            ports_pending: false,
             instances: None,
             revision: None,
             instances_cycle: 0,
@@ -129,8 +143,15 @@ impl ServiceState {
         }
     }
 
+    /// Its tags and instances have been read.
     fn is_read(&self) -> bool {
-        self.tags.is_some() && self.instances.is_some()
+        self.settings.is_some() && self.instances.is_some()
+    }
+
+    /// Read, and no task of it waits for ECS: what it has now can replace what
+    /// it had.
+    fn is_settled(&self) -> bool {
+        self.is_read() && !self.ports_pending
     }
 }
 
@@ -159,10 +180,21 @@ pub struct CycleReport {
     pub errors: Vec<String>,
     /// Every configured namespace and each of its services has been read at least once.
     pub complete: bool,
+    /// Complete, the discovery rules read, and no bridge-mode task waiting for
+    /// ECS: what the first publication waits for.
+    pub publishable: bool,
+    /// What the first publication still waits for, when not publishable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// Services whose instances were re-read this cycle.
     pub services_refreshed: usize,
     /// HTTP attempts to AWS this cycle (retries included).
     pub aws_requests: u64,
+    /// Of which ECS `DescribeTasks` (bridge-mode tasks never seen before).
+    pub ecs_requests: u64,
+    /// The discovery rules in force, when a rules parameter is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<RulesReport>,
     pub namespaces: Vec<NamespaceReport>,
 }
 
@@ -214,6 +246,15 @@ pub struct Discoverer {
     built: Option<Arc<BuildOutput>>,
     /// Whether anything changed since `built` was built.
     changed: bool,
+    /// The last good discovery rules.
+    rules: Arc<Rules>,
+    /// What the last reading of the rules parameter gave, if configured.
+    rules_report: Option<RulesReport>,
+    /// The rules parameter has been answered (rules, or a definite fault such
+    /// as bad JSON): nothing is published for the first time before.
+    rules_answered: bool,
+    /// A cycle ended publishable: the first discovery is over.
+    settled_once: bool,
 }
 
 impl Discoverer {
@@ -230,6 +271,10 @@ impl Discoverer {
             strings: Default::default(),
             built: None,
             changed: true,
+            rules: Arc::default(),
+            rules_report: None,
+            rules_answered: false,
+            settled_once: false,
         }
     }
 
@@ -249,6 +294,7 @@ impl Discoverer {
         let started = SystemTime::now();
         let clock = Instant::now();
         let requests_before = self.aws.stats.total();
+        let ecs_before = self.aws.stats.ecs();
         let mut errors: Vec<AwsCallError> = Vec::new();
         let mut other_errors: Vec<String> = Vec::new();
 
@@ -260,6 +306,9 @@ impl Discoverer {
                 self.names = Some(names);
             }
             Err(err) => other_errors.push(err.to_string()),
+        }
+        if let Some(err) = self.load_rules().await {
+            other_errors.push(err);
         }
 
         match cloudmap::list_namespaces(&self.aws.cloudmap, &self.aws.pacer).await {
@@ -276,6 +325,7 @@ impl Discoverer {
         }
 
         log_failures(self.cycle, &other_errors, &errors);
+        self.settled_once |= self.is_publishable();
         let mut messages: Vec<String> = other_errors;
         messages.extend(errors.iter().map(ToString::to_string));
         CycleReport {
@@ -288,10 +338,65 @@ impl Discoverer {
                 .as_millis() as u64,
             errors: messages,
             complete: self.is_complete(),
+            publishable: self.is_publishable(),
+            waiting_for: self.waiting_for(),
             services_refreshed: self.refreshed_this_cycle(),
             aws_requests: self.aws.stats.total() - requests_before,
+            ecs_requests: self.aws.stats.ecs() - ecs_before,
+            rules: self.rules_report.clone(),
             namespaces: self.namespace_reports(),
         }
+    }
+
+    /// Reads the rules parameter, keeping the last good rules when it cannot be
+    /// read or parsed. A parameter refused is logged once, its fix once; a call
+    /// that failed is returned, for the cycle's errors.
+    async fn load_rules(&mut self) -> Option<String> {
+        let parameter = self.opts.rules_parameter.clone()?;
+        let loaded = rules::load(&parameter, &self.aws.ssm).await;
+        let last_refusal = self.rules_report.as_ref().and_then(|r| r.refusal.clone());
+        let (error, refusal, failed) = match loaded {
+            Ok(rules) => {
+                self.rules_answered = true;
+                if *self.rules != rules || self.rules_report.is_none() {
+                    tracing::info!(
+                        parameter = %parameter,
+                        rules = rules.len(),
+                        "discovery rules loaded"
+                    );
+                    // Each service takes the new rules at its next turn.
+                    self.rules = Arc::new(rules);
+                } else if last_refusal.is_some() {
+                    tracing::info!(parameter = %parameter, "discovery rules accepted again");
+                }
+                (None, None, None)
+            }
+            // Not answered: like the namespace list's, an error of the cycle;
+            // a refusal stands until the parameter is read again.
+            Err(err @ rules::RulesError::Aws(_)) => {
+                let message = err.to_string();
+                (Some(message.clone()), last_refusal, Some(message))
+            }
+            Err(err) => {
+                self.rules_answered = true;
+                let message = err.to_string();
+                if last_refusal.as_deref() != Some(&message) {
+                    tracing::warn!(
+                        parameter = %parameter,
+                        "{message}; the last good rules ({}) stay in force until it is fixed",
+                        self.rules.len()
+                    );
+                }
+                (Some(message.clone()), Some(message), None)
+            }
+        };
+        self.rules_report = Some(RulesReport {
+            parameter,
+            rules: self.rules.len(),
+            error,
+            refusal,
+        });
+        failed
     }
 
     /// Aligns the per-namespace state with the configured names and the index.
@@ -415,7 +520,10 @@ impl Discoverer {
     /// complete, so that a registration is published within about a second of
     /// its service's turn instead of at the end of the cycle.
     async fn refresh_services(&mut self, errors: &mut Vec<AwsCallError>, progress: Progress<'_>) {
-        let spread = self.opts.spread && self.is_complete() && !self.opts.interval.is_zero();
+        let spread = self.opts.spread
+            && self.settled_once
+            && self.is_complete()
+            && !self.opts.interval.is_zero();
         // Copies: what is known stays in place, complete, while the turns run.
         let mut work = Vec::new();
         for (ns_name, state) in &self.namespaces {
@@ -429,16 +537,17 @@ impl Discoverer {
             Duration::ZERO
         };
         let start = tokio::time::Instant::now();
-        let (cm, pacer) = (self.aws.cloudmap.clone(), self.aws.pacer.clone());
-        let strings = self.strings.clone();
-        let (cm, pacer, strings) = (&cm, &*pacer, &*strings);
-        let health = self.opts.health;
-        let cycle = self.cycle;
+        // Until everything has been read once (nothing is published before),
+        // the host ports of bridge-mode tasks are asked for once the sweep is
+        // over, all services' tasks together: the fewest ECS calls.
+        let defer_ports = !self.settled_once;
+        let mut turn = self.turn_context();
+        turn.defer_ports = defer_ports;
+        let turn = &turn;
         let mut answers = stream::iter(work.into_iter().enumerate())
             .map(|(i, (ns_name, id, svc))| async move {
                 tokio::time::sleep_until(start + step * i as u32).await;
-                let (svc, errs) =
-                    refresh_service(cm, pacer, strings, health, &ns_name, svc, cycle, false).await;
+                let (svc, errs) = refresh_service(turn, &ns_name, svc, false).await;
                 (ns_name, id, svc, errs)
             })
             .buffer_unordered(self.opts.concurrency.max(1));
@@ -447,7 +556,7 @@ impl Discoverer {
         let mut pending = false;
         while let Some((ns_name, id, mut svc, errs)) = answers.next().await {
             // A service read at last, or read again with something new.
-            let changed = svc.built.is_none() && svc.is_read();
+            let changed = svc.built.is_none() && svc.is_settled();
             self.changed |= changed;
             if let Some(state) = self.namespaces.get_mut(&ns_name) {
                 state.stale |= !errs.is_empty();
@@ -472,7 +581,82 @@ impl Discoverer {
             }
         }
         drop(answers);
+        if defer_ports {
+            errors.extend(self.resolve_ports().await);
+        }
         lock(&self.strings).prune();
+    }
+
+    /// Asks ECS about the bridge-mode tasks of every service that it has not
+    /// answered for, per cluster, up to 100 tasks per call whatever their
+    /// service. A service is built again once none of its tasks waits for an
+    /// answer; until then it keeps its last targets. Returns the calls that failed.
+    async fn resolve_ports(&mut self) -> Vec<AwsCallError> {
+        let now = std::time::Instant::now();
+        let mut asks: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+        // The services each task belongs to (one task may be in several).
+        let mut owners: HashMap<Arc<str>, Vec<ServiceKey>> = HashMap::new();
+        let mut changed: BTreeSet<ServiceKey> = BTreeSet::new();
+        for (ns, state) in &mut self.namespaces {
+            for (id, svc) in state.services.iter_mut().flatten() {
+                let (Some(settings), Some(instances)) = (&svc.settings, &svc.instances) else {
+                    continue;
+                };
+                if !wants_ports(settings) {
+                    continue;
+                }
+                let (due, entries_changed) = ecs::due(&mut svc.tasks, instances, now);
+                if entries_changed {
+                    changed.insert((ns.clone(), id.clone()));
+                }
+                for (cluster, ids) in due {
+                    for task in ids {
+                        let owned = owners.entry(task.clone()).or_default();
+                        if owned.is_empty() {
+                            asks.entry(cluster.clone()).or_default().push(task);
+                        }
+                        owned.push((ns.clone(), id.clone()));
+                    }
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        for (cluster, ids) in asks {
+            let (answers, errs) = ecs::ask(&self.aws.ecs, &cluster, &ids, now).await;
+            errors.extend(errs);
+            for (task, entry) in answers {
+                for key in owners.get(&task).into_iter().flatten() {
+                    let Some(svc) = self
+                        .namespaces
+                        .get_mut(&key.0)
+                        .and_then(|s| s.services.as_mut())
+                        .and_then(|s| s.get_mut(&key.1))
+                    else {
+                        continue;
+                    };
+                    if ecs::store(&mut svc.tasks, [(task.clone(), entry.clone())]) {
+                        changed.insert(key.clone());
+                    }
+                }
+            }
+        }
+        let now = std::time::Instant::now();
+        for (ns, state) in &mut self.namespaces {
+            for (id, svc) in state.services.iter_mut().flatten() {
+                let Some(instances) = &svc.instances else {
+                    continue;
+                };
+                let was_pending = svc.ports_pending;
+                svc.ports_pending = svc.settings.as_deref().is_some_and(wants_ports)
+                    && ecs::pending(&svc.tasks, instances, now);
+                let key = (ns.clone(), id.clone());
+                if !svc.ports_pending && (was_pending || changed.contains(&key)) {
+                    svc.built = None;
+                    self.changed = true;
+                }
+            }
+        }
+        errors
     }
 
     /// The services whose instances name the ECS service `ecs` (their
@@ -513,10 +697,11 @@ impl Discoverer {
     /// (not only when the revision moved: a health change does not move it,
     /// and an event says something changed). Returns the calls that failed.
     pub async fn refresh_some(&mut self, wanted: &BTreeSet<ServiceKey>) -> Vec<AwsCallError> {
-        let (cm, pacer) = (self.aws.cloudmap.clone(), self.aws.pacer.clone());
-        let strings = self.strings.clone();
-        let (cm, pacer, strings) = (&cm, &*pacer, &*strings);
-        let (health, cycle) = (self.opts.health, self.cycle);
+        // New bridge-mode tasks of all these services are asked about together
+        // once their instances are read.
+        let mut turn = self.turn_context();
+        turn.defer_ports = true;
+        let turn = &turn;
         let work: Vec<(ServiceKey, ServiceState)> = wanted
             .iter()
             .filter_map(|(ns, id)| {
@@ -526,14 +711,13 @@ impl Discoverer {
             .collect();
         let mut answers = stream::iter(work)
             .map(|(key, svc)| async move {
-                let (svc, errs) =
-                    refresh_service(cm, pacer, strings, health, &key.0, svc, cycle, true).await;
+                let (svc, errs) = refresh_service(turn, &key.0, svc, true).await;
                 (key, svc, errs)
             })
             .buffer_unordered(self.opts.concurrency.max(1));
         let mut errors = Vec::new();
         while let Some(((ns, id), mut svc, errs)) = answers.next().await {
-            let changed = svc.built.is_none() && svc.is_read();
+            let changed = svc.built.is_none() && svc.is_settled();
             self.changed |= changed;
             if let Some(services) = self
                 .namespaces
@@ -548,7 +732,49 @@ impl Discoverer {
             errors.extend(errs);
         }
         drop(answers);
+        errors.extend(self.resolve_ports().await);
         errors
+    }
+
+    /// What a service's turn needs, shared by the turns of a cycle.
+    fn turn_context(&self) -> Turn {
+        Turn {
+            cloudmap: self.aws.cloudmap.clone(),
+            ecs: self.aws.ecs.clone(),
+            pacer: self.aws.pacer.clone(),
+            strings: self.strings.clone(),
+            health: self.opts.health,
+            cycle: self.cycle,
+            rules: self.rules.clone(),
+            defer_ports: false,
+        }
+    }
+
+    /// Whether the first publication may happen: complete, the rules read,
+    /// and no bridge-mode task waiting for ECS.
+    fn is_publishable(&self) -> bool {
+        self.waiting_for().is_none()
+    }
+
+    /// What keeps discovery from being publishable, in words.
+    fn waiting_for(&self) -> Option<String> {
+        if !self.is_complete() {
+            return Some("every configured namespace and service to be read".to_owned());
+        }
+        if self.opts.rules_parameter.is_some() && !self.rules_answered {
+            return Some("the discovery rules parameter to be read".to_owned());
+        }
+        let waiting: Vec<String> = self
+            .all_services()
+            .filter(|(_, svc)| svc.ports_pending)
+            .map(|(ns, svc)| format!("{ns}/{}", svc.svc.name))
+            .collect();
+        (!waiting.is_empty()).then(|| {
+            format!(
+                "ECS DescribeTasks to answer for bridge-mode tasks of {} (at most a minute)",
+                waiting.join(", ")
+            )
+        })
     }
 
     fn is_complete(&self) -> bool {
@@ -643,7 +869,7 @@ impl Discoverer {
             Vec::with_capacity(last.as_ref().map_or(0, |l| l.targets.len()));
         let mut all = BuildOutput::default();
         for (ns, state) in services {
-            let (Some(tags), Some(instances)) = (&state.tags, &state.instances) else {
+            let (Some(settings), Some(instances)) = (&state.settings, &state.instances) else {
                 continue;
             };
             let start = list.len();
@@ -660,11 +886,18 @@ impl Discoverer {
                 None => None,
             };
             let part = part.unwrap_or_else(|| {
+                let tasks = &state.tasks;
+                let lookup = |inst: &Instance, port: u16| ecs::host_port(tasks, inst, port);
                 let built = targets::build_all([ServiceData {
                     namespace: ns,
                     service: &state.svc.name,
-                    tags,
+                    tags: &settings.values,
                     instances,
+                    rule: settings
+                        .rule
+                        .as_ref()
+                        .map(|r| (r.index, r.settings.as_slice())),
+                    host_ports: Some(HostPorts(&lookup)),
                 }]);
                 list.extend(built.targets.iter().cloned());
                 ServiceBuilt {
@@ -727,7 +960,7 @@ fn log_failures(cycle: u64, other: &[String], errors: &[AwsCallError]) {
             .or_default() += 1;
     }
     if !other.is_empty() {
-        kinds.insert("namespace list".to_owned(), other.len());
+        kinds.insert("SSM parameter".to_owned(), other.len());
     }
     let all: Vec<String> = other
         .iter()
@@ -753,17 +986,14 @@ fn log_failures(cycle: u64, other: &[String], errors: &[AwsCallError]) {
 /// Refreshes one service's tags (every [`TAG_REFRESH_CYCLES`]) and instances (when
 /// the revision moved, every [`FULL_REFRESH_CYCLES`], or when `force_instances`).
 /// Failed parts keep their value.
-#[allow(clippy::too_many_arguments)]
 async fn refresh_service(
-    cm: &aws_sdk_servicediscovery::Client,
-    pacer: &Pacer,
-    strings: &Mutex<Interner>,
-    health: HealthStatus,
+    turn: &Turn,
     namespace: &str,
     mut state: ServiceState,
-    cycle: u64,
     force_instances: bool,
 ) -> (ServiceState, Vec<AwsCallError>) {
+    let (cm, pacer, strings) = (&turn.cloudmap, &*turn.pacer, &*turn.strings);
+    let (health, cycle) = (turn.health, turn.cycle);
     let mut errors = Vec::new();
     if state.tags.is_none() || cycle >= state.tags_cycle + TAG_REFRESH_CYCLES {
         match cloudmap::service_tags(cm, pacer, &state.svc).await {
@@ -811,7 +1041,56 @@ async fn refresh_service(
             Err(err) => errors.push(err),
         }
     }
+    if let Some(tags) = &state.tags {
+        let settings = turn.rules.settings(namespace, &state.svc.name, tags);
+        if state.settings.as_deref() != Some(&settings) {
+            state.built = None;
+            state.settings = Some(Arc::new(settings));
+        }
+    }
+    if let (Some(settings), Some(instances)) = (&state.settings, &state.instances) {
+        let wanted = wants_ports(settings);
+        let was_pending = state.ports_pending;
+        if wanted && turn.defer_ports {
+            // Asked for after the sweep (see `Discoverer::resolve_ports`).
+            let now = std::time::Instant::now();
+            if ecs::due(&mut state.tasks, instances, now).1 {
+                state.built = None;
+            }
+            state.ports_pending = ecs::pending(&state.tasks, instances, now);
+        } else {
+            let refreshed = ecs::refresh(&turn.ecs, &mut state.tasks, instances, wanted).await;
+            if refreshed.changed {
+                state.built = None;
+            }
+            state.ports_pending = refreshed.pending;
+            errors.extend(refreshed.errors);
+        }
+        // Waiting no more (answered, or waited long enough): built again.
+        if was_pending && !state.ports_pending {
+            state.built = None;
+        }
+    }
     (state, errors)
+}
+
+/// Whether a service's tasks are in bridge mode with container ports to map.
+fn wants_ports(settings: &Settings) -> bool {
+    targets::mapped_ports(&settings.values).is_some_and(|ports| !ports.is_empty())
+}
+
+/// What a service's turn works with: clients, shared strings, and the cycle's
+/// settings.
+struct Turn {
+    cloudmap: aws_sdk_servicediscovery::Client,
+    ecs: aws_sdk_ecs::Client,
+    pacer: Arc<Pacer>,
+    strings: Arc<Mutex<Interner>>,
+    health: HealthStatus,
+    cycle: u64,
+    rules: Arc<Rules>,
+    /// Leave bridge-mode tasks' host ports to the end of the sweep.
+    defer_ports: bool,
 }
 
 fn lock(strings: &Mutex<Interner>) -> std::sync::MutexGuard<'_, Interner> {

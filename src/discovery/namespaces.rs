@@ -44,8 +44,39 @@ pub fn parse_namespace_list(raw: &str) -> Vec<String> {
     out
 }
 
-/// Reads the namespace list. `String`, `StringList` and `SecureString` parameters
-/// all work (the last is decrypted, which needs `kms:Decrypt` on its key).
+/// Reads an SSM parameter's value; `Ok(None)` when it does not exist.
+/// `String`, `StringList` and `SecureString` parameters all work (the last is
+/// decrypted, which needs `kms:Decrypt` on its key).
+pub async fn read_parameter(
+    ssm: &aws_sdk_ssm::Client,
+    parameter: &str,
+) -> Result<Option<String>, AwsCallError> {
+    match ssm
+        .get_parameter()
+        .name(parameter)
+        .with_decryption(true)
+        .send()
+        .await
+    {
+        Ok(resp) => Ok(Some(
+            resp.parameter()
+                .and_then(|p| p.value())
+                .unwrap_or_default()
+                .to_owned(),
+        )),
+        Err(err) => match err.as_service_error() {
+            Some(GetParameterError::ParameterNotFound(_)) => Ok(None),
+            _ => Err(AwsCallError::new(
+                "ssm:GetParameter",
+                "ssm:GetParameter (and kms:Decrypt for a SecureString)",
+                format!("parameter {parameter:?}"),
+                &err,
+            )),
+        },
+    }
+}
+
+/// Reads the namespace list.
 pub async fn load(
     source: &NamespaceSource,
     ssm: &aws_sdk_ssm::Client,
@@ -54,28 +85,12 @@ pub async fn load(
         NamespaceSource::Static(names) => return Ok(names.clone()),
         NamespaceSource::Ssm { parameter } => parameter,
     };
-    let resp = ssm
-        .get_parameter()
-        .name(parameter)
-        .with_decryption(true)
-        .send()
-        .await
-        .map_err(|err| match err.as_service_error() {
-            Some(GetParameterError::ParameterNotFound(_)) => {
-                NamespaceListError::ParameterNotFound {
-                    parameter: parameter.clone(),
-                }
-            }
-            _ => AwsCallError::new(
-                "ssm:GetParameter",
-                "ssm:GetParameter (and kms:Decrypt for a SecureString)",
-                format!("parameter {parameter:?}"),
-                &err,
-            )
-            .into(),
-        })?;
-    let value = resp.parameter().and_then(|p| p.value()).unwrap_or_default();
-    let names = parse_namespace_list(value);
+    let Some(value) = read_parameter(ssm, parameter).await? else {
+        return Err(NamespaceListError::ParameterNotFound {
+            parameter: parameter.clone(),
+        });
+    };
+    let names = parse_namespace_list(&value);
     if names.is_empty() {
         return Err(NamespaceListError::Empty {
             parameter: parameter.clone(),

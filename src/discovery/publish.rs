@@ -372,7 +372,7 @@ fn publish_cycle(
         .as_ref()
         .is_some_and(|p| Arc::ptr_eq(p, &built.targets))
         && publisher.guard.hold().is_none();
-    let may_publish = publisher.published.is_some() || report.complete;
+    let may_publish = publisher.published.is_some() || report.publishable;
     if may_publish && !unchanged {
         let previous = publisher.baseline().map_or(0, |b| b.len());
         if publisher.publish(&built.targets, shared) {
@@ -386,8 +386,11 @@ fn publish_cycle(
     } else if !may_publish {
         tracing::warn!(
             cycle = report.cycle,
-            "not serving discovered targets yet: discovery has not read every configured namespace \
-             and service"
+            "not serving discovered targets yet: waiting for {}",
+            report
+                .waiting_for
+                .as_deref()
+                .unwrap_or("discovery to complete")
         );
     }
     if !unchanged {
@@ -551,6 +554,12 @@ fn record_cycle(
     );
     let metrics = &shared.metrics;
     metrics.targets_discovered.set(built.targets.len() as i64);
+    if let Some(rules) = &report.rules {
+        metrics.discovery_rules.set(rules.rules as i64);
+        metrics
+            .discovery_rules_refused
+            .set(i64::from(rules.refusal.is_some()));
+    }
     metrics
         .discovery_cycle_seconds
         .observe(report.duration_ms as f64 / 1000.0);
@@ -579,6 +588,7 @@ fn record_cycle(
             stretch_ms: report.stretch_ms,
             pace_rps: pace.filter(|r| r.is_finite()),
             aws_requests: report.aws_requests,
+            ecs_requests: report.ecs_requests,
             services_refreshed: report.services_refreshed,
             errors: report.errors.clone(),
         });
@@ -586,6 +596,7 @@ fn record_cycle(
             status.last_success = Some(time);
         }
         status.namespaces = report.namespaces.clone();
+        status.rules = report.rules.clone();
         status.problems = publisher.known_problems.iter().cloned().collect();
         status.skipped_instances = built.skipped_without_ipv4;
     });

@@ -217,6 +217,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "skipped_instances": status.skipped_instances,
         "drop_hold": status.drop_hold,
         "events": status.events,
+        "rules": status.rules,
     }))
 }
 

@@ -66,6 +66,11 @@ const SLOTS: &str = "3";
 const SLOT_COUNT: u32 = 3;
 const MAX_IMPAIRED: usize = 2;
 const PARAMETER: &str = "chaos-namespaces";
+/// Discovery rules: `b-connect` carries no scrape tags (as Service Connect's
+/// services), a rule configures it.
+const RULES_PARAMETER: &str = "chaos-rules";
+const RULES: &str = r#"[{"service": "*-connect", "metrics_port": 3000}]"#;
+
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
 /// The seeds CI runs, each for `CHAOS_DURATION` (default 90 s).
@@ -156,6 +161,7 @@ enum Undo {
     ClearCloudMap(usize),
     ClearQueue(usize),
     Heal(String, Vec<usize>),
+    FixRules,
 }
 
 struct Task {
@@ -187,6 +193,10 @@ struct Campaign {
     queue: EventQueue,
     sqs: AwsProxy,
     queue_fault: Option<usize>,
+    /// ECS `DescribeTasks` for the bridge-mode service, reached through `ecs`,
+    /// which Cloud Map faults affect too.
+    ecs_aws: common::SyntheticAws,
+    ecs: AwsProxy,
     /// When discovery must have caught up with changes no event announces (an
     /// SSM edit, a lost event: the safety-net cycle) or that a stalled queue
     /// held back.
@@ -196,7 +206,7 @@ struct Campaign {
 /// The environment of the `n`th replica started: replicas differ in
 /// `META_LABELS`, which must not change what they agree on. The leader reads
 /// ECS task events from `queue` through `sqs`; cycles are the safety net.
-fn replica_env(n: usize, queue: &str, sqs: &str) -> Vec<(String, String)> {
+fn replica_env(n: usize, queue: &str, sqs: &str, ecs: &str) -> Vec<(String, String)> {
     let safety_net = format!("{}s", SAFETY_NET.as_secs());
     let fallback = format!("{}ms", RELOAD.as_millis());
     [
@@ -208,6 +218,8 @@ fn replica_env(n: usize, queue: &str, sqs: &str) -> Vec<(String, String)> {
         ("AWS_ENDPOINT_URL_SQS", sqs),
         ("CONFIG_RELOAD_FREQUENCY", &safety_net),
         ("EVENTS_FALLBACK_FREQUENCY", &fallback),
+        ("DISCOVERY_RULES_PARAMETER_NAME", RULES_PARAMETER),
+        ("AWS_ENDPOINT_URL_ECS", ecs),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -312,12 +324,28 @@ impl Campaign {
         ];
         let a = cm.dns_namespace("ns-a").await;
         let b = cm.http_namespace("ns-b").await;
+        let bridge = [
+            ("METRICS_PATH", "/metrics"),
+            ("METRICS_PORT", "3000"),
+            ("NETWORK_MODE", "bridge"),
+        ];
         let services = vec![
             (cm.service(&a, "a-web", &tags).await, "ns-a"),
             (cm.service(&a, "a-api", &timed).await, "ns-a"),
             (cm.service(&b, "b-worker", &tags).await, "ns-b"),
+            // Configured by a rule, not tags.
+            (
+                cm.service(&b, "b-connect", &[("AmazonECSManaged", "true")])
+                    .await,
+                "ns-b",
+            ),
+            // Bridge mode: served at host ports ECS DescribeTasks tells.
+            (cm.service(&a, "a-bridge", &bridge).await, "ns-a"),
         ];
         cm.put_namespaces_parameter(PARAMETER, "ns-a,ns-b").await;
+        cm.put_string_parameter(RULES_PARAMETER, RULES).await;
+        let ecs_aws = common::SyntheticAws::start(&["--namespaces", "0"]).await;
+        let ecs = AwsProxy::start(&ecs_aws.endpoint).await;
         let queue = EventQueue::create(&moto.endpoint, "chaos-events", 2).await;
         let sqs = AwsProxy::start(&moto.endpoint).await;
         let start = Instant::now();
@@ -342,10 +370,12 @@ impl Campaign {
             queue,
             sqs,
             queue_fault: None,
+            ecs_aws,
+            ecs,
             caught_up_by: None,
         };
         // Before any replica: the first cycle reads them.
-        for (service, count) in [(0, 20), (1, 15), (2, 10)] {
+        for (service, count) in [(0, 20), (1, 15), (2, 10), (3, 8), (4, 8)] {
             campaign.register(service, count, Announce::Event).await;
         }
         for _ in 0..REPLICAS {
@@ -368,10 +398,22 @@ impl Campaign {
             let n = self.next_ip;
             self.next_ip += 1;
             let ip = format!("127.1.{}.{}", n / 250, n % 250 + 1);
-            let instance = format!("task-{n}");
+            // An ECS task id, as ECS registers its tasks.
+            let instance = format!("{n:032x}");
             let (svc, ns) = self.services[service].clone();
             // Each Cloud Map service is one ECS service of the same name.
             let ecs_service = svc.name.clone();
+            // A bridge-mode task is known to ECS before it is registered, and
+            // registered at its host's address and its dynamic host port.
+            let bridge = svc.name.ends_with("-bridge");
+            let port = if bridge { 32768 + n as u16 } else { 3000 };
+            // Its cluster is the one its events name, as with ECS.
+            let cluster = common::events::CLUSTER;
+            if bridge {
+                let task = common::bridge_task(&instance, cluster, &[("app", 3000, Some(port))]);
+                self.ecs_aws.add_tasks(&[task]).await;
+            }
+            let port_text = port.to_string();
             if announce == Announce::Early {
                 self.queue
                     .put_task_event(&instance, &ecs_service, "RUNNING", 1)
@@ -383,7 +425,8 @@ impl Campaign {
                     &instance,
                     &[
                         ("AWS_INSTANCE_IPV4", &ip),
-                        ("ECS_CLUSTER_NAME", common::events::CLUSTER),
+                        ("AWS_INSTANCE_PORT", &port_text),
+                        ("ECS_CLUSTER_NAME", cluster),
                         ("ECS_SERVICE_NAME", &ecs_service),
                         ("ECS_TASK_DEFINITION_FAMILY", "chaos"),
                     ],
@@ -399,7 +442,7 @@ impl Campaign {
                     .put_task_event(&instance, &ecs_service, "RUNNING", 1)
                     .await;
             }
-            let target = format!("{ip}:3000");
+            let target = format!("{ip}:{port}");
             if announce == Announce::Lost {
                 self.safety_net_needed(Instant::now() + SAFETY_NET + RELOAD * 2);
             }
@@ -461,7 +504,12 @@ impl Campaign {
 
     async fn add_member(&mut self) {
         let id = format!("c{}", self.next_id);
-        let env = replica_env(self.next_id, &self.queue.url, &self.sqs.endpoint);
+        let env = replica_env(
+            self.next_id,
+            &self.queue.url,
+            &self.sqs.endpoint,
+            &self.ecs.endpoint,
+        );
         self.next_id += 1;
         let replica = start_replica(&self.moto, &self.cloud, &id, SLOTS, &env).await;
         if let Some((fault, _)) = &self.dynamodb_all {
@@ -720,9 +768,10 @@ impl Campaign {
                     false,
                 );
                 self.cloud.set_fault(fault.clone());
+                self.ecs.set_fault(fault.clone());
                 self.cloud_map = Some(window);
                 self.now_note(format!(
-                    "Cloud Map and SSM: {} for {lasts:?}",
+                    "Cloud Map, SSM and ECS: {} for {lasts:?}",
                     fault_name(fault)
                 ));
                 self.undos.push((now + *lasts, Undo::ClearCloudMap(window)));
@@ -785,6 +834,16 @@ impl Campaign {
             Action::Deregister { count, pick } => {
                 self.deregister(*count, *pick).await;
                 self.now_note(format!("deregistered up to {count} tasks"));
+            }
+            Action::BreakRules { kind, lasts } => {
+                let bad = [
+                    r#"[{"service": "*-connect","#,
+                    r#"[{"service": "*-connect", "metrics_prot": 3000}]"#,
+                    r#"[{"service": "*-connect", "metrics_port": 70000}]"#,
+                ][usize::from(*kind) % 3];
+                self.cm.put_string_parameter(RULES_PARAMETER, bad).await;
+                self.now_note(format!("SSM: discovery rules broken for {lasts:?}: {bad}"));
+                self.undos.push((now + *lasts, Undo::FixRules));
             }
             Action::ToggleNamespace => {
                 self.toggle_namespace().await;
@@ -860,8 +919,13 @@ impl Campaign {
                 checker.close(window, now);
                 checker.note(now, "the events queue answers again");
             }
+            Undo::FixRules => {
+                self.cm.put_string_parameter(RULES_PARAMETER, RULES).await;
+                self.now_note("SSM: discovery rules fixed");
+            }
             Undo::ClearCloudMap(window) => {
                 self.cloud.set_fault(Fault::None);
+                self.ecs.set_fault(Fault::None);
                 self.cloud_map = None;
                 let mut checker = self.checker.lock().unwrap();
                 checker.close(window, now);
@@ -968,7 +1032,7 @@ impl Campaign {
 }
 
 async fn run(seed: u64, duration: Duration) {
-    let actions = schedule(seed, duration, 3);
+    let actions = schedule(seed, duration, 5);
     let mut c = Campaign::start().await;
     println!(
         "CHAOS seed={seed:#x} duration={duration:?}: {} actions scheduled",

@@ -47,6 +47,9 @@ pub enum Action {
     Deregister { count: usize, pick: u64 },
     /// The second namespace is added to or removed from the SSM parameter.
     ToggleNamespace,
+    /// The discovery rules parameter is made unreadable (`kind`: not JSON, an
+    /// unknown field, a bad port) for `lasts`: the last good rules must stay.
+    BreakRules { kind: u8, lasts: Duration },
 }
 
 /// How a registration's ECS task event reaches the queue.
@@ -123,6 +126,7 @@ impl Action {
             Action::Queue { fault, .. } => format!("SQS: {}", fault_name(fault)),
             Action::Deregister { .. } => "deregistration".into(),
             Action::ToggleNamespace => "SSM edit".into(),
+            Action::BreakRules { .. } => "bad rules".into(),
         }
     }
 }
@@ -284,7 +288,11 @@ fn draw(rng: &mut fastrand::Rng, services: usize) -> Action {
             count: rng.usize(1..4),
             pick: rng.u64(..),
         },
-        _ => Action::ToggleNamespace,
+        93..=96 => Action::ToggleNamespace,
+        _ => Action::BreakRules {
+            kind: rng.u8(0..3),
+            lasts: ms(rng, 500..8000),
+        },
     }
 }
 

@@ -67,14 +67,7 @@ impl Backend {
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .map(|v| {
-                let labels = v["metric"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let labels = super::string_map(&v["metric"]);
                 let empty = Vec::new();
                 let values = v["values"].as_array().unwrap_or(&empty);
                 let stamps = v["timestamps"].as_array().unwrap_or(&empty);

@@ -151,6 +151,19 @@ impl CloudMap {
             .expect("TagResource");
     }
 
+    /// Puts a `String` parameter (discovery rules, ...).
+    pub async fn put_string_parameter(&self, name: &str, value: &str) {
+        self.ssm
+            .put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .expect("PutParameter");
+    }
+
     pub async fn put_namespaces_parameter(&self, name: &str, value: &str) {
         self.ssm
             .put_parameter()

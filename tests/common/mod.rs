@@ -212,6 +212,13 @@ pub fn aws_env(endpoint: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// [`aws_env`] and `extra` on top.
+pub fn aws_env_with(endpoint: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = aws_env(endpoint);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -338,6 +345,111 @@ pub fn addresses(groups: &[serde_json::Value]) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// A running `synthetic-aws` on a free loopback port, started with `args`.
+pub struct SyntheticAws {
+    pub proc: Proc,
+    pub endpoint: String,
+}
+
+impl SyntheticAws {
+    pub async fn start(args: &[&str]) -> SyntheticAws {
+        let port = free_port();
+        let proc = Proc::spawn(
+            &format!("synthetic-aws-{port}"),
+            Command::new(env!("CARGO_BIN_EXE_synthetic-aws"))
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(args),
+        );
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let aws = SyntheticAws { proc, endpoint };
+        wait_http_ok(
+            "synthetic-aws",
+            &aws.url("/synthetic/stats"),
+            Duration::from_secs(20),
+        )
+        .await;
+        aws
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint)
+    }
+
+    /// `GET /synthetic/stats`: requests per operation, targets, tasks.
+    pub async fn stats(&self) -> serde_json::Value {
+        http()
+            .get(self.url("/synthetic/stats"))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats JSON")
+    }
+
+    /// Requests so far of operation `op` (e.g. `DescribeTasks`).
+    pub async fn requests(&self, op: &str) -> u64 {
+        self.stats().await["requests"][op].as_u64().unwrap_or(0)
+    }
+
+    /// Adds ECS tasks, given as `DescribeTasks` JSON.
+    pub async fn add_tasks(&self, tasks: &[serde_json::Value]) {
+        let resp = http()
+            .post(self.url("/synthetic/ecs-tasks"))
+            .json(tasks)
+            .send()
+            .await
+            .expect("POST ecs-tasks");
+        assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    }
+}
+
+/// A JSON object of strings (labels) as a map; other values as "".
+pub fn string_map(value: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    value
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A bridge-mode ECS task as `DescribeTasks` reports it: for each container
+/// (name, container port, host port), its TCP binding for IPv4 and IPv6 as the
+/// ECS agent reports it, or no binding without a host port.
+pub fn bridge_task(
+    id: &str,
+    cluster: &str,
+    containers: &[(&str, u16, Option<u16>)],
+) -> serde_json::Value {
+    let arn = format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{id}");
+    let containers: Vec<serde_json::Value> = containers
+        .iter()
+        .map(|(name, port, host)| {
+            let bindings: Vec<serde_json::Value> = host
+                .iter()
+                .flat_map(|h| {
+                    ["0.0.0.0", "::"].map(|ip| {
+                        serde_json::json!({"bindIP": ip, "containerPort": port, "hostPort": h,
+                                           "protocol": "tcp"})
+                    })
+                })
+                .collect();
+            serde_json::json!({"name": name, "taskArn": arn, "lastStatus": "RUNNING",
+                               "networkBindings": bindings})
+        })
+        .collect();
+    serde_json::json!({
+        "taskArn": arn,
+        "clusterArn": format!("arn:aws:ecs:us-east-1:123456789012:cluster/{cluster}"),
+        "lastStatus": "RUNNING",
+        "launchType": "EC2",
+        "containers": containers,
+    })
 }
 
 /// A running `sample-app` on `ip`, with the app on `app_port` and the exporter on `exporter_port`.
