@@ -179,10 +179,9 @@ fn spawn_work(
         concurrency: config.discovery_concurrency.into(),
         interval: config.config_reload_frequency,
         spread: config.events_queue_url.is_none(),
-        rules_parameter: config
-            .discovery_rules_parameter_name
-            .clone()
-            .filter(|name| !name.is_empty()),
+        rules: config
+            .rules_parameter()
+            .map(|name| crate::discovery::rules::RulesKeeper::new(&name)),
     };
     let guard = DropGuard::new(config.max_drop_fraction, config.drop_confirm_cycles);
     let events = config
@@ -203,6 +202,15 @@ fn spawn_work(
             events,
         ));
     } else {
+        // Every replica keeps the last good rules for when it is elected.
+        if let Some(keeper) = discovery.rules.clone() {
+            tasks.spawn(crate::discovery::rules::keep_reading(
+                keeper,
+                aws.ssm.clone(),
+                config.config_reload_frequency,
+                token.clone(),
+            ));
+        }
         tasks.spawn(follower::run(
             shared.clone(),
             shared.coordination_receiver(),

@@ -413,6 +413,13 @@ impl Config {
         Ok(())
     }
 
+    /// The SSM parameter of discovery rules; `None` when unset or empty.
+    pub fn rules_parameter(&self) -> Option<String> {
+        self.discovery_rules_parameter_name
+            .clone()
+            .filter(|name| !name.is_empty())
+    }
+
     pub fn membership_grace(&self) -> Duration {
         self.membership_grace.unwrap_or(self.heartbeat_interval * 3)
     }
@@ -557,6 +564,15 @@ mod tests {
             .unwrap()
             .validate()
             .is_err());
+    }
+
+    #[test]
+    fn rules_parameter_is_optional_and_empty_means_unset() {
+        assert_eq!(parse(&[]).unwrap().rules_parameter(), None);
+        let cfg = parse(&["--discovery-rules-parameter-name", " /x/rules "]).unwrap();
+        assert_eq!(cfg.rules_parameter().as_deref(), Some("/x/rules"));
+        let empty = parse(&["--discovery-rules-parameter-name", ""]).unwrap();
+        assert_eq!(empty.rules_parameter(), None);
     }
 
     #[test]

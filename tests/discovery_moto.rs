@@ -61,7 +61,7 @@ impl Env {
             aws,
             DiscoveryOptions {
                 spread: true,
-                rules_parameter: None,
+                rules: None,
                 source,
                 health,
                 concurrency: 8,

@@ -720,3 +720,56 @@ async fn ecs_calls_per_cycle_at_scale() {
          steady cycles {steady:?}; churn of {changed} targets: {churn_calls} in cycles {churn_cycles:?}"
     );
 }
+
+/// A replica elected while the rules parameter is refused keeps the last good
+/// rules it read as a follower, so the services they configure stay served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_keeps_the_last_good_rules() {
+    let mut c = common::cluster::Cluster::start("2", 0, 4).await;
+    let ns = c.cm.http_namespace("connect").await;
+    let managed =
+        c.cm.service(&ns, "orders-api", &[("AmazonECSManaged", "true")])
+            .await;
+    for (task, ip) in [("task-a", "10.1.0.1"), ("task-b", "10.1.0.2")] {
+        register(&c.cm, &managed.id, task, ip, "8080").await;
+        c.expected.insert(format!("{ip}:9100"));
+    }
+    put_rules(&c.cm, r#"[{"service": "orders-*", "metrics_port": 9100}]"#).await;
+    c.extra_env = vec![
+        ("DISCOVERY_NAMESPACES".into(), "ecs-services,connect".into()),
+        ("DISCOVERY_RULES_PARAMETER_NAME".into(), RULES.into()),
+    ];
+    c.add_replica().await;
+    c.add_replica().await;
+    c.settle("rule targets served", 2).await;
+
+    // Refused: the leader keeps its rules; the follower has read them too.
+    put_rules(&c.cm, r#"[{"service": "orders-*", "metrics_prot": 9100}]"#).await;
+    wait_for(
+        "every replica saw the refusal",
+        Duration::from_secs(10),
+        || async {
+            let logs: Vec<String> = c.alive().iter().map(|r| r.sd.proc.log_text()).collect();
+            logs.iter()
+                .all(|l| l.contains("unknown field \\\"metrics_prot\\\""))
+                .then_some(())
+        },
+    )
+    .await;
+    let (li, _) = c.leader().await;
+    c.replica(li).sd.proc.signal(libc::SIGKILL);
+    c.replicas[li] = None;
+    let status = wait_for("a new leader's cycles", Duration::from_secs(15), || async {
+        let s = c.alive()[0].sd.status().await;
+        (s["role"] == "leader" && s["last_discovery"]["outcome"] == "ok").then_some(s)
+    })
+    .await;
+    assert_eq!(
+        status["rules"]["rules"], 1,
+        "the last good rule: {status:#}"
+    );
+    assert!(status["rules"]["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("metrics_prot")));
+    c.settle("every target on the survivor", 1).await;
+}

@@ -79,8 +79,8 @@ pub struct DiscoveryOptions {
     /// Off with events: a sweep then goes as fast as the pacer allows, so that
     /// events wait for it as little as possible.
     pub spread: bool,
-    /// `DISCOVERY_RULES_PARAMETER_NAME`: the SSM parameter of discovery rules.
-    pub rules_parameter: Option<String>,
+    /// With `DISCOVERY_RULES_PARAMETER_NAME`: the process's discovery rules.
+    pub rules: Option<rules::RulesKeeper>,
 }
 
 /// What is called with the discoverer when services changed during a cycle.
@@ -348,54 +348,15 @@ impl Discoverer {
         }
     }
 
-    /// Reads the rules parameter, keeping the last good rules when it cannot be
-    /// read or parsed. A parameter refused is logged once, its fix once; a call
-    /// that failed is returned, for the cycle's errors.
+    /// Reads the rules parameter through the process's keeper, which keeps the
+    /// last good rules; returns the SSM call's error, for the cycle's errors.
     async fn load_rules(&mut self) -> Option<String> {
-        let parameter = self.opts.rules_parameter.clone()?;
-        let loaded = rules::load(&parameter, &self.aws.ssm).await;
-        let last_refusal = self.rules_report.as_ref().and_then(|r| r.refusal.clone());
-        let (error, refusal, failed) = match loaded {
-            Ok(rules) => {
-                self.rules_answered = true;
-                if *self.rules != rules || self.rules_report.is_none() {
-                    tracing::info!(
-                        parameter = %parameter,
-                        rules = rules.len(),
-                        "discovery rules loaded"
-                    );
-                    // Each service takes the new rules at its next turn.
-                    self.rules = Arc::new(rules);
-                } else if last_refusal.is_some() {
-                    tracing::info!(parameter = %parameter, "discovery rules accepted again");
-                }
-                (None, None, None)
-            }
-            // Not answered: like the namespace list's, an error of the cycle;
-            // a refusal stands until the parameter is read again.
-            Err(err @ rules::RulesError::Aws(_)) => {
-                let message = err.to_string();
-                (Some(message.clone()), last_refusal, Some(message))
-            }
-            Err(err) => {
-                self.rules_answered = true;
-                let message = err.to_string();
-                if last_refusal.as_deref() != Some(&message) {
-                    tracing::warn!(
-                        parameter = %parameter,
-                        "{message}; the last good rules ({}) stay in force until it is fixed",
-                        self.rules.len()
-                    );
-                }
-                (Some(message.clone()), Some(message), None)
-            }
-        };
-        self.rules_report = Some(RulesReport {
-            parameter,
-            rules: self.rules.len(),
-            error,
-            refusal,
-        });
+        let keeper = self.opts.rules.clone()?;
+        let failed = keeper.refresh(&self.aws.ssm).await;
+        let (rules, answered, report) = keeper.snapshot();
+        self.rules = rules;
+        self.rules_answered = answered;
+        self.rules_report = report;
         failed
     }
 
@@ -761,7 +722,7 @@ impl Discoverer {
         if !self.is_complete() {
             return Some("every configured namespace and service to be read".to_owned());
         }
-        if self.opts.rules_parameter.is_some() && !self.rules_answered {
+        if self.opts.rules.is_some() && !self.rules_answered {
             return Some("the discovery rules parameter to be read".to_owned());
         }
         let waiting: Vec<String> = self

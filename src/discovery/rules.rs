@@ -451,6 +451,124 @@ pub async fn load(parameter: &str, ssm: &aws_sdk_ssm::Client) -> Result<Rules, R
     }
 }
 
+/// The discovery rules of a process, kept across leadership terms: the last
+/// good rules, and what the last reading gave. In sharded mode every replica
+/// reads the parameter (see [`keep_reading`]), so that a newly elected leader
+/// starts from the last good rules, not from none, when the parameter is
+/// refused or cannot be read at that moment.
+#[derive(Clone, Debug)]
+pub struct RulesKeeper {
+    parameter: Arc<str>,
+    state: Arc<std::sync::Mutex<Kept>>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    rules: Arc<Rules>,
+    /// Rules were accepted, or the parameter refused, at least once.
+    answered: bool,
+    report: Option<RulesReport>,
+    read_at: Option<std::time::Instant>,
+}
+
+impl RulesKeeper {
+    pub fn new(parameter: &str) -> RulesKeeper {
+        RulesKeeper {
+            parameter: Arc::from(parameter),
+            state: Default::default(),
+        }
+    }
+
+    pub fn parameter(&self) -> &str {
+        &self.parameter
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The rules in force, whether the parameter was ever answered (rules
+    /// accepted or the value refused), and the last reading's report.
+    pub fn snapshot(&self) -> (Arc<Rules>, bool, Option<RulesReport>) {
+        let kept = self.lock();
+        (kept.rules.clone(), kept.answered, kept.report.clone())
+    }
+
+    /// Reads the parameter, keeping the last good rules when it cannot be read
+    /// or is refused. A refusal is logged once, its fix once. Returns the SSM
+    /// call's error, for the cycle's errors.
+    pub async fn refresh(&self, ssm: &aws_sdk_ssm::Client) -> Option<String> {
+        let loaded = load(&self.parameter, ssm).await;
+        let mut kept = self.lock();
+        kept.read_at = Some(std::time::Instant::now());
+        let last_refusal = kept.report.as_ref().and_then(|r| r.refusal.clone());
+        let parameter = &*self.parameter;
+        let (error, refusal, failed) = match loaded {
+            Ok(rules) => {
+                if *kept.rules != rules || !kept.answered {
+                    tracing::info!(parameter, rules = rules.len(), "discovery rules loaded");
+                    // Each service takes the new rules at its next turn.
+                    kept.rules = Arc::new(rules);
+                } else if last_refusal.is_some() {
+                    tracing::info!(parameter, "discovery rules accepted again");
+                }
+                kept.answered = true;
+                (None, None, None)
+            }
+            // Not answered: like the namespace list's, an error of the cycle;
+            // a refusal stands until the parameter is read again.
+            Err(err @ RulesError::Aws(_)) => {
+                let message = err.to_string();
+                (Some(message.clone()), last_refusal, Some(message))
+            }
+            Err(err) => {
+                kept.answered = true;
+                let message = err.to_string();
+                if last_refusal.as_deref() != Some(&message) {
+                    tracing::warn!(
+                        parameter,
+                        "{message}; the last good rules ({}) stay in force until it is fixed",
+                        kept.rules.len()
+                    );
+                }
+                (Some(message.clone()), Some(message), None)
+            }
+        };
+        kept.report = Some(RulesReport {
+            parameter: parameter.to_owned(),
+            rules: kept.rules.len(),
+            error,
+            refusal,
+        });
+        failed
+    }
+
+    /// Whether the parameter was read less than `within` ago.
+    fn read_within(&self, within: std::time::Duration) -> bool {
+        self.lock().read_at.is_some_and(|at| at.elapsed() < within)
+    }
+}
+
+/// Reads the rules every `interval` (unless the leader's discovery just did)
+/// until `stop`: what a replica that is not leading does to keep the last good
+/// rules for when it is elected.
+pub async fn keep_reading(
+    keeper: RulesKeeper,
+    ssm: aws_sdk_ssm::Client,
+    interval: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        if !keeper.read_within(interval) {
+            keeper.refresh(&ssm).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 /// The rules in force and what became of the last reading, for the status page.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RulesReport {
