@@ -348,6 +348,42 @@ async fn missing_region_is_a_configuration_error() {
 
 /// An unreachable Cloud Map fails every service's call each cycle: that is one
 /// WARN line per cycle, with counts per error kind, not one per service.
+/// A first cycle that cannot complete is tried again within seconds, not a
+/// whole refresh interval later (a new leader meeting an AWS blip, or a
+/// restart during one, would otherwise publish nothing for that long).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_cycle_that_failed_is_retried_soon() {
+    let moto = Moto::start().await;
+    let proxy = AwsProxy::start(&moto.endpoint).await;
+    let _ = post_setup(&moto).await;
+    proxy.set_fault(Fault::Fail {
+        op: Some("ListNamespaces".into()),
+    });
+    let sd = ShardSd::start(
+        "first-retry",
+        &env_with(
+            &proxy.endpoint,
+            &[
+                ("CONFIG_RELOAD_FREQUENCY", "60s"),
+                ("DISCOVERY_NAMESPACES", "ecs-services"),
+                ("AWS_MAX_ATTEMPTS", "1"),
+            ],
+        ),
+    )
+    .await;
+    common::wait_for("a failed first cycle", Duration::from_secs(10), || async {
+        let status = sd.status().await;
+        (status["last_discovery"]["outcome"] == "failed").then_some(())
+    })
+    .await;
+    proxy.set_fault(Fault::None);
+    // Within the backoff (1 s, 2 s, 4 s, ...), far before the 60 s interval.
+    sd.wait_targets("targets after the blip", Duration::from_secs(10), |t| {
+        t.len() == 4
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_cycle_logs_one_warn_line() {
     let moto = Moto::start().await;

@@ -85,6 +85,10 @@ pub async fn discovery_loop(
     let mut next_cycle = tokio::time::Instant::now();
     // When the last cycle started; none before the first.
     let mut last_cycle: Option<tokio::time::Instant> = None;
+    // Until a first list is published, a cycle that could not complete is
+    // tried again soon, backing off to the period: a new leader whose first
+    // cycle met an AWS blip must not wait a whole safety-net interval.
+    let mut first_retry = FIRST_RETRY;
     loop {
         let recheck_at = events.as_ref().and_then(|e| e.rechecks.next_due());
         let (batches, health) = match events.as_mut() {
@@ -107,7 +111,14 @@ pub async fn discovery_loop(
                     _ = shutdown.cancelled() => return,
                 };
                 publish_cycle(&mut discoverer, &report, &shared, &mut publisher);
-                next_cycle = started + period(interval, events.as_ref());
+                let period = period(interval, events.as_ref());
+                next_cycle = if publisher.published.is_none() {
+                    let retry = first_retry.min(period);
+                    first_retry = (first_retry * 2).min(period);
+                    tokio::time::Instant::now() + retry
+                } else {
+                    started + period
+                };
             }
             Some(batch) = next_batch(batches) => {
                 if let Some(reactor) = events.as_mut() {
@@ -140,6 +151,9 @@ pub async fn discovery_loop(
         }
     }
 }
+
+/// The first wait before a cycle again while nothing was published yet.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// Time between cycles: `interval`, or the fallback while events cannot be read.
 fn period(interval: Duration, events: Option<&Reactor>) -> Duration {
