@@ -204,10 +204,14 @@ fn spawn_work(
     } else {
         // Every replica keeps the last good rules for when it is elected.
         if let Some(keeper) = discovery.rules.clone() {
+            let shared = shared.clone();
+            let seen =
+                move |report: &crate::discovery::rules::RulesReport| shared.record_rules(report);
             tasks.spawn(crate::discovery::rules::keep_reading(
                 keeper,
                 aws.ssm.clone(),
                 config.config_reload_frequency,
+                seen,
                 token.clone(),
             ));
         }

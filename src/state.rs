@@ -356,6 +356,16 @@ impl Shared {
     pub fn update_status(&self, f: impl FnOnce(&mut DiscoveryStatus)) {
         f(&mut self.status.write().unwrap_or_else(|e| e.into_inner()));
     }
+
+    /// The discovery rules as last read, on `/v1/status` and `/metrics`: by the
+    /// leader's cycles, and by every sharded replica's own reading.
+    pub fn record_rules(&self, report: &crate::discovery::rules::RulesReport) {
+        self.metrics.discovery_rules.set(report.rules as i64);
+        self.metrics
+            .discovery_rules_refused
+            .set(i64::from(report.refusal.is_some()));
+        self.update_status(|status| status.rules = Some(report.clone()));
+    }
 }
 
 #[cfg(test)]

@@ -567,3 +567,30 @@ async fn an_event_whose_services_cannot_be_read_is_kept_until_they_can() {
     })
     .await;
 }
+
+/// With events the safety net is minutes apart; a first cycle that met an AWS
+/// blip is still tried again within seconds, whatever the queue's health does
+/// meanwhile (its start-up check moves it from starting to consuming).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_cycle_that_failed_is_retried_soon_with_events() {
+    let account = Account::start(2).await;
+    let proxy = AwsProxy::start(&account.moto.endpoint).await;
+    proxy.set_fault(Fault::Fail {
+        op: Some("ListNamespaces".into()),
+    });
+    let env = account.env_through(&proxy.endpoint, &[("AWS_MAX_ATTEMPTS", "1")]);
+    let sd = ShardSd::start("events-first-retry", &env).await;
+    wait_for("a failed first cycle", Duration::from_secs(10), || async {
+        let status = sd.status().await;
+        (status["last_discovery"]["outcome"] == "failed"
+            && status["events"]["state"] == "consuming")
+            .then_some(())
+    })
+    .await;
+    proxy.set_fault(Fault::None);
+    // Within the backoff (1 s, 2 s, 4 s, ...), far before the 5-minute safety net.
+    sd.wait_targets("targets after the blip", Duration::from_secs(10), |t| {
+        t.len() == 2
+    })
+    .await;
+}

@@ -89,6 +89,8 @@ pub async fn discovery_loop(
     // tried again soon, backing off to the period: a new leader whose first
     // cycle met an AWS blip must not wait a whole safety-net interval.
     let mut first_retry = FIRST_RETRY;
+    // The next cycle is such a retry.
+    let mut retrying = false;
     loop {
         let recheck_at = events.as_ref().and_then(|e| e.rechecks.next_due());
         let (batches, health) = match events.as_mut() {
@@ -112,7 +114,10 @@ pub async fn discovery_loop(
                 };
                 publish_cycle(&mut discoverer, &report, &shared, &mut publisher);
                 let period = period(interval, events.as_ref());
-                next_cycle = if publisher.published.is_none() {
+                // Only a discovery not complete yet: a complete one held by
+                // the drop guard waits its cycles as any other.
+                retrying = publisher.published.is_none() && !report.publishable;
+                next_cycle = if retrying {
                     let retry = first_retry.min(period);
                     first_retry = (first_retry * 2).min(period);
                     tokio::time::Instant::now() + retry
@@ -142,9 +147,11 @@ pub async fn discovery_loop(
                     let state = EventsStatus::of(&reactor.health.borrow());
                     shared.update_status(|s| s.events = Some(state));
                 }
-                // Before the first cycle, that one comes first, at once.
+                // Before the first cycle, that one comes first, at once; a
+                // retry keeps its time if sooner.
                 if let Some(started) = last_cycle {
-                    next_cycle = started + period(interval, events.as_ref());
+                    let normal = started + period(interval, events.as_ref());
+                    next_cycle = if retrying { next_cycle.min(normal) } else { normal };
                 }
             }
             _ = shutdown.cancelled() => return,
@@ -568,12 +575,7 @@ fn record_cycle(
     );
     let metrics = &shared.metrics;
     metrics.targets_discovered.set(built.targets.len() as i64);
-    if let Some(rules) = &report.rules {
-        metrics.discovery_rules.set(rules.rules as i64);
-        metrics
-            .discovery_rules_refused
-            .set(i64::from(rules.refusal.is_some()));
-    }
+
     metrics
         .discovery_cycle_seconds
         .observe(report.duration_ms as f64 / 1000.0);
@@ -593,6 +595,9 @@ fn record_cycle(
         metrics.last_discovery_success.set(unix.as_secs_f64());
     }
     let time = humantime::format_rfc3339_millis(report.started).to_string();
+    if let Some(rules) = &report.rules {
+        shared.record_rules(rules);
+    }
     shared.update_status(|status| {
         status.drop_hold = hold;
         status.last_discovery = Some(LastDiscovery {
@@ -610,7 +615,6 @@ fn record_cycle(
             status.last_success = Some(time);
         }
         status.namespaces = report.namespaces.clone();
-        status.rules = report.rules.clone();
         status.problems = publisher.known_problems.iter().cloned().collect();
         status.skipped_instances = built.skipped_without_ipv4;
     });

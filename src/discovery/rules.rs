@@ -468,6 +468,8 @@ struct Kept {
     /// Rules were accepted, or the parameter refused, at least once.
     answered: bool,
     report: Option<RulesReport>,
+    /// When the reading kept last started: an older one finishing later is
+    /// dropped, never put over a newer one.
     read_at: Option<std::time::Instant>,
 }
 
@@ -498,9 +500,13 @@ impl RulesKeeper {
     /// or is refused. A refusal is logged once, its fix once. Returns the SSM
     /// call's error, for the cycle's errors.
     pub async fn refresh(&self, ssm: &aws_sdk_ssm::Client) -> Option<String> {
+        let started = std::time::Instant::now();
         let loaded = load(&self.parameter, ssm).await;
         let mut kept = self.lock();
-        kept.read_at = Some(std::time::Instant::now());
+        if kept.read_at.is_some_and(|newer| newer > started) {
+            return None;
+        }
+        kept.read_at = Some(started);
         let last_refusal = kept.report.as_ref().and_then(|r| r.refusal.clone());
         let parameter = &*self.parameter;
         let (error, refusal, failed) = match loaded {
@@ -550,17 +556,24 @@ impl RulesKeeper {
 }
 
 /// Reads the rules every `interval` (unless the leader's discovery just did)
-/// until `stop`: what a replica that is not leading does to keep the last good
-/// rules for when it is elected.
+/// until `stop`, calling `seen` with each reading's report: what every sharded
+/// replica does to keep the last good rules for when it is elected.
 pub async fn keep_reading(
     keeper: RulesKeeper,
     ssm: aws_sdk_ssm::Client,
     interval: std::time::Duration,
+    seen: impl Fn(&RulesReport) + Send,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
         if !keeper.read_within(interval) {
-            keeper.refresh(&ssm).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = keeper.refresh(&ssm) => {}
+            }
+            if let (_, _, Some(report)) = keeper.snapshot() {
+                seen(&report);
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
