@@ -1523,11 +1523,12 @@ pub fn mapped_ports(tags: &BTreeMap<String, String>) -> Option<Vec<u16>> {
     if NetworkMode::of(tags) != Ok(NetworkMode::Bridge) {
         return None;
     }
-    let ports: Vec<u16> = [MetricsSource::App, MetricsSource::EcsExporter]
-        .into_iter()
-        .map(MetricsSource::tags)
-        .filter(|t| tags.contains_key(t.path))
-        .filter_map(|t| tags.get(t.port).and_then(|v| parse_port(v)))
+    // The sources the tags configure, as building reads them; problems are
+    // reported when building.
+    let svc = ServiceData::tagged("", "", tags, &[]);
+    let ports = source_configs(&svc, &mut Vec::new())
+        .iter()
+        .filter_map(|cfg| cfg.port)
         .collect();
     Some(ports)
 }

@@ -246,13 +246,6 @@ pub struct Discoverer {
     built: Option<Arc<BuildOutput>>,
     /// Whether anything changed since `built` was built.
     changed: bool,
-    /// The last good discovery rules.
-    rules: Arc<Rules>,
-    /// What the last reading of the rules parameter gave, if configured.
-    rules_report: Option<RulesReport>,
-    /// The rules parameter has been answered (rules, or a definite fault such
-    /// as bad JSON): nothing is published for the first time before.
-    rules_answered: bool,
     /// A cycle ended publishable: the first discovery is over.
     settled_once: bool,
 }
@@ -271,9 +264,6 @@ impl Discoverer {
             strings: Default::default(),
             built: None,
             changed: true,
-            rules: Arc::default(),
-            rules_report: None,
-            rules_answered: false,
             settled_once: false,
         }
     }
@@ -325,7 +315,8 @@ impl Discoverer {
         }
 
         log_failures(self.cycle, &other_errors, &errors);
-        self.settled_once |= self.is_publishable();
+        let waiting_for = self.waiting_for();
+        self.settled_once |= waiting_for.is_none();
         let mut messages: Vec<String> = other_errors;
         messages.extend(errors.iter().map(ToString::to_string));
         CycleReport {
@@ -338,26 +329,30 @@ impl Discoverer {
                 .as_millis() as u64,
             errors: messages,
             complete: self.is_complete(),
-            publishable: self.is_publishable(),
-            waiting_for: self.waiting_for(),
+            publishable: waiting_for.is_none(),
+            waiting_for,
             services_refreshed: self.refreshed_this_cycle(),
             aws_requests: self.aws.stats.total() - requests_before,
             ecs_requests: self.aws.stats.ecs() - ecs_before,
-            rules: self.rules_report.clone(),
+            rules: self.rules().2,
             namespaces: self.namespace_reports(),
         }
     }
 
     /// Reads the rules parameter through the process's keeper, which keeps the
     /// last good rules; returns the SSM call's error, for the cycle's errors.
-    async fn load_rules(&mut self) -> Option<String> {
-        let keeper = self.opts.rules.clone()?;
-        let failed = keeper.refresh(&self.aws.ssm).await;
-        let (rules, answered, report) = keeper.snapshot();
-        self.rules = rules;
-        self.rules_answered = answered;
-        self.rules_report = report;
-        failed
+    async fn load_rules(&self) -> Option<String> {
+        self.opts.rules.as_ref()?.refresh(&self.aws.ssm).await
+    }
+
+    /// The rules in force, whether the parameter was answered (nothing is
+    /// published for the first time before), and the last reading's report.
+    /// Without a rules parameter: none, answered.
+    fn rules(&self) -> (Arc<Rules>, bool, Option<RulesReport>) {
+        match &self.opts.rules {
+            Some(keeper) => keeper.snapshot(),
+            None => (Arc::default(), true, None),
+        }
     }
 
     /// Aligns the per-namespace state with the configured names and the index.
@@ -706,23 +701,18 @@ impl Discoverer {
             strings: self.strings.clone(),
             health: self.opts.health,
             cycle: self.cycle,
-            rules: self.rules.clone(),
+            rules: self.rules().0,
             defer_ports: false,
         }
     }
 
-    /// Whether the first publication may happen: complete, the rules read,
-    /// and no bridge-mode task waiting for ECS.
-    fn is_publishable(&self) -> bool {
-        self.waiting_for().is_none()
-    }
-
-    /// What keeps discovery from being publishable, in words.
+    /// What keeps discovery from being publishable (complete, the rules read,
+    /// no bridge-mode task waiting for ECS), in words; `None` when nothing.
     fn waiting_for(&self) -> Option<String> {
         if !self.is_complete() {
             return Some("every configured namespace and service to be read".to_owned());
         }
-        if self.opts.rules.is_some() && !self.rules_answered {
+        if !self.rules().1 {
             return Some("the discovery rules parameter to be read".to_owned());
         }
         let waiting: Vec<String> = self
